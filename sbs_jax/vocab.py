@@ -1,0 +1,86 @@
+"""Train and load T5-convention SentencePiece vocabularies.
+
+Nothing can be downloaded at run time, so tests and the quickstart train their own vocabulary.
+Conventions match T5's spiece.model: pad=0, eos=1, unk=2, no bos; byte fallback plus identity
+normalisation (and no whitespace collapsing) so every string round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Iterable
+
+import sentencepiece as spm
+
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+EMBEDDING_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = EMBEDDING_MULTIPLE) -> int:
+    """Rows of the embedding table: the vocabulary rounded up (as T5's 32100 -> 32128).
+
+    Rounding makes every mesh axis divide the table evenly.
+    """
+    return -(-vocab_size // multiple) * multiple
+
+
+def train_vocab(texts: Iterable[str], output_prefix: str, vocab_size: int = 512) -> str:
+    """Trains a unigram SentencePiece model on `texts`; returns the path of the `.model` file.
+
+    `vocab_size` counts the three specials and the 256 byte pieces, so use at least 512. The
+    limit is soft: a small corpus yields fewer pieces rather than an error.
+    """
+    if vocab_size < 3 + 256 + 1:
+        raise ValueError(f"vocab_size={vocab_size} leaves no room for pieces; use >= 512")
+    sentences = [t for t in texts if t]
+    if not sentences:
+        raise ValueError("train_vocab needs at least one non-empty text")
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=output_prefix,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=-1,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        max_sentence_length=1 << 16,
+        split_digits=True,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    return output_prefix + ".model"
+
+
+def load_vocab(model_path: str):
+    """A `seqio.SentencePieceVocabulary` for a model file (ours or a HF T5 spiece.model)."""
+    import seqio
+
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(f"SentencePiece model not found: {model_path}")
+    return seqio.SentencePieceVocabulary(model_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, nargs="+", help="text files, one sentence a line")
+    parser.add_argument("--output_prefix", required=True)
+    parser.add_argument("--vocab_size", type=int, default=512)
+    args = parser.parse_args(argv)
+    texts = []
+    for path in args.input:
+        with open(path, encoding="utf-8") as f:
+            texts.extend(line.rstrip("\n") for line in f)
+    print(train_vocab(texts, args.output_prefix, args.vocab_size))
+
+
+if __name__ == "__main__":
+    main()

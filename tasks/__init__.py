@@ -1,0 +1,1 @@
+"""SeqIO Tasks and Mixtures for sbs-jax (registered on import; no files, gin or network touched)."""
