@@ -1,0 +1,163 @@
+"""The record schema shared by the build job, the teacher job and the SeqIO tasks.
+
+One `tf.train.Example` per input, all features bytes: `id` (unique, stable), `input` (formatted
+text without task prefix), `label` (gold; empty when unknown), `llm_label` and `rationale` (the
+teacher's), `source` (dataset/split), optionally `teacher` (model name) and `raw_completion`.
+
+A dataset folder holds shards `{split}-{k:05d}.tfrecord`. A shard is written to `NAME.tmp` and
+renamed when complete, so a file whose name contains `.tfrecord` is always whole: readers (and a
+resumed job) never see half a shard, even after a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+SPLITS = ("train", "valid", "test")
+REQUIRED_FIELDS = ("id", "input", "label", "llm_label", "rationale", "source")
+OPTIONAL_FIELDS = ("teacher", "raw_completion")
+FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
+_SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})\.tfrecord$")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example: the input, its gold label and the teacher's label and rationale."""
+
+    id: str
+    input: str
+    label: str = ""
+    llm_label: str = ""
+    rationale: str = ""
+    source: str = ""
+    teacher: str = ""
+    raw_completion: str = ""
+
+    def replace(self, **changes: str) -> "Record":
+        return dataclasses.replace(self, **changes)
+
+
+def shard_name(split: str, index: int) -> str:
+    """`{split}-{index:05d}.tfrecord`, the committed name of a shard."""
+    return f"{split}-{index:05d}.tfrecord"
+
+
+def to_example_bytes(record: Record) -> bytes:
+    """Serialises a record as a `tf.train.Example` (optional fields only when non-empty)."""
+    from sbs_jax.tf_setup import tf
+
+    feature = {}
+    for name in FIELDS:
+        value = getattr(record, name)
+        if name in OPTIONAL_FIELDS and not value:
+            continue
+        feature[name] = tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[value.encode("utf-8")])
+        )
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def from_example_bytes(data: bytes, where: str = "<bytes>") -> Record:
+    """Parses a serialised `tf.train.Example` into a Record; `where` names it in errors."""
+    from sbs_jax.tf_setup import tf
+
+    example = tf.train.Example.FromString(data)
+    features = example.features.feature
+    missing = [name for name in REQUIRED_FIELDS if name not in features]
+    if missing:
+        raise ValueError(f"{where}: record lacks required feature(s) {missing}")
+    values = {}
+    for name in FIELDS:
+        if name in features:
+            items = features[name].bytes_list.value
+            values[name] = items[0].decode("utf-8") if items else ""
+    return Record(**values)
+
+
+def write_shard(records: Iterable[Record], directory: str, split: str, index: int) -> str:
+    """Writes one shard atomically (`.tmp`, then rename); returns the committed path."""
+    from sbs_jax.tf_setup import tf
+
+    os.makedirs(directory, exist_ok=True)
+    final_path = os.path.join(directory, shard_name(split, index))
+    tmp_path = os.path.join(directory, f"{split}-{index:05d}.{os.getpid()}.tmp")
+    with tf.io.TFRecordWriter(tmp_path) as writer:
+        for record in records:
+            writer.write(to_example_bytes(record))
+    os.replace(tmp_path, final_path)
+    return final_path
+
+
+def write_split(
+    records: Sequence[Record], directory: str, split: str, records_per_shard: int = 50_000
+) -> list[str]:
+    """Writes a whole split as shards of at most `records_per_shard` records each.
+
+    Shards of an earlier, larger write of the same split are removed afterwards, so the folder
+    never mixes two versions once this returns.
+    """
+    if records_per_shard < 1:
+        raise ValueError("records_per_shard must be >= 1")
+    paths = []
+    for index, start in enumerate(range(0, max(len(records), 1), records_per_shard)):
+        paths.append(
+            write_shard(records[start : start + records_per_shard], directory, split, index)
+        )
+    for stale in shard_paths(directory, split)[len(paths) :]:
+        os.remove(stale)
+    return paths
+
+
+def shard_paths(directory: str, split: str) -> list[str]:
+    """The committed shards of `split` in `directory`, in index order (`.tmp` files ignored)."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = _SHARD_RE.match(name)
+        if match and match.group("split") == split:
+            found.append((int(match.group("index")), os.path.join(directory, name)))
+    return [path for _, path in sorted(found)]
+
+
+def read_shard(path: str) -> Iterator[Record]:
+    """The records of one shard file, in order."""
+    from sbs_jax.tf_setup import tf
+
+    for position, data in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+        yield from_example_bytes(data, where=f"{path} record {position}")
+
+
+def read_split(directory: str, split: str) -> list[Record]:
+    """All records of `split` in `directory`, shard by shard; an error when there are none."""
+    paths = shard_paths(directory, split)
+    if not paths:
+        raise FileNotFoundError(
+            f"no committed shards '{split}-*.tfrecord' in {directory!r} "
+            "(build them with `python -m sbs_jax.data.build` or the teacher job)"
+        )
+    return [record for path in paths for record in read_shard(path)]
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, for info.json checksums."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tf_feature_spec() -> dict:
+    """`tf.io.parse_single_example` spec of the schema (optional fields default to b"")."""
+    from sbs_jax.tf_setup import tf
+
+    spec = {name: tf.io.FixedLenFeature([], tf.string) for name in REQUIRED_FIELDS}
+    for name in OPTIONAL_FIELDS:
+        spec[name] = tf.io.FixedLenFeature([], tf.string, default_value="")
+    return spec
