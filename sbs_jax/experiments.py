@@ -1,0 +1,329 @@
+"""The paper's experiment grid: datasets x methods x data fractions x model sizes x seeds.
+
+    python -m sbs_jax.experiments --preset cpu --output_dir runs/grid
+    python -m sbs_jax.experiments --preset paper --output_dir gs://.../grid   # TPU / GPU hosts
+    python -m sbs_jax.experiments --output_dir runs/grid --report_only
+
+Every cell trains through the public trainer CLI (`python -m sbs_jax.train`, gin flags) and is
+scored by `python -m sbs_jax.eval`; this module only decides *what* runs and collects results.
+A cell is finished when `results.json` exists in its folder: re-running the same command skips
+finished cells and lets an interrupted cell resume from its last checkpoint (the trainer's exact
+resume). A finished cell whose recorded settings differ from the current ones is an error, so a
+table never silently mixes two recipes. Tables and plots come from `sbs_jax.report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Callable, Iterable, Sequence
+
+from sbs_jax import report
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATASETS = ("esnli", "anli1", "cqa", "svamp", "synthetic")
+PAPER_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Which SeqIO task trains the label, and which (if any) the rationale, for a dataset."""
+
+    label_task: str
+    rationale_task: str | None
+
+    def tasks(self, dataset: str) -> tuple[str, str | None]:
+        rationale = self.rationale_task.format(ds=dataset) if self.rationale_task else None
+        return self.label_task.format(ds=dataset), rationale
+
+
+METHODS = {
+    "standard_ft": Method("{ds}_standard_gt", None),
+    "standard_distill": Method("{ds}_standard_llm", None),
+    "sbs_gt": Method("{ds}_label_gt", "{ds}_rationale"),
+    "sbs_llm": Method("{ds}_label_llm", "{ds}_rationale"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One training run of the grid."""
+
+    dataset: str
+    method: str
+    fraction: float
+    model: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """Folder of the cell, relative to the grid directory."""
+        return f"{self.dataset}/{self.model}/{self.method}/{self.fraction * 100:g}pct/seed{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How every cell of a grid trains: gin files, extra bindings and the step count."""
+
+    gin_files: tuple[str, ...]
+    train_steps: int
+    gin_bindings: tuple[str, ...] = ()
+    model_gin_dir: str = "gin/models"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    datasets: tuple[str, ...]
+    methods: tuple[str, ...]
+    fractions: tuple[float, ...]
+    models: tuple[str, ...]
+    seeds: tuple[int, ...]
+    recipe: Recipe
+
+
+PRESETS = {
+    # CI-sized: one real-data cell pair, proves the grid runs end to end on the released files.
+    "ci": Preset(("svamp",), ("standard_ft", "sbs_llm"), (0.125,), ("t5_1_1_tiny",), (0,),
+                 Recipe(("gin/quickstart.gin",), train_steps=20)),
+    # Small scale on CPU: the synthetic dataset shows the gap in ~2,000 steps (DESIGN.md).
+    "cpu": Preset(("synthetic",), tuple(METHODS), PAPER_FRACTIONS, ("t5_1_1_tiny",), (0, 1),
+                  Recipe(("gin/quickstart.gin",), train_steps=2000)),
+    # The paper's grid (T5 v1.1 small/base/large, 4 seeds, 10,000 steps); TPU/GPU scale.
+    "paper": Preset(("esnli", "anli1", "cqa", "svamp"), tuple(METHODS), PAPER_FRACTIONS,
+                    ("t5_1_1_small", "t5_1_1_base", "t5_1_1_large"), (0, 1, 2, 3),
+                    Recipe(("gin/sbs_base.gin",), train_steps=10000)),
+}
+
+
+def make_cells(datasets: Iterable[str], methods: Iterable[str], fractions: Iterable[float],
+               models: Iterable[str], seeds: Iterable[int]) -> list[Cell]:
+    """The cross product, validated; order: dataset, model, fraction, method, seed."""
+    datasets, methods = list(datasets), list(methods)
+    fractions, models, seeds = list(fractions), list(models), list(seeds)
+    for name, values, known in (("dataset", datasets, DATASETS), ("method", methods, METHODS)):
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            raise ValueError(f"unknown {name}(s) {unknown}; choose from {sorted(known)}")
+    bad = [f for f in fractions if not 0.0 < f <= 1.0]
+    if bad:
+        raise ValueError(f"data fractions must be in (0, 1]: {bad}")
+    if not (datasets and methods and fractions and models and seeds):
+        raise ValueError("the grid is empty: every axis needs at least one value")
+    return [Cell(d, m, f, s_model, seed)
+            for d in datasets for s_model in models for f in fractions for m in methods
+            for seed in seeds]
+
+
+def cell_settings(cell: Cell, recipe: Recipe) -> dict:
+    """What determines a cell's result besides its coordinates; recorded in results.json."""
+    label_task, rationale_task = METHODS[cell.method].tasks(cell.dataset)
+    return {
+        "gin_files": list(recipe.gin_files),
+        "model_gin_file": f"{recipe.model_gin_dir}/{cell.model}.gin",
+        "gin_bindings": list(recipe.gin_bindings),
+        "train_steps": recipe.train_steps,
+        "label_task": label_task,
+        "rationale_task": rationale_task,
+    }
+
+
+def gin_flags(cell: Cell, recipe: Recipe, model_dir: str) -> list[str]:
+    """Trainer/eval flags for a cell: base gin files, its model, tasks, fraction, seed, steps."""
+    settings = cell_settings(cell, recipe)
+    rationale = settings["rationale_task"]
+    flags = [f"--gin_file={f}" for f in recipe.gin_files]
+    flags.append(f"--gin_file={settings['model_gin_file']}")
+    flags += [
+        f"--gin.MODEL_DIR={model_dir!r}",
+        f"--gin.MIXTURE_OR_TASK_NAME={settings['label_task']!r}",
+        f"--gin.RATIONALE_MIXTURE_NAME={rationale!r}" if rationale
+        else "--gin.RATIONALE_MIXTURE_NAME=None",
+        f"--gin.DATA_FRACTION={cell.fraction!r}",
+        f"--gin.RANDOM_SEED={cell.seed}",
+        f"--gin.TRAIN_STEPS={recipe.train_steps}",
+    ]
+    flags += [f"--gin_bindings={b}" for b in recipe.gin_bindings]
+    return flags
+
+
+class CellFailed(RuntimeError):
+    """A cell's training or evaluation exited non-zero; the message names the log."""
+
+
+def run_logged(command: Sequence[str], log_path: pathlib.Path, prefix: str,
+               env: dict | None = None) -> None:
+    """Runs a command, streaming its output to the console (prefixed) and to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, env=env, cwd=REPO_ROOT, bufsize=1)
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            print(f"{prefix} {line}", end="", flush=True)
+        code = process.wait()
+    if code != 0:
+        raise CellFailed(f"{prefix} `{command[2]}` exited {code}; full log: {log_path}")
+
+
+def read_accuracy(metrics_path: pathlib.Path) -> tuple[float, dict]:
+    """Accuracy (%) and all metrics from the evaluator's JSON."""
+    with open(metrics_path, encoding="utf-8") as f:
+        metrics = json.load(f)
+    if "accuracy" not in metrics:
+        raise CellFailed(f"{metrics_path} has no 'accuracy' (keys: {sorted(metrics)})")
+    return float(metrics["accuracy"]), metrics
+
+
+def run_cell(cell: Cell, recipe: Recipe, cell_dir: pathlib.Path, env: dict) -> dict:
+    """Trains and evaluates one cell through the public CLIs; returns its results record."""
+    model_dir = cell_dir / "model"
+    flags = gin_flags(cell, recipe, str(model_dir))
+    start = time.time()
+    run_logged([sys.executable, "-m", "sbs_jax.train", *flags], cell_dir / "train.log",
+               f"[{cell.name} train]", env)
+    metrics_path = cell_dir / "metrics.json"
+    run_logged([sys.executable, "-m", "sbs_jax.eval", *flags, "--split=test",
+                f"--output={metrics_path}"], cell_dir / "eval.log", f"[{cell.name} eval]", env)
+    accuracy, metrics = read_accuracy(metrics_path)
+    return {**dataclasses.asdict(cell), "accuracy": accuracy, "metrics": metrics,
+            "settings": cell_settings(cell, recipe), "wall_s": round(time.time() - start, 1)}
+
+
+def finished_record(cell: Cell, recipe: Recipe, cell_dir: pathlib.Path) -> dict | None:
+    """The cell's results if it finished with the same settings; error if with others."""
+    path = cell_dir / report.RESULTS_FILE
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    recorded, current = record.get("settings"), cell_settings(cell, recipe)
+    if recorded != current:
+        changed = sorted(k for k in current if (recorded or {}).get(k) != current[k])
+        raise ValueError(
+            f"{path} was produced with other settings ({', '.join(changed)} differ); use another "
+            "--output_dir or delete that cell folder to re-run it")
+    return record
+
+
+def write_json_atomic(path: pathlib.Path, record: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_grid(cells: Sequence[Cell], recipe: Recipe, grid_dir: str | os.PathLike, env: dict,
+             keep_going: bool = False) -> tuple[list[dict], list[tuple[Cell, str]]]:
+    """Runs every unfinished cell in order; returns (finished records, failures).
+
+    Finished cells (results.json present) are not re-run. Settings of finished cells are checked
+    up front, before anything trains, so a mismatch fails fast.
+    """
+    grid_dir = pathlib.Path(grid_dir)
+    done = {cell: finished_record(cell, recipe, grid_dir / cell.name) for cell in cells}
+    todo = [c for c in cells if done[c] is None]
+    print(f"[grid] {len(cells)} cells: {len(cells) - len(todo)} finished, {len(todo)} to run",
+          flush=True)
+    records = [r for r in done.values() if r is not None]
+    failures: list[tuple[Cell, str]] = []
+    for index, cell in enumerate(todo, 1):
+        print(f"[grid] cell {index}/{len(todo)}: {cell.name}", flush=True)
+        cell_dir = grid_dir / cell.name
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            record = run_cell(cell, recipe, cell_dir, env)
+        except CellFailed as e:
+            failures.append((cell, str(e)))
+            print(f"[grid] FAILED {cell.name}: {e}", flush=True)
+            if not keep_going:
+                break
+            continue
+        write_json_atomic(cell_dir / report.RESULTS_FILE, record)
+        records.append(record)
+        print(f"[grid] done {cell.name}: accuracy {record['accuracy']:.2f}%", flush=True)
+    return records, failures
+
+
+def _csv_list(kind: Callable[[str], object]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        return [kind(item) for item in text.split(",") if item.strip()]
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sbs-experiments", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="grid folder: one subfolder per cell")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="axes and recipe to start from; the flags below override them")
+    parser.add_argument("--datasets", type=_csv_list(str), help="e.g. svamp,cqa")
+    parser.add_argument("--methods", type=_csv_list(str), help=f"from {','.join(METHODS)}")
+    parser.add_argument("--fractions", type=_csv_list(float), help="e.g. 0.125,0.25,0.5,1")
+    parser.add_argument("--models", type=_csv_list(str), help="gin/models/<name>.gin for each")
+    parser.add_argument("--seeds", type=_csv_list(int), help="e.g. 0,1,2,3")
+    parser.add_argument("--train_steps", type=int, help="TRAIN_STEPS of every cell")
+    parser.add_argument("--gin_file", action="append", default=None,
+                        help="base gin file(s) of every cell (replace the preset's)")
+    parser.add_argument("--gin_bindings", action="append", default=[],
+                        help="extra gin binding for every cell, e.g. BATCH_SIZE=32")
+    parser.add_argument("--data_dir", help="SBS_DATA_DIR for the tasks (default: environment)")
+    parser.add_argument("--keep_going", action="store_true", help="continue after a failed cell")
+    parser.add_argument("--dry_run", action="store_true", help="list cells and commands only")
+    parser.add_argument("--report_only", action="store_true",
+                        help="only rebuild tables and plots from finished cells")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    recipe = Recipe(
+        gin_files=tuple(args.gin_file) if args.gin_file else preset.recipe.gin_files,
+        train_steps=args.train_steps or preset.recipe.train_steps,
+        gin_bindings=preset.recipe.gin_bindings + tuple(args.gin_bindings))
+    try:
+        cells = make_cells(args.datasets or preset.datasets, args.methods or preset.methods,
+                           args.fractions or preset.fractions, args.models or preset.models,
+                           args.seeds or preset.seeds)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    if args.data_dir:
+        env["SBS_DATA_DIR"] = os.path.abspath(args.data_dir)
+    if args.dry_run:
+        for cell in cells:
+            model_dir = os.path.join(args.output_dir, cell.name, "model")
+            print(cell.name, "::", "python -m sbs_jax.train", *gin_flags(cell, recipe, model_dir))
+        return 0
+    failures = []
+    if not args.report_only:
+        try:
+            _, failures = run_grid(cells, recipe, args.output_dir, env, keep_going=args.keep_going)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    try:
+        paths = report.write_report(args.output_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(pathlib.Path(paths["markdown"]).read_text(encoding="utf-8"))
+    for kind, path in paths.items():
+        print(f"[grid] wrote {kind}: {path}")
+    for cell, message in failures:
+        print(f"[grid] failed: {cell.name}: {message}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The experiment grid: cells, resumability, aggregation over seeds, tables and plots.
+
+Results are generated here from seeded random accuracies (no expected accuracy is hard-coded);
+the real-data cell at the end trains and evaluates through the public CLIs.
+"""
+
+import csv
+import json
+import random
+import statistics
+
+import matplotlib.image
+import pytest
+
+from sbs_jax import experiments, report
+from sbs_jax.experiments import Cell, Recipe
+
+RECIPE = Recipe(gin_files=("gin/quickstart.gin",), train_steps=7)
+
+
+def _write_finished(grid_dir, cells, recipe, rng):
+    """Writes a results.json for every cell as run_cell would; returns accuracy by cell."""
+    accuracies = {}
+    for cell in cells:
+        cell_dir = grid_dir / cell.name
+        cell_dir.mkdir(parents=True)
+        accuracy = rng.uniform(0, 100)
+        accuracies[cell] = accuracy
+        record = {**vars(cell), "accuracy": accuracy, "metrics": {"accuracy": accuracy},
+                  "settings": experiments.cell_settings(cell, recipe), "wall_s": 1.0}
+        experiments.write_json_atomic(cell_dir / report.RESULTS_FILE, record)
+    return accuracies
+
+
+def test_grid_is_the_cross_product_with_unique_folders():
+    cells = experiments.make_cells(["svamp", "cqa"], list(experiments.METHODS),
+                                   experiments.PAPER_FRACTIONS, ["t5_1_1_small", "t5_1_1_base"],
+                                   [0, 1, 2, 3])
+    assert len(cells) == 2 * 4 * 4 * 2 * 4
+    assert len({c.name for c in cells}) == len(cells)
+    assert Cell("svamp", "sbs_llm", 0.125, "t5_1_1_base", 3).name == \
+        "svamp/t5_1_1_base/sbs_llm/12.5pct/seed3"
+
+
+@pytest.mark.parametrize("axes, message", [
+    ((["mnli"], ["sbs_llm"], [1.0], ["m"], [0]), "unknown dataset"),
+    ((["svamp"], ["distill"], [1.0], ["m"], [0]), "unknown method"),
+    ((["svamp"], ["sbs_llm"], [0.0], ["m"], [0]), "fractions must be in (0, 1]"),
+    ((["svamp"], ["sbs_llm"], [1.0], ["m"], []), "grid is empty"),
+])
+def test_bad_grid_axes_are_named(axes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        experiments.make_cells(*axes)
+
+
+def test_methods_pick_label_and_rationale_tasks():
+    flags = experiments.gin_flags(Cell("cqa", "sbs_gt", 0.5, "t5_1_1_tiny", 2), RECIPE, "/m")
+    assert "--gin.MIXTURE_OR_TASK_NAME='cqa_label_gt'" in flags
+    assert "--gin.RATIONALE_MIXTURE_NAME='cqa_rationale'" in flags
+    assert "--gin.RANDOM_SEED=2" in flags and "--gin.TRAIN_STEPS=7" in flags
+    flags = experiments.gin_flags(Cell("cqa", "standard_distill", 1.0, "t5_1_1_tiny", 0),
+                                  RECIPE, "/m")
+    assert "--gin.MIXTURE_OR_TASK_NAME='cqa_standard_llm'" in flags
+    assert "--gin.RATIONALE_MIXTURE_NAME=None" in flags
+
+
+def test_mean_and_stderr_match_statistics():
+    values = [random.Random(3).uniform(0, 100) for _ in range(4)]
+    mean, stderr = report.mean_and_stderr(values)
+    assert mean == pytest.approx(statistics.mean(values))
+    assert stderr == pytest.approx(statistics.stdev(values) / 2)
+    assert report.mean_and_stderr([42.0]) == (42.0, None)
+
+
+@pytest.fixture()
+def finished_grid(tmp_path):
+    cells = experiments.make_cells(["svamp", "synthetic"], ["standard_ft", "sbs_llm"],
+                                   [0.25, 1.0], ["t5_1_1_tiny", "t5_1_1_small"], [0, 1, 2])
+    accuracies = _write_finished(tmp_path, cells, RECIPE, random.Random(0))
+    return tmp_path, cells, accuracies
+
+
+def test_report_aggregates_seeds_into_csv_markdown_and_plots(finished_grid):
+    grid_dir, cells, accuracies = finished_grid
+    paths = report.write_report(grid_dir)
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(cells) // 3
+    for row in rows:
+        seeds = [a for c, a in accuracies.items()
+                 if (c.dataset, c.model, c.method, c.fraction)
+                 == (row["dataset"], row["model"], row["method"], float(row["fraction"]))]
+        assert row["num_seeds"] == "3" and row["seeds"] == "0 1 2"
+        assert float(row["accuracy_mean"]) == pytest.approx(statistics.mean(seeds), abs=1e-4)
+        assert float(row["accuracy_stderr"]) == pytest.approx(
+            statistics.stdev(seeds) / 3 ** 0.5, abs=1e-4)
+    markdown = open(paths["markdown"]).read()
+    assert "### svamp, t5_1_1_small" in markdown and "### synthetic, t5_1_1_tiny" in markdown
+    # Published reference rows only where the paper has the dataset, with the source named.
+    assert markdown.count("paper, T5-Base: standard fine-tuning [1] | — | 62.63 |") == 2
+    assert "arXiv:2305.02301" in markdown
+    for kind in ("fraction_plot", "model_size_plot"):
+        image = matplotlib.image.imread(paths[kind])
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+
+
+def test_single_seed_has_no_stderr_and_missing_cells_show_a_dash(tmp_path):
+    cells = [Cell("cqa", "sbs_llm", 1.0, "t5_1_1_tiny", 0),
+             Cell("cqa", "standard_ft", 0.5, "t5_1_1_tiny", 0)]
+    _write_finished(tmp_path, cells, RECIPE, random.Random(1))
+    rows = report.aggregate(report.load_results(tmp_path))
+    assert [r["accuracy_stderr"] for r in rows] == [None, None]
+    markdown = report.markdown_table(rows)
+    assert "| standard fine-tuning (gold labels) | " in markdown
+    assert " — |" in markdown and "(n=1)" in markdown
+
+
+def test_finished_cells_are_not_rerun(finished_grid, capsys):
+    grid_dir, cells, _ = finished_grid
+    before = {c: (grid_dir / c.name / report.RESULTS_FILE).stat().st_mtime_ns for c in cells}
+    argv = ["--output_dir", str(grid_dir), "--datasets", "svamp,synthetic",
+            "--methods", "standard_ft,sbs_llm", "--fractions", "0.25,1", "--models",
+            "t5_1_1_tiny,t5_1_1_small", "--seeds", "0,1,2", "--train_steps", "7",
+            "--gin_file", "gin/quickstart.gin"]
+    assert experiments.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{len(cells)} cells: {len(cells)} finished, 0 to run" in out
+    assert "cell 1/" not in out
+    assert before == {c: (grid_dir / c.name / report.RESULTS_FILE).stat().st_mtime_ns
+                      for c in cells}
+    assert (grid_dir / "results.csv").exists()
+
+
+def test_finished_cell_with_other_settings_is_an_error(finished_grid, capsys):
+    grid_dir, _, _ = finished_grid
+    argv = ["--output_dir", str(grid_dir), "--datasets", "svamp", "--methods", "sbs_llm",
+            "--fractions", "1", "--models", "t5_1_1_tiny", "--seeds", "0",
+            "--train_steps", "8", "--gin_file", "gin/quickstart.gin"]
+    assert experiments.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "svamp/t5_1_1_tiny/sbs_llm/100pct/seed0/results.json" in err
+    assert "train_steps" in err
+
+
+def test_unreadable_results_file_is_named(tmp_path):
+    cell_dir = tmp_path / "svamp" / "x"
+    cell_dir.mkdir(parents=True)
+    (cell_dir / report.RESULTS_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable results file .*svamp/x/results.json"):
+        report.load_results(tmp_path)
+    (cell_dir / report.RESULTS_FILE).write_text(json.dumps({"dataset": "svamp"}))
+    with pytest.raises(ValueError, match="lacks"):
+        report.load_results(tmp_path)
+
+
+def test_cli_help_dry_run_and_bad_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        experiments.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--report_only" in capsys.readouterr().out
+    assert experiments.main(["--output_dir", str(tmp_path), "--preset", "paper",
+                             "--dry_run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 * 4 * 4 * 3 * 4
+    assert experiments.main(["--output_dir", str(tmp_path), "--methods", "sbs"]) == 2
+    assert "unknown method(s) ['sbs']" in capsys.readouterr().err
