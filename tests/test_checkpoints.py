@@ -1,0 +1,84 @@
+"""Orbax checkpoints: round trip across meshes, retention (last K + best), read-only queries."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sbs_jax import checkpoints
+
+
+def _mesh(shape):
+    return Mesh(np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape), ("data", "model"))
+
+
+def _state(mesh):
+    w = jnp.arange(64.0).reshape(8, 8) / 7.0
+    params = {
+        "w": jax.device_put(w, NamedSharding(mesh, P(None, "model"))),
+        "b": jax.device_put(jnp.ones(4), NamedSharding(mesh, P())),
+    }
+    tx = optax.adamw(1e-2)
+    opt_state = tx.init(params)
+    grads = jax.tree.map(jnp.sin, params)
+    _, opt_state = tx.update(grads, opt_state, params)
+    return params, opt_state
+
+
+def test_round_trip_onto_a_different_mesh_keeps_values_and_data_state(tmp_path):
+    params, opt_state = _state(_mesh((2, 4)))
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep_last=2)
+    ckpt.save(10, params, opt_state, {"position": 10, "shard": [0, 1]})
+    ckpt.close()
+
+    other = _mesh((8, 1))
+    target_params, target_opt = _state(other)
+    reader = checkpoints.Checkpointer(str(tmp_path))
+    got_params, got_opt, data = reader.restore(
+        10, checkpoints.abstract_like(target_params), checkpoints.abstract_like(target_opt)
+    )
+    reader.close()
+    assert data == {"position": 10, "shard": [0, 1]}
+    assert got_params["w"].sharding.mesh.shape == other.shape
+    for a, b in zip(jax.tree.leaves((params, opt_state)), jax.tree.leaves((got_params, got_opt))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    host = checkpoints.load_params(str(tmp_path))
+    assert isinstance(host["w"], np.ndarray)
+    np.testing.assert_array_equal(host["w"], np.asarray(params["w"]))
+
+
+def test_keeps_last_k_plus_best_by_metric(tmp_path):
+    params, opt_state = _state(_mesh((1, 1)))
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep_last=2, best_metric="accuracy")
+    for step, metrics in [(1, None), (2, {"accuracy": 0.9}), (3, None), (4, {"accuracy": 0.4}),
+                          (5, None), (6, None)]:
+        ckpt.save(step, params, opt_state, {"step": step}, metrics=metrics)
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 5, 6]
+    assert ckpt.best_step() == 2
+    ckpt.close()
+    assert checkpoints.latest_step(str(tmp_path)) == 6
+    assert checkpoints.all_steps(str(tmp_path)) == [2, 5, 6]
+
+
+def test_latest_step_is_read_only_and_ignores_unfinished_steps(tmp_path):
+    missing = tmp_path / "nothing_here"
+    assert checkpoints.latest_step(str(missing)) is None
+    assert not missing.exists()
+    params, opt_state = _state(_mesh((1, 1)))
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep_last=3)
+    ckpt.save(3, params, opt_state, None)
+    ckpt.close()
+    # A save killed mid-write leaves an orbax temporary directory behind.
+    os.makedirs(tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234" / "params")
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert checkpoints.latest_step(str(tmp_path)) == 3
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    with pytest.raises(FileNotFoundError, match="step 9 not found"):
+        checkpoints.load_params(str(tmp_path), step=9)
+    with pytest.raises(FileNotFoundError, match="no finalised checkpoint"):
+        checkpoints.load_params(str(missing))
