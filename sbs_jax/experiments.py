@@ -1,8 +1,12 @@
 """The paper's experiment grid: datasets x methods x data fractions x model sizes x seeds.
 
     python -m sbs_jax.experiments --preset cpu --output_dir runs/grid
-    python -m sbs_jax.experiments --preset paper --output_dir gs://.../grid   # TPU / GPU hosts
+    python -m sbs_jax.experiments --preset paper --output_dir /nfs/grid \
+        --shard_index $SLURM_ARRAY_TASK_ID --num_shards $SLURM_ARRAY_TASK_COUNT   # GPU / TPU
     python -m sbs_jax.experiments --output_dir runs/grid --report_only
+
+`--output_dir` is a local or shared (NFS/Filestore) folder; machines given disjoint shards of
+the cells can share it, and `--report_only` then tables everything that has finished.
 
 Every cell trains through the public trainer CLI (`python -m sbs_jax.train`, gin flags) and is
 scored by `python -m sbs_jax.eval`; this module only decides *what* runs and collects results.
@@ -276,6 +280,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gin_bindings", action="append", default=[],
                         help="extra gin binding for every cell, e.g. BATCH_SIZE=32")
     parser.add_argument("--data_dir", help="SBS_DATA_DIR for the tasks (default: environment)")
+    parser.add_argument("--shard_index", type=int, default=0,
+                        help="run only cells i, i + n, i + 2n, ... (e.g. a SLURM array task)")
+    parser.add_argument("--num_shards", type=int, default=1, help="n for --shard_index")
     parser.add_argument("--keep_going", action="store_true", help="continue after a failed cell")
     parser.add_argument("--dry_run", action="store_true", help="list cells and commands only")
     parser.add_argument("--report_only", action="store_true",
@@ -297,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not 0 <= args.shard_index < args.num_shards:
+        print(f"error: --shard_index={args.shard_index} is not in [0, --num_shards="
+              f"{args.num_shards})", file=sys.stderr)
+        return 2
+    cells = cells[args.shard_index::args.num_shards]
     env = dict(os.environ)
     if args.data_dir:
         env["SBS_DATA_DIR"] = os.path.abspath(args.data_dir)

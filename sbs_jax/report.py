@@ -180,7 +180,7 @@ def markdown_table(rows: Sequence[dict], with_published: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +197,7 @@ def _errorbar(ax, xs, rows, label):
 
 def plot_accuracy_vs_fraction(rows: Sequence[dict], path: str | os.PathLike) -> None:
     """One panel per (dataset, model): accuracy against data fraction, a line per method."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = sorted({(r["dataset"], r["model"]) for r in rows},
                     key=lambda p: (p[0], _model_rank(p[1])))
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.6),
@@ -223,7 +223,7 @@ def plot_accuracy_vs_fraction(rows: Sequence[dict], path: str | os.PathLike) -> 
 
 def plot_accuracy_vs_model_size(rows: Sequence[dict], path: str | os.PathLike) -> None:
     """One panel per dataset: accuracy against model (small to large) at the largest fraction."""
-    plt = _pyplot()
+    plt = pyplot()
     datasets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(4.5 * max(len(datasets), 1), 3.6),
                              squeeze=False)

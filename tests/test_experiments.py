@@ -164,3 +164,16 @@ def test_cli_help_dry_run_and_bad_flags(tmp_path, capsys):
     assert len(lines) == 4 * 4 * 4 * 3 * 4
     assert experiments.main(["--output_dir", str(tmp_path), "--methods", "sbs"]) == 2
     assert "unknown method(s) ['sbs']" in capsys.readouterr().err
+
+
+def test_shards_split_the_grid_disjointly(tmp_path, capsys):
+    names = []
+    for index in range(3):
+        assert experiments.main(["--output_dir", str(tmp_path), "--preset", "paper", "--dry_run",
+                                 "--num_shards", "3", "--shard_index", str(index)]) == 0
+        names.append([line.split(" ::")[0] for line in capsys.readouterr().out.splitlines()])
+    assert sum(len(n) for n in names) == 4 * 4 * 4 * 3 * 4
+    assert len(set().union(*names)) == 4 * 4 * 4 * 3 * 4
+    assert experiments.main(["--output_dir", str(tmp_path), "--num_shards", "2",
+                             "--shard_index", "2"]) == 2
+    assert "--shard_index=2 is not in [0, --num_shards=2)" in capsys.readouterr().err
