@@ -1,0 +1,356 @@
+"""Multi-process start-up: one call that makes a JAX job span every host of a cluster.
+
+Every entry point that computes calls `initialize_from_env()` before anything touches JAX
+devices. It works out where this process stands, in this order:
+
+1. explicit arguments (`coordinator_address`, `num_processes`, `process_id`), each falling back
+   to `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`
+   (set by `launch/local_multihost.sh` and `launch/gpu_multinode.sh`);
+2. SLURM, inside an `srun` step: `SLURM_NTASKS`, `SLURM_PROCID`, `SLURM_LOCALID`, and the first
+   host of `SLURM_STEP_NODELIST` as coordinator (port from `JAX_COORDINATOR_PORT`, else derived
+   from `SLURM_JOB_ID` so every task agrees on it);
+3. a Cloud TPU VM (libtpu installed and a TPU device present): JAX reads the slice's metadata;
+4. otherwise a single process, and nothing is done.
+
+The timeouts are bounded on purpose: a process that cannot reach the coordinator gives up after
+`SBS_INIT_TIMEOUT_S` (default 300 s), and when one process dies the coordination service stops
+hearing its heartbeat and brings the others down after `SBS_HEARTBEAT_TIMEOUT_S` (default 100 s)
+with an error instead of leaving them blocked in a collective forever.
+
+`python -m sbs_jax.distributed` (`sbs-cluster-check`) starts the same way and runs a cross-process
+sum over every device: a cluster smoke test before a long training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from typing import Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+ENV_COORDINATOR_PORT = "JAX_COORDINATOR_PORT"
+ENV_INIT_TIMEOUT = "SBS_INIT_TIMEOUT_S"
+ENV_HEARTBEAT_TIMEOUT = "SBS_HEARTBEAT_TIMEOUT_S"
+DEFAULT_INIT_TIMEOUT_S = 300
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100
+# SLURM jobs without JAX_COORDINATOR_PORT use a port in [61440, 65535] derived from the job id,
+# the same rule JAX's own SLURM detection uses.
+_SLURM_PORT_BASE, _SLURM_PORT_RANGE = 65536 - 4096, 4096
+
+
+class DistributedSetupError(RuntimeError):
+    """The cluster description is inconsistent, or the processes could not find each other."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    """Where this process stands. `source` says which rule decided it.
+
+    source: "flags" | "env" | "slurm" | "tpu" | "single". For "tpu", JAX fills in the address,
+    count and id from the slice's metadata, so they are None here.
+    """
+
+    source: str
+    coordinator_address: str | None = None
+    num_processes: int | None = 1
+    process_id: int | None = 0
+    local_device_ids: tuple[int, ...] | None = None
+
+    @property
+    def is_multiprocess(self) -> bool:
+        return self.source != "single"
+
+
+def _parse_int(value: str | int, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DistributedSetupError(f"{name}={value!r} is not an integer") from None
+
+
+def _check_address(address: str, name: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistributedSetupError(
+            f"{name}={address!r} must be HOST:PORT (e.g. 10.0.0.1:1234), the address of process 0"
+        )
+    return address
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[003-008,011],cpu1' -> 'gpu003'."""
+    match = re.match(r"\s*([^,\[\s]+)(?:\[(\w+))?", nodelist)
+    if not match:
+        raise DistributedSetupError(f"SLURM_STEP_NODELIST={nodelist!r} names no host")
+    prefix, first_index = match.groups()
+    return prefix + (first_index or "")
+
+
+def _slurm_spec(environ: Mapping[str, str]) -> ClusterSpec:
+    num_processes = _parse_int(environ["SLURM_NTASKS"], "SLURM_NTASKS")
+    process_id = _parse_int(environ.get("SLURM_PROCID", ""), "SLURM_PROCID")
+    local_id = _parse_int(environ.get("SLURM_LOCALID", ""), "SLURM_LOCALID")
+    if num_processes <= 1:
+        return ClusterSpec("single")
+    if ENV_COORDINATOR_PORT in environ:
+        port = _parse_int(environ[ENV_COORDINATOR_PORT], ENV_COORDINATOR_PORT)
+    else:
+        job_id = _parse_int(environ.get("SLURM_JOB_ID", ""), "SLURM_JOB_ID")
+        port = _SLURM_PORT_BASE + job_id % _SLURM_PORT_RANGE
+    address = f"{first_slurm_host(environ['SLURM_STEP_NODELIST'])}:{port}"
+    num_nodes = _parse_int(environ.get("SLURM_STEP_NUM_NODES", "1"), "SLURM_STEP_NUM_NODES")
+    # One task per node sees all of its node's accelerators. Several tasks per node each take
+    # the device matching their local rank, unless SLURM already narrowed CUDA_VISIBLE_DEVICES
+    # to one device per task (--gpus-per-task=1), in which case that device is the only one.
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    per_gpu = num_processes > num_nodes and len(visible) != 1
+    local_device_ids = (local_id,) if per_gpu else None
+    return _validated(ClusterSpec("slurm", address, num_processes, process_id, local_device_ids))
+
+
+def _validated(spec: ClusterSpec) -> ClusterSpec:
+    if spec.num_processes is not None and spec.num_processes < 1:
+        raise DistributedSetupError(f"num_processes={spec.num_processes} must be >= 1 ({spec.source})")
+    if spec.process_id is not None and spec.num_processes is not None and not (
+        0 <= spec.process_id < spec.num_processes
+    ):
+        raise DistributedSetupError(
+            f"process_id={spec.process_id} must be in [0, {spec.num_processes}) ({spec.source})"
+        )
+    return spec
+
+
+def on_cloud_tpu_vm() -> bool:
+    """libtpu is installed and the VM has a TPU device: JAX can read the slice from metadata."""
+    has_device = os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio") and any(
+        name.isdigit() for name in os.listdir("/dev/vfio")
+    )
+    return has_device and importlib.util.find_spec("libtpu") is not None
+
+
+def resolve_cluster(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ: Mapping[str, str] | None = None,
+    tpu_vm: bool | None = None,
+) -> ClusterSpec:
+    """Works out this process's place in the job without starting anything (pure but for TPU
+    detection, which `tpu_vm` overrides)."""
+    environ = os.environ if environ is None else environ
+    explicit = (coordinator_address, num_processes, process_id)
+    from_env = (
+        environ.get(ENV_COORDINATOR) or None,
+        environ.get(ENV_NUM_PROCESSES) or None,
+        environ.get(ENV_PROCESS_ID) or None,
+    )
+    if any(v is not None for v in explicit + from_env):
+        source = "flags" if any(v is not None for v in explicit) else "env"
+        names = (
+            ("coordinator_address", ENV_COORDINATOR),
+            ("num_processes", ENV_NUM_PROCESSES),
+            ("process_id", ENV_PROCESS_ID),
+        )
+        values = [a if a is not None else e for a, e in zip(explicit, from_env)]
+        address, count, pid = values
+        count = None if count is None else _parse_int(count, "num_processes / " + ENV_NUM_PROCESSES)
+        pid = None if pid is None else _parse_int(pid, "process_id / " + ENV_PROCESS_ID)
+        if count == 1 and pid in (None, 0):
+            return ClusterSpec("single")
+        missing = [f"{arg} (or ${env})" for (arg, env), v in zip(names, (address, count, pid))
+                   if v is None]
+        if missing:
+            raise DistributedSetupError(
+                f"multi-process start-up needs all of coordinator address, process count and "
+                f"process id; missing: {', '.join(missing)}"
+            )
+        _check_address(address, "coordinator_address / " + ENV_COORDINATOR)
+        return _validated(ClusterSpec(source, address, count, pid))
+    if "SLURM_STEP_NODELIST" in environ and "SLURM_NTASKS" in environ:
+        return _slurm_spec(environ)
+    if on_cloud_tpu_vm() if tpu_vm is None else tpu_vm:
+        return ClusterSpec("tpu", None, None, None)
+    return ClusterSpec("single")
+
+
+def _timeout_s(value: int | None, env_name: str, default: int, environ: Mapping[str, str]) -> int:
+    if value is None:
+        value = _parse_int(environ.get(env_name, default), env_name)
+    if value <= 0:
+        raise DistributedSetupError(f"{env_name}={value} must be a positive number of seconds")
+    return value
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Polls process 0's port so that an absent coordinator is a clear Python error.
+
+    (The runtime's own connect failure aborts the process with a message blaming a dead task.)
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise DistributedSetupError(
+                    f"coordinator {address} ({ENV_COORDINATOR}) did not answer within "
+                    f"{timeout_s:.0f}s ({ENV_INIT_TIMEOUT}): {err}. Is process 0 running, and "
+                    "is that host and port reachable from here?"
+                ) from None
+            time.sleep(0.5)
+
+
+def _check_port_free(address: str) -> None:
+    """Process 0 serves the coordinator on every interface at the address's port."""
+    port = int(address.rpartition(":")[2])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as err:
+            raise DistributedSetupError(
+                f"process 0 cannot serve the coordinator on port {port} of {address} "
+                f"({ENV_COORDINATOR}): {err}. Pick a free port."
+            ) from None
+
+
+def initialize_from_env(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    initialization_timeout_s: int | None = None,
+    heartbeat_timeout_s: int | None = None,
+) -> ClusterSpec:
+    """Joins this process to the multi-process job, or does nothing for a single process.
+
+    Call it first, before any JAX computation or `jax.devices()`. Calling it again after a
+    successful start is harmless and returns the same description.
+    """
+    import jax
+
+    spec = resolve_cluster(coordinator_address, num_processes, process_id)
+    if not spec.is_multiprocess:
+        return spec
+    if jax.distributed.is_initialized():
+        return spec
+    init_timeout = _timeout_s(
+        initialization_timeout_s, ENV_INIT_TIMEOUT, DEFAULT_INIT_TIMEOUT_S, os.environ
+    )
+    heartbeat = _timeout_s(
+        heartbeat_timeout_s, ENV_HEARTBEAT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_S, os.environ
+    )
+    where = (
+        f"process {spec.process_id} of {spec.num_processes}, coordinator "
+        f"{spec.coordinator_address} (from {spec.source})"
+        if spec.source != "tpu"
+        else "a Cloud TPU slice (from TPU metadata)"
+    )
+    logger.info("Starting JAX distributed runtime as %s", where)
+    kwargs = dict(
+        initialization_timeout=init_timeout,
+        heartbeat_timeout_seconds=heartbeat,
+        # A process that finished waits at most this long for the others at shutdown.
+        shutdown_timeout_seconds=max(heartbeat, 30),
+    )
+    if spec.source != "tpu":
+        started = time.monotonic()
+        if spec.process_id == 0:
+            _check_port_free(spec.coordinator_address)
+        else:
+            _wait_for_coordinator(spec.coordinator_address, init_timeout)
+        kwargs["initialization_timeout"] = max(1, int(init_timeout - (time.monotonic() - started)))
+        kwargs.update(
+            coordinator_address=spec.coordinator_address,
+            num_processes=spec.num_processes,
+            process_id=spec.process_id,
+            local_device_ids=list(spec.local_device_ids) if spec.local_device_ids else None,
+            cluster_detection_method="deactivate",
+        )
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as err:  # the runtime raises bare XlaRuntimeError / RuntimeError
+        raise DistributedSetupError(
+            f"could not start the JAX distributed runtime as {where} within {init_timeout}s "
+            f"({ENV_INIT_TIMEOUT}): {err}"
+        ) from err
+    if spec.source == "tpu":
+        spec = ClusterSpec("tpu", None, jax.process_count(), jax.process_index())
+    return spec
+
+
+def _cross_process_sum() -> tuple[float, float]:
+    """Each device contributes (its process index + 1); returns (sum over all devices, expected)."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()), ("devices",))
+    sharding = NamedSharding(mesh, PartitionSpec("devices"))
+    local = np.full((jax.local_device_count(),), jax.process_index() + 1, np.float32)
+    global_array = jax.make_array_from_process_local_data(sharding, local)
+    total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, PartitionSpec()))(
+        global_array
+    )
+    counts = {}
+    for device in jax.devices():
+        counts[device.process_index] = counts.get(device.process_index, 0) + 1
+    expected = float(sum((index + 1) * n for index, n in counts.items()))
+    return float(total), expected
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sbs_jax.distributed",
+        description="Cluster smoke test: start like sbs_jax.train does, then sum a value over "
+        "every device of every process and print one JSON line per process.",
+    )
+    parser.add_argument("--coordinator_address", help=f"HOST:PORT of process 0 (${ENV_COORDINATOR})")
+    parser.add_argument("--num_processes", type=int, help=f"processes in the job (${ENV_NUM_PROCESSES})")
+    parser.add_argument("--process_id", type=int, help=f"this process, 0-based (${ENV_PROCESS_ID})")
+    parser.add_argument("--rounds", type=int, default=1, help="how many sums to run")
+    parser.add_argument("--interval_s", type=float, default=0.0, help="pause between rounds")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        spec = initialize_from_env(args.coordinator_address, args.num_processes, args.process_id)
+    except DistributedSetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import jax
+
+    total, expected = 0.0, 0.0
+    for round_index in range(args.rounds):
+        total, expected = _cross_process_sum()
+        print(f"round {round_index}: sum={total} expected={expected}", file=sys.stderr, flush=True)
+        if args.interval_s:
+            time.sleep(args.interval_s)
+    report = {
+        "source": spec.source,
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "local_devices": jax.local_device_count(),
+        "global_devices": jax.device_count(),
+        "sum": total,
+        "expected": expected,
+    }
+    print(json.dumps(report), flush=True)
+    return 0 if total == expected else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

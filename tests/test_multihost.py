@@ -1,0 +1,222 @@
+"""Multi-process JAX on 127.0.0.1: start-up rules, a cross-process sum, and dying processes.
+
+The subprocess tests start real JAX processes (2 x 4 CPU devices) through
+launch/local_multihost.sh or directly, the way a cluster would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sbs_jax.distributed import (
+    DistributedSetupError,
+    ClusterSpec,
+    first_slurm_host,
+    resolve_cluster,
+)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAUNCHER = REPO_ROOT / "launch" / "local_multihost.sh"
+
+
+# --- start-up rules (pure) ---------------------------------------------------------------------
+
+
+def test_single_process_when_nothing_is_set():
+    assert resolve_cluster(environ={}, tpu_vm=False) == ClusterSpec("single")
+    assert not resolve_cluster(environ={"JAX_NUM_PROCESSES": "1"}, tpu_vm=False).is_multiprocess
+
+
+def test_jax_environment_variables():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+           "JAX_PROCESS_ID": "3"}
+    assert resolve_cluster(environ=env, tpu_vm=False) == ClusterSpec("env", "10.0.0.1:1234", 4, 3)
+
+
+def test_explicit_arguments_override_environment():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+           "JAX_PROCESS_ID": "3"}
+    spec = resolve_cluster("host-a:99", 2, 1, environ=env, tpu_vm=False)
+    assert spec == ClusterSpec("flags", "host-a:99", 2, 1)
+
+
+def _slurm_env(**extra: str) -> dict[str, str]:
+    env = {"SLURM_JOB_ID": "4100", "SLURM_NTASKS": "8", "SLURM_PROCID": "5",
+           "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[007-008]",
+           "SLURM_STEP_NUM_NODES": "2"}
+    env.update(extra)
+    return env
+
+
+def test_slurm_one_process_per_gpu():
+    spec = resolve_cluster(environ=_slurm_env(), tpu_vm=False)
+    # port 61440 + 4100 % 4096: every task derives the same one from the job id
+    assert spec == ClusterSpec("slurm", "gpu007:61444", 8, 5, (1,))
+
+
+def test_slurm_one_process_per_node_sees_all_devices():
+    env = _slurm_env(SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="0",
+                     JAX_COORDINATOR_PORT="5000")
+    assert resolve_cluster(environ=env, tpu_vm=False) == ClusterSpec("slurm", "gpu007:5000", 2, 1)
+
+
+def test_slurm_gpus_per_task_already_narrowed():
+    spec = resolve_cluster(environ=_slurm_env(CUDA_VISIBLE_DEVICES="1"), tpu_vm=False)
+    assert spec.local_device_ids is None
+
+
+def test_jax_variables_win_over_slurm_and_tpu():
+    env = _slurm_env(JAX_COORDINATOR_ADDRESS="n1:7", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0")
+    assert resolve_cluster(environ=env, tpu_vm=True).source == "env"
+    assert resolve_cluster(environ={}, tpu_vm=True).source == "tpu"
+
+
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [("node001", "node001"), ("node001,host2", "node001"), ("node[001-015],host2", "node001"),
+     ("node[003,007-015]", "node003"), ("gpu-a100-[12-13]", "gpu-a100-12")],
+)
+def test_first_slurm_host(nodelist, host):
+    assert first_slurm_host(nodelist) == host
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "missing: coordinator_address"),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}, "missing: process_id"),
+        ({"JAX_COORDINATOR_ADDRESS": "h", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+         "must be HOST:PORT"),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+         r"process_id=2 must be in \[0, 2\)"),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+         "JAX_NUM_PROCESSES='two' is not an integer"),
+        (_slurm_env(SLURM_PROCID=""), "SLURM_PROCID='' is not an integer"),
+    ],
+)
+def test_inconsistent_settings_fail_clearly(env, message):
+    with pytest.raises(DistributedSetupError, match=message):
+        resolve_cluster(environ=env, tpu_vm=False)
+
+
+# --- real processes ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, PYTHONUNBUFFERED="1",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def test_two_processes_sum_over_all_eight_devices(tmp_path):
+    result = subprocess.run(
+        ["bash", str(LAUNCHER), "-n", "2", "-d", "4", "--module", "sbs_jax.distributed",
+         "--log_dir", str(tmp_path), "--", "--rounds", "2"],
+        env=_process_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    reports = []
+    for index in range(2):
+        last_line = (tmp_path / f"process_{index}.log").read_text().strip().splitlines()[-1]
+        reports.append(json.loads(last_line))
+    assert [r["process_index"] for r in reports] == [0, 1]
+    for report in reports:
+        assert report["process_count"] == 2 and report["source"] == "env"
+        assert report["local_devices"] == 4 and report["global_devices"] == 8
+        # each device contributes its process index + 1: 4 * 1 + 4 * 2
+        assert report["sum"] == report["expected"] == 12.0
+
+
+def _wait_for_rounds(log: pathlib.Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if log.exists() and "round 2:" in log.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no progress in {log}:\n{log.read_text() if log.exists() else ''}")
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_survivor_exits_with_clear_error_when_a_process_dies(tmp_path, victim):
+    port = _free_port()
+    procs, logs = [], []
+    for index in range(2):
+        logs.append(tmp_path / f"p{index}.log")
+        env = _process_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                           JAX_PROCESS_ID=str(index), SBS_HEARTBEAT_TIMEOUT_S="10")
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "sbs_jax.distributed", "--rounds", "100000",
+                 "--interval_s", "0.05"], env=env, stdout=log, stderr=subprocess.STDOUT))
+    survivor = procs[1 - victim]
+    try:
+        _wait_for_rounds(logs[1 - victim])
+        procs[victim].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        returncode = survivor.wait(timeout=90)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert returncode != 0
+    # bounded by the 10 s heartbeat (plus start-up noise on a loaded machine), not a hang
+    assert elapsed < 60, elapsed
+    assert "another task died" in logs[1 - victim].read_text()
+
+
+def test_launcher_stops_the_rest_when_one_process_dies(tmp_path):
+    launcher = subprocess.Popen(
+        ["bash", str(LAUNCHER), "-n", "2", "-d", "4", "--module", "sbs_jax.distributed",
+         "--log_dir", str(tmp_path), "--", "--rounds", "100000", "--interval_s", "0.05"],
+        env=_process_env(SBS_HEARTBEAT_TIMEOUT_S="60"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_for_rounds(tmp_path / "process_0.log")
+        pids = [int((tmp_path / f"process_{i}.pid").read_text()) for i in range(2)]
+        os.kill(pids[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = launcher.communicate(timeout=60)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode != 0
+    assert "process 1 exited with status 137; stopping the others" in stderr
+    # faster than the 60 s heartbeat: the launcher itself stopped process 0
+    assert elapsed < 30, elapsed
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[0], 0)
+
+
+def test_unreachable_coordinator_is_a_clear_bounded_error():
+    env = _process_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+                       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1", SBS_INIT_TIMEOUT_S="2")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "sbs_jax.distributed"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "did not answer within 2s (SBS_INIT_TIMEOUT_S)" in result.stderr
+    assert "Is process 0 running" in result.stderr
+    assert time.monotonic() - started < 30
