@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -126,10 +127,10 @@ def shard_paths(directory: str, split: str) -> list[str]:
 
 
 def read_shard(path: str) -> Iterator[Record]:
-    """The records of one shard file, in order."""
+    """The records of one shard file, in order (works inside tf.function tracing too)."""
     from sbs_jax.tf_setup import tf
 
-    for position, data in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+    for position, data in enumerate(tf.compat.v1.io.tf_record_iterator(path)):
         yield from_example_bytes(data, where=f"{path} record {position}")
 
 
@@ -151,6 +152,30 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_info(directory: str, dataset: str, extra: dict | None = None) -> str:
+    """Writes `info.json`: per split the record count, shard names and SHA-256 checksums.
+
+    Written last and atomically, so its presence means every listed shard is complete.
+    """
+    splits = {}
+    for split in SPLITS:
+        shards = []
+        for path in shard_paths(directory, split):
+            count = sum(1 for _ in read_shard(path))
+            shards.append({"name": os.path.basename(path), "num_records": count,
+                           "sha256": file_sha256(path)})
+        if shards:
+            splits[split] = {"num_records": sum(s["num_records"] for s in shards),
+                             "shards": shards}
+    info = {"dataset": dataset, "splits": splits, **(extra or {})}
+    path = os.path.join(directory, "info.json")
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    os.replace(tmp_path, path)
+    return path
 
 
 def tf_feature_spec() -> dict:

@@ -14,15 +14,22 @@ test never share a problem whatever seeds or sizes are asked for.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import os
 import random
 import re
 
+from sbs_jax.data import records
 from sbs_jax.data.records import Record
 
 SPLIT_BUCKETS = {"test": range(0, 10), "valid": range(10, 20), "train": range(20, 100)}
 _INPUT_RE = re.compile(r"^\s*(\d(?: \d)*) \+ (\d(?: \d)*)\s*$")
 _LOW, _HIGH = 100, 999
+# The prototype in DESIGN.md: 2,000 training problems, 500 held out.
+DEFAULT_SIZES = {"train": 2000, "valid": 200, "test": 500}
+VOCAB_SIZE = 512
 
 
 def _spaced(number: int) -> str:
@@ -98,3 +105,64 @@ def generate(num_examples: int, seed: int, split: str) -> list[Record]:
             )
         )
     return records
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+    """An exclusive advisory lock, so racing processes create the dataset once."""
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_dataset(directory: str, sizes: dict[str, int] | None = None, seed: int = 0) -> str:
+    """Writes every split as record shards plus `info.json`; returns `directory`."""
+    sizes = sizes or DEFAULT_SIZES
+    for split, size in sizes.items():
+        records.write_split(generate(size, seed, split), directory, split)
+    records.write_info(directory, "synthetic", {"seed": seed, "generator": __name__})
+    return directory
+
+
+def vocabulary_texts(examples: list[Record]) -> list[str]:
+    """The texts a synthetic vocabulary is trained on: prefixed inputs, rationales, labels."""
+    texts = []
+    for record in examples:
+        texts += [f"predict: {record.input}", f"explain: {record.input}", record.rationale,
+                  record.label]
+    return texts
+
+
+def ensure_dataset(data_dir: str, vocabulary_path: str | None = None) -> str:
+    """Creates `{data_dir}/synthetic` (and the vocabulary, if a path is given) when absent.
+
+    Safe when several processes race: creation runs under a file lock and the dataset counts
+    as present only once its `info.json` (written last) exists. Returns the dataset folder.
+    """
+    directory = os.path.join(data_dir, "synthetic")
+    info_path = os.path.join(directory, "info.json")
+    needs_vocab = vocabulary_path is not None and not os.path.exists(vocabulary_path)
+    if os.path.exists(info_path) and not needs_vocab:
+        return directory
+    with _exclusive(os.path.join(data_dir, ".synthetic.lock")):
+        if not os.path.exists(info_path):
+            write_dataset(directory)
+        if vocabulary_path is not None and not os.path.exists(vocabulary_path):
+            _train_vocabulary(records.read_split(directory, "train"), vocabulary_path)
+    return directory
+
+
+def _train_vocabulary(examples: list[Record], vocabulary_path: str) -> None:
+    from sbs_jax.vocab import train_vocab
+
+    if not vocabulary_path.endswith(".model"):
+        raise ValueError(f"vocabulary path must end in .model: {vocabulary_path!r}")
+    prefix = vocabulary_path[: -len(".model")]
+    tmp_prefix = f"{prefix}.{os.getpid()}.tmp"
+    trained = train_vocab(vocabulary_texts(examples), tmp_prefix, VOCAB_SIZE)
+    os.replace(tmp_prefix + ".vocab", prefix + ".vocab")
+    os.replace(trained, vocabulary_path)

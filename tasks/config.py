@@ -1,0 +1,97 @@
+"""Where the tasks find their data folder and vocabulary, resolved when a task is read.
+
+`import tasks` must not touch files, gin or the network, so nothing here is looked up at import.
+Data folder, first match wins: `set_data_dir(...)`, gin `tasks.data_config.data_dir`, env
+`SBS_DATA_DIR`, else `~/.cache/sbs_jax/data`. Vocabulary (a SentencePiece `.model`: a HF T5
+`spiece.model` or one trained by `sbs_jax.vocab.train_vocab`): `set_vocabulary_path(...)`, gin
+`tasks.data_config.vocabulary_path`, env `SBS_VOCAB`, else `{data folder}/spiece.model`. The
+synthetic tasks create their data, and that default vocabulary, the first time they are read.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gin
+import seqio
+
+from sbs_jax.data import synthetic
+
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sbs_jax", "data")
+_overrides: dict[str, str | None] = {"data_dir": None, "vocabulary_path": None}
+
+
+@gin.configurable("data_config", module="tasks")
+def data_config(data_dir: str | None = None, vocabulary_path: str | None = None) -> dict:
+    """Gin hook: bind `tasks.data_config.data_dir` / `.vocabulary_path` in a gin file."""
+    return {"data_dir": data_dir, "vocabulary_path": vocabulary_path}
+
+
+def set_data_dir(path: str | None) -> None:
+    """Overrides the data folder for this process (None: fall back to gin / env)."""
+    _overrides["data_dir"] = path
+
+
+def set_vocabulary_path(path: str | None) -> None:
+    """Overrides the vocabulary for this process (None: fall back to gin / env / default)."""
+    _overrides["vocabulary_path"] = path
+
+
+def data_dir() -> str:
+    """The data folder that holds one sub-folder of record shards per dataset."""
+    return (_overrides["data_dir"] or data_config()["data_dir"]
+            or os.environ.get("SBS_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def _explicit_vocabulary_path() -> str | None:
+    return (_overrides["vocabulary_path"] or data_config()["vocabulary_path"]
+            or os.environ.get("SBS_VOCAB"))
+
+
+def vocabulary_path(for_synthetic: bool = False) -> str:
+    """The SentencePiece model path; for the synthetic tasks, created when it is the default."""
+    explicit = _explicit_vocabulary_path()
+    path = explicit or os.path.join(data_dir(), "spiece.model")
+    if not os.path.exists(path):
+        if for_synthetic and explicit is None:
+            synthetic.ensure_dataset(data_dir(), vocabulary_path=path)
+        else:
+            raise FileNotFoundError(
+                f"SentencePiece vocabulary not found: {path!r}. Point SBS_VOCAB, gin "
+                "`tasks.data_config.vocabulary_path` or tasks.set_vocabulary_path() at a "
+                "spiece.model (a HF T5 one, or one trained with `sbs-vocab`)."
+            )
+    return path
+
+
+class ConfiguredVocabulary(seqio.SentencePieceVocabulary):
+    """A SentencePiece vocabulary whose model file is looked up on first use, not at import.
+
+    Re-resolves on every load, so `set_vocabulary_path` takes effect for tasks already
+    registered; seqio caches the loaded model per path.
+    """
+
+    def __init__(self, for_synthetic: bool = False):
+        self._for_synthetic = for_synthetic
+        super().__init__("<resolved when read: see tasks.config>")
+
+    @property
+    def sentencepiece_model_file(self) -> str:
+        return vocabulary_path(self._for_synthetic)
+
+    def _model_context(self):
+        path = self.sentencepiece_model_file
+        if path != self._sentencepiece_model_file:
+            self._sentencepiece_model_file = path
+            self._model = None
+        return super()._model_context()
+
+    def __eq__(self, other):
+        if not isinstance(other, seqio.SentencePieceVocabulary):
+            return False
+        return self.sentencepiece_model_file == other.sentencepiece_model_file
+
+
+def get_vocabulary(for_synthetic: bool = False) -> seqio.SentencePieceVocabulary:
+    """The vocabulary the tasks use (synthetic: creating the default one when absent)."""
+    return seqio.SentencePieceVocabulary(vocabulary_path(for_synthetic))

@@ -1,0 +1,66 @@
+"""Preprocessors of the sbs tasks: record -> (inputs, targets) text, then tokens.
+
+Inputs are `{prefix}{record input}`; for NLI the record input is `premise</s>hypothesis`
+(see `sbs_jax.data.dss.NLI_SEPARATOR`) and tokenisation puts the EOS *token id* there, as the
+reference does by joining premise and hypothesis with the tokenizer's EOS.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import seqio
+
+from sbs_jax.data.dss import NLI_SEPARATOR
+from sbs_jax.tf_setup import tf
+
+PASSTHROUGH = ("id", "source")
+
+
+def _select(example: Mapping[str, tf.Tensor], inputs: tf.Tensor, targets: tf.Tensor) -> dict:
+    return {**{k: example[k] for k in PASSTHROUGH}, "inputs": inputs, "targets": targets}
+
+
+def to_label_example(dataset: tf.data.Dataset, prefix: str, teacher_labels: bool):
+    """inputs = prefix + input; targets = the gold label, or on train the teacher's label."""
+
+    def fn(example):
+        label = example["label"]
+        if teacher_labels:
+            label = tf.where(tf.equal(example["split"], "train"), example["llm_label"], label)
+        return _select(example, tf.strings.join([prefix, example["input"]]), label)
+
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def to_rationale_example(dataset: tf.data.Dataset, prefix: str):
+    """inputs = prefix + input; targets = the teacher's rationale."""
+
+    def fn(example):
+        return _select(example, tf.strings.join([prefix, example["input"]]),
+                       example["rationale"])
+
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _encode_with_separator(text: tf.Tensor, vocabulary: seqio.Vocabulary) -> tf.Tensor:
+    """Tokens of each separator-delimited piece, joined by the EOS id (no trailing EOS)."""
+    pieces = tf.strings.split(tf.reshape(text, [1]), sep=NLI_SEPARATOR).values
+    tokens = tf.cast(vocabulary.encode_tf(pieces), tf.int32)
+    eos = tf.RaggedTensor.from_tensor(
+        tf.fill([tf.shape(pieces)[0], 1], tf.constant(vocabulary.eos_id, tf.int32)))
+    return tf.concat([tokens, eos], axis=1).flat_values[:-1]
+
+
+@seqio.map_over_dataset
+def tokenize(example, output_features):
+    """Tokenises inputs (separator -> EOS id) and targets, keeping the text as `*_pretokenized`."""
+    result = dict(example)
+    for key in ("inputs", "targets"):
+        vocabulary = output_features[key].vocabulary
+        result[f"{key}_pretokenized"] = example[key]
+        if key == "inputs":
+            result[key] = _encode_with_separator(example[key], vocabulary)
+        else:
+            result[key] = tf.cast(vocabulary.encode_tf(example[key]), tf.int32)
+    return result

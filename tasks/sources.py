@@ -1,0 +1,71 @@
+"""A seqio DataSource over our record shards, with the folder resolved when it is read."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Sequence
+
+import seqio
+
+from sbs_jax.data import records, synthetic
+from sbs_jax.tf_setup import tf
+from tasks import config
+
+
+def _parse_records(path: tf.Tensor) -> tf.data.Dataset:
+    spec = records.tf_feature_spec()
+    return tf.data.TFRecordDataset(path).map(
+        lambda data: tf.io.parse_single_example(data, spec),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+class RecordSource(seqio.FileDataSource):
+    """Reads `{data_dir}/{dataset}/{split}-*.tfrecord`; each example also carries `split`.
+
+    The folder is looked up on every read (not at registration) and, for the synthetic dataset,
+    created on first use. `split` lets preprocessors treat train differently (teacher labels).
+    """
+
+    def __init__(self, dataset: str):
+        self._dataset = dataset
+        super().__init__(
+            read_file_fn=_parse_records,
+            split_to_filepattern={s: f"$SBS_DATA_DIR/{dataset}/{s}-*.tfrecord"
+                                  for s in records.SPLITS},
+            cycle_length=1,
+        )
+
+    def directory(self) -> str:
+        root = config.data_dir()
+        if self._dataset == "synthetic":
+            return synthetic.ensure_dataset(root)
+        return os.path.join(root, self._dataset)
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        directory = self.directory()
+        paths = records.shard_paths(directory, split)
+        if not paths:
+            raise FileNotFoundError(
+                f"no '{split}' record shards for {self._dataset!r} in {directory!r}: build them "
+                f"with `sbs-build-data --dataset {self._dataset} --data_dir ...` (or the teacher "
+                "job) and point SBS_DATA_DIR / tasks.data_config.data_dir at that folder"
+            )
+        return paths
+
+    def get_dataset(
+        self,
+        split: str = "train",
+        shuffle: bool = True,
+        seed: Optional[int] = None,
+        shard_info: Optional[seqio.ShardInfo] = None,
+        *,
+        sequence_length: Optional[Mapping[str, int]] = None,
+        use_cached: bool = False,
+        num_epochs: Optional[int] = 1,
+    ) -> tf.data.Dataset:
+        dataset = super().get_dataset(split, shuffle, seed, shard_info)
+        return dataset.map(lambda ex: {**ex, "split": tf.constant(split)})
+
+    def __str__(self) -> str:
+        return f"RecordSource({self._dataset!r})"
