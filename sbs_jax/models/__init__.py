@@ -1,0 +1,15 @@
+"""The student model: T5 configs, the Flax module and HF checkpoint interop."""
+
+from sbs_jax.models.t5 import (
+    T5,
+    T5Config,
+    abstract_params,
+    config_names,
+    get_config,
+    init_params,
+    stack_layers,
+    unstack_layers,
+)
+
+__all__ = ["T5", "T5Config", "abstract_params", "config_names", "get_config", "init_params",
+           "stack_layers", "unstack_layers"]

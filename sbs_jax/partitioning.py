@@ -1,0 +1,79 @@
+"""Device mesh, T5X logical-axis rules and shardings of parameter / batch pytrees.
+
+Pure helpers: the trainer builds a mesh from MESH_SHAPE, turns the model's logical axis names
+into `NamedSharding`s with `params_shardings`, and places batches with `batch_sharding`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+
+
+def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, model) mesh over `devices` (default: all); one -1 takes what remains."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [int(s) for s in mesh_shape]
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"MESH_SHAPE={tuple(mesh_shape)} must have {len(MESH_AXES)} entries "
+                         f"{MESH_AXES}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"MESH_SHAPE={tuple(mesh_shape)}: use positive sizes and at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"MESH_SHAPE={tuple(mesh_shape)} does not divide the "
+                             f"{len(devices)} available devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"MESH_SHAPE={tuple(mesh_shape)} needs {int(np.prod(shape))} devices, "
+                         f"but {len(devices)} are available")
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def logical_axis_rules(fsdp: bool = True) -> tuple[tuple[str, Any], ...]:
+    """T5X's standard rules: data parallel over (data, fsdp), tensor parallel over model.
+
+    With fsdp=True, parameters' embed dimension is also sharded over the fsdp axis (ZeRO-3
+    style); with fsdp=False they are replicated over it.
+    """
+    return (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "model"),
+        ("embed", "fsdp" if fsdp else None),
+        ("mlp", "model"),
+        ("heads", "model"),
+        ("joined_kv", "model"),
+        ("kv", None),
+        ("length", None),
+        ("relpos_buckets", None),
+        ("layers", None),
+    )
+
+
+def unbox(tree: Any) -> Any:
+    """Drops logical-partitioning boxes, leaving the plain arrays (or shapes)."""
+    return nn.meta.unbox(tree)
+
+
+def params_shardings(abstract_params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """NamedSharding per leaf of a (boxed, e.g. `models.abstract_params`) parameter tree."""
+    specs = nn.get_partition_spec(abstract_params)
+    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def logical_sharding(axes: Sequence[str | None], mesh: Mesh,
+                     rules: Sequence[tuple[str, Any]]) -> NamedSharding:
+    """NamedSharding for one array with the given logical axis names."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), list(rules)))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of [batch, length] arrays: batch split over (data, fsdp), length whole."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))

@@ -1,0 +1,118 @@
+"""The Flax T5: configs, logical axis names, masking, scan / remat / dtype options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from sbs_jax.models import T5, abstract_params, get_config, init_params, stack_layers
+from sbs_jax.models.t5 import unstack_layers
+
+VOCAB = 512
+ENC = np.array([[5, 6, 7, 8, 1, 0, 0], [9, 3, 1, 0, 0, 0, 0]], np.int32)
+DEC = np.array([[0, 4, 5, 6], [0, 7, 1, 0]], np.int32)
+
+
+@pytest.fixture(scope="module", params=["t5_tiny", "t5_1_1_tiny"])
+def model_and_params(request):
+    config = get_config(request.param, vocab_size=VOCAB)
+    return config, init_params(config, jax.random.PRNGKey(0))
+
+
+def logits_of(config, params, enc=ENC, dec=DEC, **kw):
+    return np.asarray(T5(config).apply({"params": params}, enc, dec, **kw))
+
+
+def test_published_sizes_and_overrides():
+    small = get_config("t5_1_1_small")
+    assert (small.emb_dim, small.num_heads, small.num_encoder_layers, small.mlp_dim) == (
+        512, 6, 8, 1024)
+    assert small.mlp_activations == ("gelu", "linear") and not small.logits_via_embedding
+    base = get_config("t5_base")
+    assert (base.emb_dim, base.mlp_dim, base.mlp_activations) == (768, 3072, ("relu",))
+    assert base.logits_via_embedding and base.vocab_size == 32128
+    assert get_config("flan_t5_xxl") == get_config("t5_1_1_xxl")
+    assert get_config("t5_tiny", vocab_size=VOCAB).vocab_size == VOCAB
+    with pytest.raises(ValueError, match="t5_1_1_huge"):
+        get_config("t5_1_1_huge")
+    with pytest.raises(ValueError, match="emb_size"):
+        get_config("t5_small", emb_size=3)
+    with pytest.raises(ValueError, match="swish2"):
+        get_config("t5_small", mlp_activations=("swish2",))
+
+
+def test_every_param_has_logical_axes():
+    abstract = abstract_params(get_config("t5_1_1_tiny", vocab_size=VOCAB))
+    leaves = jax.tree_util.tree_leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert len(leaves) > 10
+    known = {"batch", "length", "embed", "mlp", "heads", "kv", "joined_kv", "vocab",
+             "relpos_buckets", "layers"}
+    for leaf in leaves:
+        assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+        assert len(leaf.names) == len(leaf.value.shape) and set(leaf.names) <= known
+    flat = {"/".join(k.key for k in path): leaf for path, leaf in
+            jax.tree_util.tree_flatten_with_path(
+                abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]}
+    assert flat["token_embedder/embedding"].names == ("vocab", "embed")
+    assert flat["decoder/logits_dense/kernel"].names == ("embed", "vocab")
+    assert flat["encoder/layers_0/mlp/wi_0/kernel"].names == ("embed", "mlp")
+    assert flat["encoder/relpos_bias/rel_embedding"].names == ("heads", "relpos_buckets")
+
+
+def test_padding_and_causality(model_and_params):
+    config, params = model_and_params
+    base = logits_of(config, params)
+    assert base.shape == (2, 4, VOCAB) and np.isfinite(base).all()
+    # More encoder padding changes nothing: padded keys are masked.
+    more_pad = np.pad(ENC, ((0, 0), (0, 3)))
+    np.testing.assert_allclose(logits_of(config, params, enc=more_pad), base, atol=1e-5)
+    # A later decoder token never changes earlier positions (causal).
+    changed = DEC.copy()
+    changed[:, 3] = 11
+    np.testing.assert_allclose(logits_of(config, params, dec=changed)[:, :3], base[:, :3],
+                               atol=1e-5)
+    assert not np.allclose(logits_of(config, params, dec=changed)[:, 3], base[:, 3])
+    # A real encoder token does change the output.
+    other = ENC.copy()
+    other[0, 0] = 42
+    assert not np.allclose(logits_of(config, params, enc=other)[0], base[0])
+
+
+def test_dropout_needs_rng_and_varies(model_and_params):
+    config, params = model_and_params
+    base = logits_of(config, params)
+    one = logits_of(config, params, enable_dropout=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    two = logits_of(config, params, enable_dropout=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert not np.allclose(one, base) and not np.allclose(one, two)
+    np.testing.assert_array_equal(logits_of(config, params), base)
+
+
+def test_scan_and_remat_give_identical_outputs_and_grads(model_and_params):
+    config, params = model_and_params
+    base = logits_of(config, params)
+
+    def grads(cfg, p):
+        return jax.grad(lambda q: jnp.sum(T5(cfg).apply({"params": q}, ENC, DEC) ** 2))(p)
+
+    base_grads = grads(config, params)
+    scanned_cfg = config.__class__(**{**config.__dict__, "scan_layers": True,
+                                      "remat_policy": "full"})
+    scanned = stack_layers(params)
+    np.testing.assert_allclose(logits_of(scanned_cfg, scanned), base, atol=1e-5)
+    for remat in ("full", "minimal"):
+        cfg = config.__class__(**{**config.__dict__, "remat_policy": remat})
+        np.testing.assert_allclose(logits_of(cfg, params), base, atol=1e-6)
+    back = unstack_layers(grads(scanned_cfg, scanned))
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(base_grads)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * (1 + np.abs(b).max()))
+
+
+def test_bf16_compute_with_fp32_params(model_and_params):
+    config, params = model_and_params
+    cfg = config.__class__(**{**config.__dict__, "dtype": "bfloat16"})
+    out = T5(cfg).apply({"params": params}, ENC, DEC)
+    assert out.dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+    base = logits_of(config, params)
+    assert np.abs(np.asarray(out, np.float32) - base).max() < 0.1 * np.abs(base).max()
