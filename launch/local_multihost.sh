@@ -30,7 +30,7 @@ EOF
 
 die() { echo "local_multihost.sh: error: $*" >&2; echo "(see --help)" >&2; exit 2; }
 
-NUM_PROCESSES="" DEVICES="" PORT="" LOG_DIR="" MODULE="sbs_jax.train"
+NUM_PROCESSES="" DEVICES="" PORT="" LOG_DIR="" MODULE="${SBS_ENTRY_MODULE:-sbs_jax.train}"
 DRY_RUN="${SBS_DRY_RUN:-0}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
