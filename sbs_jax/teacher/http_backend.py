@@ -1,0 +1,271 @@
+"""Teacher backend for any OpenAI-compatible server (vLLM, TGI, llama.cpp server, hosted APIs).
+
+Talks HTTP directly (httpx2, the client under the `openai` package) because the job needs what
+the `openai` client does not give: retrying 200 responses whose body is not valid JSON, a total
+deadline per request (a server that trickles bytes never trips a read timeout), a Retry-After
+that pauses every caller, and the count of attempts per example for the stats.
+
+Retried: connection errors, timeouts, HTTP 408, 409, 429 and 5xx, malformed bodies; waits grow
+exponentially with jitter and are never shorter than the server's Retry-After (seconds or an HTTP
+date). 401/403/404 mean the job is misconfigured and stop it (`TeacherUnavailable`); other 4xx
+fail only the example. The API key goes into the Authorization header and nowhere else: every
+reason this module produces is passed through `redact`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import httpx2
+
+from sbs_jax.teacher.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+FATAL_STATUS = frozenset({401, 403, 404})
+ENDPOINTS = {"completions": "completions", "chat": "chat/completions"}
+CHAT_INSTRUCTION = (
+    "Continue the pattern of the examples: answer the last question with a step-by-step "
+    "rationale ending in the same answer sentence the examples use. Write nothing else."
+)
+MAX_RETRY_AFTER_S = 600.0
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The teacher's completions for one prompt and what they cost."""
+
+    completions: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+
+
+class TeacherError(Exception):
+    """One example the teacher could not answer; `reason` is safe to record (no secrets)."""
+
+    def __init__(self, reason: str, requests: int = 0, transient: bool = True):
+        super().__init__(reason)
+        self.reason = reason
+        self.requests = requests
+        self.transient = transient
+
+
+class TeacherUnavailable(Exception):
+    """The job cannot go on (bad key, wrong URL or model): every request would fail alike."""
+
+
+def redact(text: str, secret: str | None) -> str:
+    """`text` with every occurrence of `secret` masked."""
+    return text.replace(secret, "***") if secret else text
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (4 characters a token) for budgets when a server reports no usage."""
+    return max(1, len(text) // 4)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+
+
+def _choice_texts(body: object, endpoint: str) -> list[str] | None:
+    """The completion strings of a response body, or None when it is not the expected shape."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        return None
+    texts = []
+    for choice in body["choices"]:
+        if not isinstance(choice, dict):
+            return None
+        text = (choice.get("message") or {}).get("content") if endpoint == "chat" else choice.get(
+            "text")
+        if not isinstance(text, str):
+            return None
+        texts.append(text)
+    return texts or None
+
+
+def _usage(body: dict, prompt: str, texts: list[str]) -> tuple[int, int]:
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    prompt_tokens = usage.get("prompt_tokens")
+    completion_tokens = usage.get("completion_tokens")
+    if not isinstance(prompt_tokens, int):
+        prompt_tokens = estimate_tokens(prompt)
+    if not isinstance(completion_tokens, int):
+        completion_tokens = sum(estimate_tokens(t) for t in texts)
+    return prompt_tokens, completion_tokens
+
+
+class OpenAIBackend:
+    """Async client of an OpenAI-compatible `completions` or `chat/completions` endpoint.
+
+    Use as `async with OpenAIBackend(...) as backend: await backend.generate(prompt, k)`.
+    Concurrency is bounded by the caller (the job's workers) and by the connection pool.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        endpoint: str = "completions",
+        concurrency: int = 16,
+        timeout_s: float = 60.0,
+        max_retries: int = 5,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        stop: list[str] | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        seed: int | None = None,
+    ):
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, got {endpoint!r}")
+        if not base_url:
+            raise ValueError("the openai backend needs --base_url (e.g. http://host:8000/v1)")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.stop = stop
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
+        self._api_key = api_key
+        self._concurrency = concurrency
+        self._random = random.Random(seed)
+        self._client: httpx2.AsyncClient | None = None
+
+    async def __aenter__(self) -> OpenAIBackend:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        self._client = httpx2.AsyncClient(
+            base_url=self.base_url + "/",
+            headers=headers,
+            timeout=httpx2.Timeout(self.timeout_s),
+            limits=httpx2.Limits(
+                max_connections=self._concurrency, max_keepalive_connections=self._concurrency
+            ),
+        )
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _body(self, prompt: str, n: int) -> dict:
+        body = {"model": self.model, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "n": n}
+        if self.stop:
+            body["stop"] = self.stop
+        if self.endpoint == "chat":
+            body["messages"] = [
+                {"role": "system", "content": CHAT_INSTRUCTION},
+                {"role": "user", "content": prompt},
+            ]
+        else:
+            body["prompt"] = prompt
+        return body
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter: uniform in [half, all] of base * 2**attempt, capped."""
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * (2**attempt))
+        return ceiling * (0.5 + 0.5 * self._random.random())
+
+    async def generate(self, prompt: str, num_samples: int = 1,
+                       input_text: str = "") -> Generation:
+        """`num_samples` completions of `prompt` (more requests when a server ignores `n`)."""
+        texts: list[str] = []
+        prompt_tokens = completion_tokens = requests = 0
+        for _ in range(num_samples):
+            if len(texts) >= num_samples:
+                break
+            got, used_prompt, used_completion, attempts = await self._request(
+                prompt, num_samples - len(texts), requests)
+            texts.extend(got)
+            prompt_tokens += used_prompt
+            completion_tokens += used_completion
+            requests += attempts
+        return Generation(texts[:num_samples], prompt_tokens, completion_tokens, requests)
+
+    async def _request(self, prompt: str, n: int, earlier_requests: int):
+        """One logical request with retries: (texts, prompt_tokens, completion_tokens, attempts)."""
+        assert self._client is not None, "use `async with OpenAIBackend(...)`"
+        body = self._body(prompt, n)
+        estimate = estimate_tokens(prompt) + n * self.max_tokens
+        reason = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            await self.limiter.acquire(estimate)
+            retry_after = None
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    response = await self._client.post(ENDPOINTS[self.endpoint], json=body)
+            except TimeoutError:
+                reason = f"timeout after {self.timeout_s:g}s"
+            except httpx2.TransportError as exc:
+                reason = f"connection error ({type(exc).__name__}: {exc})"
+            else:
+                status = response.status_code
+                if status == 200:
+                    try:
+                        payload = json.loads(response.content)
+                    except (ValueError, UnicodeDecodeError):
+                        payload = None
+                    texts = _choice_texts(payload, self.endpoint)
+                    if texts is not None:
+                        used = _usage(payload, prompt, texts)
+                        self.limiter.settle(estimate, sum(used))
+                        return texts, used[0], used[1], attempt + 1
+                    reason = "malformed response body (not the expected JSON)"
+                else:
+                    snippet = redact(response.text[:200], self._api_key)
+                    if status in FATAL_STATUS:
+                        raise TeacherUnavailable(
+                            f"teacher at {self.base_url} answered HTTP {status} "
+                            f"(check the key, URL and --model {self.model!r}): {snippet}")
+                    if status not in RETRYABLE_STATUS and status < 500:
+                        raise TeacherError(f"HTTP {status}: {snippet}",
+                                           earlier_requests + attempt + 1, transient=False)
+                    reason = f"HTTP {status}"
+                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+            reason = redact(reason, self._api_key)
+            self.limiter.settle(estimate, 0)
+            if attempt == self.max_retries:
+                break
+            delay = self._backoff(attempt)
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+                self.limiter.pause_for(retry_after)
+            log.info("teacher request failed (%s); retry %d/%d in %.2fs",
+                     reason, attempt + 1, self.max_retries, delay)
+            await asyncio.sleep(delay)
+        raise TeacherError(f"{reason}; gave up after {self.max_retries + 1} attempts",
+                           earlier_requests + self.max_retries + 1)

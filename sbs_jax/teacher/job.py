@@ -1,0 +1,220 @@
+"""The teacher job's core: prompt every pending example, vote, parse, commit exactly once.
+
+`run_job` drives any backend with `generate(prompt, num_samples, input_text) -> Generation`
+(`http_backend.OpenAIBackend`, `local_backend.LocalBackend`, `rules_backend.RulesBackend`)
+through `concurrency` workers. Results are buffered and committed through `ledger.Ledger` every
+`shard_size` examples or `commit_every_s` seconds, so a crash loses at most one buffer, and a
+re-run with the same arguments asks only what was not committed. It returns the stats that
+`stats.json` holds. The CLI lives in `sbs_jax.teacher.cli`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+
+from sbs_jax.data.parse import ParsedCompletion, parse_completion
+from sbs_jax.data.records import Record
+from sbs_jax.teacher.http_backend import Generation, TeacherError, TeacherUnavailable
+from sbs_jax.teacher.inputs import TeacherInput
+from sbs_jax.teacher.ledger import Batch, Ledger
+from sbs_jax.teacher.prompts import PromptTemplate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    dataset: str
+    split: str
+    output_dir: str
+    teacher: str = ""
+    num_samples: int = 1
+    concurrency: int = 16
+    shard_size: int = 1000
+    commit_every_s: float = 60.0
+    max_consecutive_failures: int = 100
+    prompt_cost_per_1k: float = 0.0
+    completion_cost_per_1k: float = 0.0
+
+
+def vote(dataset: str, completions: list[str]) -> tuple[ParsedCompletion, str] | str:
+    """Majority label over the samples that parse; returns (parsed, its completion) or a reason.
+
+    Ties go to the label seen first; the rationale is that of the first sample with the
+    winning label, so rationale and label always come from one completion.
+    """
+    parsed = [(parse_completion(dataset, text), text) for text in completions]
+    usable = [(p, text) for p, text in parsed if p.ok]
+    if not usable:
+        if any(p.label is not None for p, _ in parsed):
+            return "empty rationale in every completion"
+        return "no parsable label in the completion"
+    counts = collections.Counter(p.label.strip() for p, _ in usable)
+    best = max(counts.values())
+    winner = next(p.label.strip() for p, _ in usable if counts[p.label.strip()] == best)
+    return next((p, text) for p, text in usable if p.label.strip() == winner)
+
+
+def labels_agree(llm_label: str, gold: str) -> bool:
+    """Teacher label equals gold label (stripped, case-insensitive) for the stats report."""
+    return llm_label.strip().lower() == gold.strip().lower()
+
+
+class _Run:
+    """One invocation: the worker pool, the commit buffer and this run's counters."""
+
+    def __init__(self, examples: list[TeacherInput], backend, prompt: PromptTemplate,
+                 ledger: Ledger, options: JobOptions):
+        self.backend = backend
+        self.prompt = prompt
+        self.ledger = ledger
+        self.options = options
+        self.pending = collections.deque(e for e in examples if not ledger.is_done(e.id))
+        self.buffer = Batch()
+        self.last_commit = time.monotonic()
+        self.consecutive_failures = 0
+        self.done_this_run = 0
+        self.requests_this_run = 0
+        self.abort_reason: str | None = None
+
+    def _result(self, example: TeacherInput, generation: Generation) -> None:
+        counters = self.buffer.counters
+        counters["prompt_tokens"] += generation.prompt_tokens
+        counters["completion_tokens"] += generation.completion_tokens
+        counters["requests"] += generation.requests
+        self.requests_this_run += generation.requests
+        outcome = vote(self.options.dataset, generation.completions)
+        if isinstance(outcome, str):
+            self.buffer.failures.append({
+                "id": example.id, "reason": outcome, "kind": "parse", "final": True,
+                "completion": generation.completions[0][:500] if generation.completions else ""})
+            return
+        parsed, completion = outcome
+        label = parsed.label.strip()
+        if example.label:
+            counters["gold_known"] += 1
+            counters["gold_agree"] += int(labels_agree(label, example.label))
+        self.buffer.records.append(Record(
+            id=example.id, input=example.input, label=example.label, llm_label=label,
+            rationale=parsed.rationale.strip(), source=f"{self.options.dataset}/"
+            f"{self.options.split}", teacher=self.options.teacher, raw_completion=completion))
+
+    def _failure(self, example: TeacherInput, error: TeacherError) -> None:
+        self.buffer.counters["requests"] += error.requests
+        self.requests_this_run += error.requests
+        self.buffer.failures.append({"id": example.id, "reason": error.reason,
+                                     "kind": "teacher", "final": not error.transient})
+
+    def _maybe_commit(self, force: bool = False) -> None:
+        due = len(self.buffer) >= self.options.shard_size or (
+            time.monotonic() - self.last_commit >= self.options.commit_every_s)
+        if len(self.buffer) and (force or due):
+            self.ledger.commit(self.buffer)
+            self.buffer = Batch()
+            self.last_commit = time.monotonic()
+
+    async def _worker(self) -> None:
+        while self.pending and self.abort_reason is None:
+            example = self.pending.popleft()
+            text = self.prompt.render(example.prompt_fields(self.options.dataset))
+            try:
+                generation = await self.backend.generate(text, self.options.num_samples,
+                                                         example.input)
+            except TeacherUnavailable as exc:
+                self.pending.appendleft(example)
+                self.abort_reason = str(exc)
+                return
+            except TeacherError as exc:
+                self._failure(example, exc)
+                self.consecutive_failures += exc.transient
+                if self.consecutive_failures >= self.options.max_consecutive_failures:
+                    self.abort_reason = (
+                        f"{self.consecutive_failures} examples in a row failed; the teacher "
+                        f"looks unavailable (last: {exc.reason})")
+            else:
+                self._result(example, generation)
+                self.consecutive_failures = 0
+            self.done_this_run += 1
+            self._maybe_commit()
+
+    async def run(self) -> None:
+        workers = [asyncio.create_task(self._worker())
+                   for _ in range(max(1, min(self.options.concurrency, len(self.pending))))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            self._maybe_commit(force=True)
+
+
+def job_stats(examples: list[TeacherInput], ledger: Ledger, options: JobOptions,
+              elapsed_s: float, done_this_run: int, requests_this_run: int,
+              abort_reason: str | None) -> dict:
+    """The stats report: counts over every run, throughput of this one, cost estimate."""
+    ids = [e.id for e in examples]
+    with_record = sum(1 for i in ids if i in ledger.record_ids)
+    failures = [{"id": i, "reason": ledger.failures[i]["reason"]} for i in ids
+                if i not in ledger.record_ids and i in ledger.failures]
+    pending = len(ids) - with_record - len(failures)
+    totals = ledger.totals
+    parse_failures = sum(1 for f in failures if ledger.failures[f["id"]]["kind"] == "parse")
+    cost = (totals["prompt_tokens"] * options.prompt_cost_per_1k
+            + totals["completion_tokens"] * options.completion_cost_per_1k) / 1000
+    return {
+        "dataset": options.dataset,
+        "split": options.split,
+        "teacher": options.teacher,
+        "finished": abort_reason is None and pending == 0,
+        "aborted": abort_reason,
+        "examples": len(ids),
+        "records": with_record,
+        "failed": len(failures),
+        "not_attempted": pending,
+        "parse_failures": parse_failures,
+        "agreement_with_gold": {
+            "examples_with_gold": totals["gold_known"],
+            "agree": totals["gold_agree"],
+            "rate": totals["gold_agree"] / totals["gold_known"] if totals["gold_known"] else None,
+        },
+        "prompt_tokens": totals["prompt_tokens"],
+        "completion_tokens": totals["completion_tokens"],
+        "requests": totals["requests"],
+        "estimated_cost_usd": round(cost, 6),
+        "this_run": {
+            "elapsed_s": round(elapsed_s, 3),
+            "examples": done_this_run,
+            "examples_per_s": round(done_this_run / elapsed_s, 3) if elapsed_s > 0 else None,
+            "requests_per_s": round(requests_this_run / elapsed_s, 3) if elapsed_s > 0 else None,
+        },
+        "failures": failures,
+    }
+
+
+async def run_job(examples: list[TeacherInput], backend, prompt: PromptTemplate,
+                  options: JobOptions, settings: dict) -> dict:
+    """Runs (or resumes) the job; writes and returns the stats. `settings` must match on resume.
+
+    Raises `TeacherUnavailable` after committing what was done and writing the stats when the
+    teacher cannot be reached or refuses the job.
+    """
+    start = time.monotonic()
+    ledger = Ledger(options.output_dir, options.split, settings)
+    try:
+        run = _Run(examples, backend, prompt, ledger, options)
+        log.info("%d of %d examples to ask (%d already done)", len(run.pending),
+                 len(examples), len(examples) - len(run.pending))
+        async with backend:
+            await run.run()
+        stats = job_stats(examples, ledger, options, time.monotonic() - start,
+                          run.done_this_run, run.requests_this_run, run.abort_reason)
+        ledger.write_stats(stats)
+    finally:
+        ledger.close()
+    if run.abort_reason is not None:
+        raise TeacherUnavailable(run.abort_reason)
+    return stats

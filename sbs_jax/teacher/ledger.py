@@ -1,0 +1,168 @@
+"""Exactly-once bookkeeping of a teacher job's output folder.
+
+The folder holds committed shards `{split}-{k:05d}.tfrecord` (via `sbs_jax.data.records`) and,
+for every commit, a ledger `{split}-{k:05d}.ledger.json`: the ids in the shard, the examples that
+ended without a record (with the reason) and what the batch cost. A commit writes the ledger
+(`.tmp`, rename) and then the shard (`.tmp`, rename): the shard's rename is the commit point.
+After a crash (even SIGKILL) at any moment a restart finds either
+
+- a ledger whose shard exists, or one that lists no records: committed, its ids are done;
+- a ledger that lists records but has no shard: not committed, removed, its ids asked again;
+- `.tmp` files: half-written, removed.
+
+So every example ends in exactly one committed shard, and only what was never committed is asked
+again. Failures from retries running out are asked again on a re-run; a completion with no
+parsable label or a request the server rejected is final (re-asking would not help).
+A lock file keeps two jobs from writing one folder at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from sbs_jax.data import records
+
+_LEDGER_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})\.ledger\.json$")
+STATS_FILE = "stats.json"
+LOCK_FILE = ".teacher.lock"
+COUNTERS = ("prompt_tokens", "completion_tokens", "requests", "gold_known", "gold_agree")
+
+
+@dataclass
+class Batch:
+    """The results of one commit: records plus failures and their costs."""
+
+    records: list[records.Record] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)  # {"id", "reason", "kind", "final"}
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+
+    def __len__(self) -> int:
+        return len(self.records) + len(self.failures)
+
+
+def _write_json_atomically(path: str, payload: dict) -> None:
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+class Ledger:
+    """The committed state of one split in an output folder; `commit` adds a batch."""
+
+    def __init__(self, output_dir: str, split: str, settings: dict):
+        self.output_dir = output_dir
+        self.split = split
+        os.makedirs(output_dir, exist_ok=True)
+        self._lock_file = open(os.path.join(output_dir, LOCK_FILE), "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise RuntimeError(f"another teacher job is writing to {output_dir}") from None
+        self._check_settings(settings)
+        self.record_ids: set[str] = set()
+        self.failures: dict[str, dict] = {}
+        self.totals = dict.fromkeys(COUNTERS, 0)
+        self.next_index = 0
+        self._recover()
+
+    def close(self) -> None:
+        self._lock_file.close()
+
+    def _check_settings(self, settings: dict) -> None:
+        """Refuses to resume into a folder written with different settings (mixed data)."""
+        path = os.path.join(self.output_dir, f"job-{self.split}.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                previous = json.load(f)
+            changed = {key: (previous.get(key), value) for key, value in settings.items()
+                       if previous.get(key) != value}
+            if changed:
+                details = "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items())
+                raise ValueError(f"{self.output_dir} holds a teacher job with other settings "
+                                 f"({details}): use another --output_dir")
+        else:
+            _write_json_atomically(path, settings)
+
+    def _recover(self) -> None:
+        names = os.listdir(self.output_dir)
+        for name in names:
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(self.output_dir, name))
+        shards = {os.path.basename(p) for p in records.shard_paths(self.output_dir, self.split)}
+        indices = [int(name.split("-")[-1].split(".")[0]) for name in shards]
+        ledgered = set()
+        for name in sorted(names):
+            match = _LEDGER_RE.match(name)
+            if not match or match.group("split") != self.split:
+                continue
+            index = int(match.group("index"))
+            path = os.path.join(self.output_dir, name)
+            with open(path, encoding="utf-8") as f:
+                entry = json.load(f)
+            shard = records.shard_name(self.split, index)
+            if entry["record_ids"] and shard not in shards:
+                os.remove(path)  # the shard never got committed: its examples are asked again
+                continue
+            ledgered.add(shard)
+            indices.append(index)
+            self._add(entry["record_ids"], entry["failures"], entry["counters"])
+        for shard in sorted(shards - ledgered):  # shards written by someone else: still done
+            ids = [r.id for r in records.read_shard(os.path.join(self.output_dir, shard))]
+            self._add(ids, [], {})
+        self.next_index = max(indices, default=-1) + 1
+
+    def _add(self, record_ids: list[str], failures: list[dict], counters: dict) -> None:
+        duplicates = self.record_ids.intersection(record_ids)
+        if duplicates:
+            raise RuntimeError(f"{self.output_dir}: ids committed twice, e.g. "
+                               f"{sorted(duplicates)[:3]}; the folder was edited by hand?")
+        self.record_ids.update(record_ids)
+        for failure in failures:
+            self.failures[failure["id"]] = failure
+        for record_id in record_ids:
+            self.failures.pop(record_id, None)
+        for key in COUNTERS:
+            self.totals[key] += counters.get(key, 0)
+
+    def is_done(self, example_id: str) -> bool:
+        """True when the id has a record or failed for good."""
+        failure = self.failures.get(example_id)
+        return example_id in self.record_ids or (failure is not None and failure["final"])
+
+    def commit(self, batch: Batch) -> None:
+        """Commits a batch atomically: ledger first, then the shard (the commit point)."""
+        if not len(batch):
+            return
+        index = self.next_index
+        entry = {
+            "shard": records.shard_name(self.split, index) if batch.records else None,
+            "record_ids": [r.id for r in batch.records],
+            "failures": batch.failures,
+            "counters": batch.counters,
+        }
+        name = f"{self.split}-{index:05d}.ledger.json"
+        _write_json_atomically(os.path.join(self.output_dir, name), entry)
+        if batch.records:
+            records.write_shard(batch.records, self.output_dir, self.split, index)
+        self.next_index = index + 1
+        self._add(entry["record_ids"], batch.failures, batch.counters)
+
+    def write_stats(self, stats: dict) -> str:
+        """`stats.json`: this split's stats at the top level; every split's summary (without
+        the failure list, which its own run reported) under "splits"."""
+        path = os.path.join(self.output_dir, STATS_FILE)
+        splits = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                splits = json.load(f).get("splits", {})
+        splits[self.split] = {k: v for k, v in stats.items() if k not in ("splits", "failures")}
+        _write_json_atomically(path, {**stats, "splits": splits})
+        return path

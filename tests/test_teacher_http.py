@@ -1,0 +1,144 @@
+"""The OpenAI-compatible backend against a real fake server: retries, Retry-After, timeouts,
+malformed bodies, refusals, sampling top-ups, the chat endpoint, and the rate limiter."""
+
+import asyncio
+import email.utils
+import time
+
+import pytest
+from fake_teacher import FakeTeacher
+
+from sbs_jax.teacher.http_backend import (
+    OpenAIBackend,
+    TeacherError,
+    TeacherUnavailable,
+    parse_retry_after,
+)
+from sbs_jax.teacher.ratelimit import RateLimiter, TokenBucket
+
+KEY = "sk-test-SECRET-0123456789"
+
+
+def _generate(teacher, prompt, num_samples=1, **kwargs):
+    options = dict(api_key=KEY, timeout_s=0.5, max_retries=3, backoff_base_s=0.01,
+                   backoff_max_s=0.05, seed=0)
+    options.update(kwargs)
+
+    async def go():
+        async with OpenAIBackend(teacher.base_url, "fake-model", **options) as backend:
+            return await backend.generate(prompt, num_samples)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("faults,requests", [
+    (["500", "503"], 3),
+    (["hang"], 2),
+    (["malformed"], 2),
+])
+def test_transient_faults_are_retried_until_an_answer(faults, requests):
+    with FakeTeacher(faults={"X": faults}) as teacher:
+        generation = _generate(teacher, "question X")
+        assert generation.completions == ["The teacher thought about it. So the answer is 42."]
+        assert generation.requests == requests
+        assert teacher.requests_by_marker["X"] == requests
+        assert set(teacher.auth_headers) == {f"Bearer {KEY}"}
+
+
+def test_retry_after_seconds_is_honoured():
+    with FakeTeacher(faults={"X": ["429"]}, retry_after_s=1) as teacher:
+        start = time.monotonic()
+        generation = _generate(teacher, "question X")
+        assert time.monotonic() - start >= 1.0  # backoff alone would be ~0.01 s
+        assert generation.requests == 2 and teacher.requests == 2
+
+
+def test_retry_after_http_date_is_honoured():
+    with FakeTeacher(faults={"X": ["429-date"]}, retry_after_s=2) as teacher:
+        start = time.monotonic()
+        _generate(teacher, "question X")
+        # The date has one-second resolution: the wait is between 1 and 2 s.
+        assert time.monotonic() - start >= 0.9
+        assert teacher.requests == 2
+
+
+def test_parse_retry_after():
+    now = time.time()
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == \
+        pytest.approx(30, abs=1)
+    assert parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def test_retries_run_out_with_a_reason_and_a_count():
+    with FakeTeacher(faults={"X": ["500"] * 10}) as teacher:
+        with pytest.raises(TeacherError) as info:
+            _generate(teacher, "question X", max_retries=2)
+        assert info.value.transient and info.value.requests == 3
+        assert "HTTP 500" in info.value.reason and "3 attempts" in info.value.reason
+        assert teacher.requests == 3
+
+
+def test_timeouts_run_out():
+    with FakeTeacher(faults={"X": ["hang"] * 5}, hang_s=2) as teacher:
+        start = time.monotonic()
+        with pytest.raises(TeacherError, match="timeout after 0.2s"):
+            _generate(teacher, "question X", max_retries=1, timeout_s=0.2)
+        assert time.monotonic() - start < 1.5
+        assert teacher.requests == 2
+
+
+def test_refused_key_stops_the_job_without_leaking_it():
+    with FakeTeacher(faults={"X": ["401"]}) as teacher:
+        with pytest.raises(TeacherUnavailable) as info:
+            _generate(teacher, "question X")
+        assert "401" in str(info.value) and KEY not in str(info.value)
+        assert teacher.requests == 1
+
+
+def test_server_ignoring_n_gets_topped_up():
+    with FakeTeacher(max_samples_per_request=1) as teacher:
+        generation = _generate(teacher, "question", num_samples=3)
+        assert len(generation.completions) == 3 and generation.requests == 3
+
+
+def test_chat_endpoint_and_usage():
+    with FakeTeacher(max_samples_per_request=None) as teacher:
+        generation = _generate(teacher, "one two three", num_samples=2, endpoint="chat")
+        assert len(generation.completions) == 2
+        assert generation.prompt_tokens == 3  # what the server reported
+        assert generation.requests == 1
+
+
+def test_token_bucket_refills_at_its_rate():
+    now = [0.0]
+    bucket = TokenBucket(60, clock=lambda: now[0])  # one unit a second, burst of 60
+    bucket.take(60)
+    assert bucket.wait_time(1) == pytest.approx(1.0)
+    now[0] = 30.0
+    assert bucket.wait_time(30) == 0.0 and bucket.wait_time(31) == pytest.approx(1.0)
+    assert TokenBucket(None).wait_time(10**9) == 0.0
+
+
+def test_rate_limiter_spaces_requests():
+    async def go():
+        limiter = RateLimiter(requests_per_minute=600)  # burst 600, then 10 a second
+        limiter.requests.take(600)  # burst used up
+        start = time.monotonic()
+        for _ in range(3):
+            await limiter.acquire(1)
+        return time.monotonic() - start
+
+    assert asyncio.run(go()) >= 0.25
+
+
+def test_rate_limiter_pause_holds_everyone():
+    async def go():
+        limiter = RateLimiter()
+        limiter.pause_for(0.3)
+        start = time.monotonic()
+        await asyncio.gather(limiter.acquire(1), limiter.acquire(1))
+        return time.monotonic() - start
+
+    assert asyncio.run(go()) >= 0.29
