@@ -293,6 +293,58 @@ def initialize_from_env(
     return spec
 
 
+def batch_shard_layout(
+    process_grid: "np.ndarray", process_index: int, batch_axes: Sequence[int] = (0, 1)
+) -> tuple[int, int]:
+    """Which block of the global batch a process feeds: (shard_index, num_shards).
+
+    `process_grid` holds each mesh device's process index, shaped like the mesh; the batch is
+    split over `batch_axes` (data, fsdp). Processes whose devices hold the same batch rows (a
+    model axis spanning hosts) get the same shard and must read the same examples. Raises when
+    some process's rows are not one aligned block shared with no other, which per-process data
+    loading cannot feed.
+    """
+    import numpy as np
+
+    grid = np.asarray(process_grid)
+    other_axes = [axis for axis in range(grid.ndim) if axis not in batch_axes]
+    rows = np.transpose(grid, list(batch_axes) + other_axes).reshape(
+        int(np.prod([grid.shape[a] for a in batch_axes])), -1
+    )
+    total = rows.shape[0]
+    blocks = {}
+    for process in np.unique(rows):
+        held = [row for row in range(total) if (rows[row] == process).any()]
+        size = len(held)
+        if held != list(range(held[0], held[0] + size)) or held[0] % size or total % size:
+            raise DistributedSetupError(
+                f"process {process} holds batch rows {held} of {total}: not one aligned block; "
+                "lay the mesh out so each process's devices sit together on the batch axes"
+            )
+        blocks[int(process)] = (held[0], size)
+    for process, (first, size) in blocks.items():
+        for other, (other_first, other_size) in blocks.items():
+            overlap = first < other_first + other_size and other_first < first + size
+            if overlap and (first, size) != (other_first, other_size):
+                raise DistributedSetupError(
+                    f"processes {process} and {other} hold overlapping but different batch rows"
+                )
+    if process_index not in blocks:
+        raise DistributedSetupError(f"process {process_index} holds no device of the mesh")
+    first, size = blocks[process_index]
+    return first // size, total // size
+
+
+def process_batch_shard(mesh: "jax.sharding.Mesh") -> tuple[int, int]:
+    """(shard_index, num_shards) of the global batch that this process reads, for a
+    (data, fsdp, model) mesh with the batch split over data and fsdp."""
+    import jax
+    import numpy as np
+
+    grid = np.vectorize(lambda device: device.process_index, otypes=[int])(mesh.devices)
+    return batch_shard_layout(grid, jax.process_index(), batch_axes=(0, 1))
+
+
 def _cross_process_sum() -> tuple[float, float]:
     """Each device contributes (its process index + 1); returns (sum over all devices, expected)."""
     import jax

@@ -17,9 +17,12 @@ import time
 
 import pytest
 
+import numpy as np
+
 from sbs_jax.distributed import (
-    DistributedSetupError,
     ClusterSpec,
+    DistributedSetupError,
+    batch_shard_layout,
     first_slurm_host,
     resolve_cluster,
 )
@@ -106,6 +109,36 @@ def test_first_slurm_host(nodelist, host):
 def test_inconsistent_settings_fail_clearly(env, message):
     with pytest.raises(DistributedSetupError, match=message):
         resolve_cluster(environ=env, tpu_vm=False)
+
+
+def _grid(num_processes: int, mesh_shape: tuple[int, int, int]) -> np.ndarray:
+    """Process index of each mesh device, devices in jax.devices() order (process 0 first)."""
+    per_process = int(np.prod(mesh_shape)) // num_processes
+    return np.repeat(np.arange(num_processes), per_process).reshape(mesh_shape)
+
+
+@pytest.mark.parametrize(
+    "num_processes, mesh_shape, layouts",
+    [
+        (2, (8, 1, 1), [(0, 2), (1, 2)]),
+        (2, (2, 2, 2), [(0, 2), (1, 2)]),
+        (4, (2, 4, 1), [(0, 4), (1, 4), (2, 4), (3, 4)]),
+        # model axis spanning processes: both halves of a model replica read the same rows
+        (4, (2, 1, 4), [(0, 2), (0, 2), (1, 2), (1, 2)]),
+        (2, (1, 1, 8), [(0, 1), (0, 1)]),
+    ],
+)
+def test_batch_shard_layout(num_processes, mesh_shape, layouts):
+    grid = _grid(num_processes, mesh_shape)
+    assert [batch_shard_layout(grid, p) for p in range(num_processes)] == layouts
+
+
+def test_batch_shard_layout_rejects_interleaved_processes():
+    with pytest.raises(DistributedSetupError, match=r"process 0 holds batch rows \[0, 2\]"):
+        batch_shard_layout(np.array([0, 1, 0, 1]).reshape(4, 1, 1), 0)
+    overlapping = np.array([0, 0, 0, 1, 1, 1, 1, 1]).reshape(4, 1, 2)
+    with pytest.raises(DistributedSetupError, match="not one aligned block|overlapping"):
+        batch_shard_layout(overlapping, 1)
 
 
 # --- real processes ----------------------------------------------------------------------------
