@@ -1,0 +1,288 @@
+"""The pure, sharded train step of distilling step-by-step (and the standard modes).
+
+One jitted step does both views of the same examples: forward the label batch and the
+rationale batch, `alpha * mean(label) + (1 - alpha) * mean(rationale)` with each mean over its
+own real target tokens, gradients, optimizer update. Gradient accumulation splits the batch into
+micro-batches, counts each task's target tokens over the whole batch first and sums
+`token_loss_sum / whole_batch_tokens` gradients over micro-batches, so it equals the big step.
+
+Randomness is `fold_in(PRNGKey(seed), step)`: a resumed run draws the same dropout masks as an
+uninterrupted one. State buffers are donated; parameters, optimizer state and batches have
+explicit shardings on the (data, fsdp, model) mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sbs_jax import losses, models, partitioning
+
+Batch = Mapping[str, Any]
+VIEWS = ("label", "rationale")
+BATCH_KEYS = (
+    "encoder_input_tokens",
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "decoder_loss_weights",
+)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (the data-iterator state lives beside it)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What the step computes besides the model: the objective and its numerics."""
+
+    alpha: float = 0.5
+    num_microbatches: int = 1
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    seed: int = 0
+
+
+class Partitioner:
+    """The mesh, logical axis rules and shardings of a model's params and optimizer state."""
+
+    def __init__(self, mesh: Mesh, rules: tuple, config: models.T5Config):
+        self.mesh = mesh
+        self.rules = rules
+        boxed = models.abstract_params(config)
+        self.params_shardings = partitioning.params_shardings(boxed, mesh, rules)
+        self.abstract_params = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            partitioning.unbox(boxed),
+            self.params_shardings,
+        )
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.batch_sharding = partitioning.batch_sharding(mesh)
+
+    @property
+    def num_data_shards(self) -> int:
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def opt_state_shardings(self, tx: optax.GradientTransformation) -> Any:
+        """Moments shaped like a parameter share its sharding; the rest (counts, factored
+        Adafactor rows/columns) is replicated."""
+        abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
+
+        def pick(leaf, param):
+            if getattr(leaf, "shape", None) == param.shape:
+                return param.sharding
+            return self.replicated
+
+        return optax.tree_map_params(
+            tx,
+            pick,
+            abstract_opt,
+            self.abstract_params,
+            transform_non_params=lambda _: self.replicated,
+        )
+
+    def state_shardings(self, tx: optax.GradientTransformation) -> TrainState:
+        return TrainState(
+            step=self.replicated,
+            params=self.params_shardings,
+            opt_state=self.opt_state_shardings(tx),
+        )
+
+    def context(self) -> contextlib.ExitStack:
+        """Mesh + logical rules, active while tracing so activation constraints resolve."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, num_microbatches: int, num_processes: int) -> None:
+    """Raises a ValueError naming BATCH_SIZE when it cannot be split as configured."""
+    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for what, divisor in (
+        (f"the data axes of MESH_SHAPE (data x fsdp = {data_shards})", data_shards),
+        (f"the number of processes ({num_processes})", num_processes),
+        (f"num_microbatches ({num_microbatches})", num_microbatches),
+        (f"num_microbatches x data shards ({num_microbatches * data_shards})",
+         num_microbatches * data_shards),
+    ):
+        if batch_size <= 0 or batch_size % divisor:
+            raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by {what}")
+
+
+def global_batch(local: Batch, sharding: NamedSharding, num_processes: int) -> dict:
+    """Global arrays from this process's rows (`jax.make_array_from_process_local_data`)."""
+    out = {}
+    for key in BATCH_KEYS:
+        rows = np.asarray(local[key])
+        shape = (rows.shape[0] * num_processes, *rows.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(sharding, rows, shape)
+    return out
+
+
+def _split_microbatches(batch: Batch, num_microbatches: int, sharding) -> dict:
+    """[B, L] -> [M, B/M, L], row r in micro-batch r % M so each device's rows stay local."""
+
+    def split(x):
+        y = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
+        y = jnp.swapaxes(y, 0, 1)
+        spec = PartitionSpec(None, *sharding.spec)
+        return jax.lax.with_sharding_constraint(y, NamedSharding(sharding.mesh, spec))
+
+    return {k: split(batch[k]) for k in BATCH_KEYS}
+
+
+def _forward_sums(model, params, batch, rng, options: StepOptions, train: bool):
+    logits = model.apply(
+        {"params": params},
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        enable_dropout=train,
+        rngs={"dropout": rng} if train else None,
+    )
+    return losses.token_loss_sums(logits, batch, options.label_smoothing, options.z_loss)
+
+
+def loss_and_grads(
+    model: nn.Module, params: Any, batches: Mapping[str, Batch], rng: jax.Array,
+    options: StepOptions, batch_sharding: NamedSharding,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradients of the sbs objective over all micro-batches, and its logged parts."""
+    views = [v for v in VIEWS if batches.get(v) is not None]
+    weights = {"label": options.alpha, "rationale": 1.0 - options.alpha}
+    if views == ["label"]:
+        weights["label"] = 1.0
+    totals = {v: jnp.sum(batches[v]["decoder_loss_weights"].astype(jnp.float32)) for v in views}
+    micro = {v: _split_microbatches(batches[v], options.num_microbatches, batch_sharding)
+             for v in views}
+
+    def objective(p, mb_index):
+        sums = {}
+        scaled = 0.0
+        for i, view in enumerate(views):
+            batch = {k: micro[view][k][mb_index] for k in BATCH_KEYS}
+            key = jax.random.fold_in(jax.random.fold_in(rng, i), mb_index)
+            sums[view] = _forward_sums(model, p, batch, key, options, train=True)
+            scaled = scaled + weights[view] * sums[view].loss / jnp.maximum(totals[view], 1.0)
+        return scaled, sums
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def body(carry, mb_index):
+        grads, sums = carry
+        (_, mb_sums), mb_grads = grad_fn(params, mb_index)
+        grads = jax.tree.map(jnp.add, grads, mb_grads)
+        sums = {v: sums[v] + mb_sums[v] for v in views}
+        return (grads, sums), None
+
+    zero_sums = {v: losses.TokenLossSums(*(jnp.zeros((), jnp.float32),) * 3) for v in views}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    (grads, sums), _ = jax.lax.scan(
+        body, (zero_grads, zero_sums), jnp.arange(options.num_microbatches)
+    )
+    total, parts = losses.combine(sums["label"], sums.get("rationale"), options.alpha)
+    metrics = {"loss": total, **parts}
+    for view in views:
+        metrics[f"{view}_tokens"] = sums[view].num_tokens
+        if options.z_loss:
+            metrics[f"{view}_z_loss"] = sums[view].z_loss / jnp.maximum(totals[view], 1.0)
+    return grads, metrics
+
+
+def train_step(
+    state: TrainState, batches: Mapping[str, Batch], *, model: nn.Module,
+    tx: optax.GradientTransformation, schedule: optax.Schedule, options: StepOptions,
+    batch_sharding: NamedSharding,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the paired batches (pure; jit it with `make_train_step`)."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(options.seed), state.step)
+    grads, metrics = loss_and_grads(model, state.params, batches, rng, options, batch_sharding)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = schedule(state.step)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(
+    partitioner: Partitioner, model: nn.Module, tx: optax.GradientTransformation,
+    schedule: optax.Schedule, options: StepOptions,
+) -> Callable[[TrainState, Mapping[str, Batch]], tuple[TrainState, dict]]:
+    """The jitted step with explicit shardings; the incoming state's buffers are donated."""
+    step = functools.partial(
+        train_step, model=model, tx=tx, schedule=schedule, options=options,
+        batch_sharding=partitioner.batch_sharding,
+    )
+    jitted = jax.jit(
+        step,
+        in_shardings=(partitioner.state_shardings(tx), partitioner.batch_sharding),
+        out_shardings=(partitioner.state_shardings(tx), partitioner.replicated),
+        donate_argnums=(0,),
+    )
+
+    def run(state, batches):
+        with partitioner.context():
+            return jitted(state, batches)
+
+    return run
+
+
+def init_state(
+    partitioner: Partitioner, config: models.T5Config, tx: optax.GradientTransformation,
+    seed: int, params: Any | None = None,
+) -> TrainState:
+    """A fresh state on the mesh: random params from `seed`, or the given (host) params."""
+    shardings = partitioner.state_shardings(tx)
+
+    def make(rng, given):
+        p = given if given is not None else models.init_params(config, rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+
+    with partitioner.context():
+        if params is None:
+            return jax.jit(lambda r: make(r, None), out_shardings=shardings)(
+                jax.random.PRNGKey(seed)
+            )
+        params = jax.device_put(params, partitioner.params_shardings)
+        return jax.jit(lambda p: make(None, p), out_shardings=shardings)(params)
+
+
+def make_eval_loss(
+    partitioner: Partitioner, model: nn.Module, options: StepOptions
+) -> Callable[[Any, Mapping[str, Batch]], dict[str, jax.Array]]:
+    """Jitted teacher-forced validation losses (no dropout) of paired batches, as token sums."""
+
+    def eval_sums(params, batches):
+        out = {}
+        for view in VIEWS:
+            if batches.get(view) is not None:
+                sums = _forward_sums(model, params, batches[view], None, options, train=False)
+                out[f"{view}_loss_sum"], out[f"{view}_tokens"] = sums.loss, sums.num_tokens
+        return out
+
+    jitted = jax.jit(
+        eval_sums,
+        in_shardings=(partitioner.params_shardings, partitioner.batch_sharding),
+        out_shardings=partitioner.replicated,
+    )
+
+    def run(params, batches):
+        with partitioner.context():
+            return jitted(params, batches)
+
+    return run
