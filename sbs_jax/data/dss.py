@@ -7,9 +7,24 @@ Input formatting follows the reference method:
 - cqa: the question, a newline, "Answer Choices:", then one line per choice "(a) ..." .. "(e) ...".
 - svamp: the `input` field (Body + "\\n" + Question) as released.
 Labels: NLI label names; cqa the answer text; svamp the equation string such as `( 84.0 / 2.0 )`.
+Gold labels must lie in the label space (NLI 0/1/2, a cqa choice, an arithmetic expression);
+teacher labels are kept as parsed (the reference does not normalise them).
+Record ids: `esnli-{split}-{row}`, `anli1-{uid}`, `cqa-{id}`, `svamp-{split}-{row}`.
 """
 
 from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sbs_jax.data.parse import parse_completion
+from sbs_jax.data.records import Record
+from sbs_jax.metrics import safe_arithmetic
 
 NLI_SEPARATOR = "</s>"
 NLI_LABELS = ("entailment", "neutral", "contradiction")
@@ -33,3 +48,193 @@ def format_cqa_input(question: str, choices: list[str]) -> str:
     lines = [question, "Answer Choices:"]
     lines += [f"({chr(ord('a') + i)}) {choice}" for i, choice in enumerate(choices)]
     return "\n".join(lines)
+
+
+DSS_DATASETS = ("esnli", "anli1", "cqa", "svamp")
+# Splits each dataset ships as files; cqa and svamp have no valid file (see `carve_valid`).
+RELEASED_SPLITS = {"esnli": ("train", "valid", "test"), "anli1": ("train", "valid", "test"),
+                   "cqa": ("train", "test"), "svamp": ("train", "test")}
+VALID_FRACTION, VALID_SEED = 0.1, 0
+TEACHER_NAME = "PaLM-540B (released completions)"
+
+MISSING_TRAIN_HELP = {
+    "esnli": "the public e-SNLI train split (549,367 rows, original order; e.g. the `esnli` "
+             "dataset's train split) as JSON Lines with keys premise, hypothesis, label "
+             "(0 entailment, 1 neutral, 2 contradiction)",
+    "anli1": "the public ANLI round-1 train split `train_r1` (16,946 rows, original order) as "
+             "JSON Lines with keys uid, premise, hypothesis, label (0 entailment, 1 neutral, "
+             "2 contradiction)",
+}
+
+
+class DataError(ValueError):
+    """A bad input record; the message names the file and line."""
+
+
+@dataclass
+class SplitData:
+    """One released split: records (teacher fields filled when completions exist) + counts."""
+
+    dataset: str
+    split: str
+    records: list[Record]
+    has_completions: bool
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def parse_failures(self) -> int:
+        """Completions from which no label could be parsed."""
+        return sum(1 for r in self.records if r.raw_completion and not r.llm_label)
+
+    @property
+    def empty_rationales(self) -> int:
+        return sum(1 for r in self.records if r.raw_completion and not r.rationale.strip())
+
+
+def gold_path(root: str, dataset: str, split: str) -> str:
+    return os.path.join(root, dataset, f"{dataset}_{split}.json")
+
+
+def completion_paths(root: str, dataset: str, split: str) -> list[str]:
+    """`{split}_CoT_{i}.json` files in index order (numeric: 10 after 9)."""
+    directory = os.path.join(root, dataset, "llm")
+    if not os.path.isdir(directory):
+        return []
+    pattern = re.compile(rf"^{split}_CoT_(\d+)\.json$")
+    found = [(int(m.group(1)), name) for name in os.listdir(directory)
+             if (m := pattern.match(name))]
+    return [os.path.join(directory, name) for _, name in sorted(found)]
+
+
+def read_completions(root: str, dataset: str, split: str) -> list[str] | None:
+    """The teacher completions of a split, concatenated in file order; None when absent."""
+    paths = completion_paths(root, dataset, split)
+    if not paths:
+        return None
+    completions: list[str] = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                items = json.load(f)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
+            raise DataError(f"{path}: expected one JSON array of completion strings")
+        completions.extend(items)
+    return completions
+
+
+def missing_train_message(root: str, dataset: str) -> str:
+    return (f"{dataset} train inputs are not in the released data: place "
+            f"{MISSING_TRAIN_HELP[dataset]} at {gold_path(root, dataset, 'train')}. "
+            "The released teacher completions are aligned with it by row.")
+
+
+def _require(row: dict, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {missing}")
+
+
+def _nli_record(dataset: str, split: str, row: dict, index: int, where: str) -> Record:
+    _require(row, ("premise", "hypothesis", "label"), where)
+    premise, hypothesis = str(row["premise"]), str(row["hypothesis"])
+    if not premise.strip() or not hypothesis.strip():
+        raise DataError(f"{where}: empty premise or hypothesis")
+    label = row["label"]
+    if isinstance(label, bool) or label not in (0, 1, 2):
+        raise DataError(f"{where}: label {label!r} is not 0, 1 or 2 ({', '.join(NLI_LABELS)})")
+    example_id = f"{dataset}-{row['uid']}" if row.get("uid") else f"{dataset}-{split}-{index:06d}"
+    return Record(id=example_id, input=join_nli_input(premise, hypothesis),
+                  label=NLI_LABELS[label], source=f"{dataset}/{split}")
+
+
+def _cqa_record(split: str, row: dict, index: int, where: str) -> Record:
+    _require(row, ("id", "question", "choices", "answer"), where)
+    choices = row["choices"]
+    if not isinstance(choices, list) or len(choices) != 5:
+        raise DataError(f"{where}: expected 5 choices, got {choices!r}")
+    if not str(row["question"]).strip():
+        raise DataError(f"{where}: empty question")
+    if row["answer"] not in choices:
+        raise DataError(f"{where}: answer {row['answer']!r} is not one of the choices {choices}")
+    return Record(id=f"cqa-{row['id']}", input=format_cqa_input(row["question"], choices),
+                  label=row["answer"], source=f"cqa/{split}")
+
+
+def _svamp_record(split: str, row: dict, index: int, where: str) -> Record:
+    _require(row, ("input", "label"), where)
+    if not str(row["input"]).strip():
+        raise DataError(f"{where}: empty input")
+    if safe_arithmetic(str(row["label"])) is None:
+        raise DataError(f"{where}: label {row['label']!r} is not an arithmetic expression")
+    return Record(id=f"svamp-{split}-{index:04d}", input=row["input"], label=row["label"],
+                  source=f"svamp/{split}")
+
+
+def _gold_record(dataset: str, split: str, row: dict, index: int, where: str) -> Record:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if dataset in ("esnli", "anli1"):
+        return _nli_record(dataset, split, row, index, where)
+    if dataset == "cqa":
+        return _cqa_record(split, row, index, where)
+    return _svamp_record(split, row, index, where)
+
+
+def read_split(root: str, dataset: str, split: str, skip_bad: bool = False) -> SplitData:
+    """Gold rows of a released split joined row by row with the teacher's parsed completions.
+
+    Raises FileNotFoundError (saying which public split to place where) when the gold file is
+    missing, DataError naming file and line for a bad row, unless `skip_bad`: then bad rows are
+    left out and listed in `skipped` (their completions too, so rows stay aligned).
+    """
+    if dataset not in DSS_DATASETS or split not in RELEASED_SPLITS[dataset]:
+        raise ValueError(f"no released split {dataset}/{split}")
+    path = gold_path(root, dataset, split)
+    if not os.path.exists(path):
+        if split == "train" and dataset in MISSING_TRAIN_HELP:
+            raise FileNotFoundError(missing_train_message(root, dataset))
+        raise FileNotFoundError(f"released data file not found: {path}")
+    completions = read_completions(root, dataset, split)
+    records: list[Record] = []
+    skipped: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if completions is not None and len(completions) != len(lines):
+        raise DataError(f"{path} has {len(lines)} rows but the teacher completions "
+                        f"{completion_paths(root, dataset, split)} hold {len(completions)}")
+    for index, line in enumerate(lines):
+        where = f"{path}:{index + 1}"
+        try:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: malformed JSON ({error.msg})") from None
+            record = _gold_record(dataset, split, row, index, where)
+        except DataError as error:
+            if not skip_bad:
+                raise
+            skipped.append(str(error))
+            continue
+        if completions is not None:
+            parsed = parse_completion(dataset, completions[index])
+            record = record.replace(llm_label=parsed.label or "", rationale=parsed.rationale,
+                                    teacher=TEACHER_NAME, raw_completion=completions[index])
+        records.append(record)
+    return SplitData(dataset, split, records, completions is not None, skipped)
+
+
+def carve_valid(train: list[Record], fraction: float = VALID_FRACTION,
+                seed: int = VALID_SEED) -> tuple[list[Record], list[Record]]:
+    """(train, valid) for cqa/svamp: a fixed seeded carve of ceil(fraction * n) full-train rows.
+
+    The reference splits after subsampling; we carve once from the full split so that data
+    fractions of the remaining train rows can be nested (smaller subsets inside larger ones).
+    Sizes match the reference at 100%: cqa 8,766 / 975, svamp 720 / 80.
+    """
+    order = np.random.default_rng(seed).permutation(len(train))
+    valid_rows = set(order[: math.ceil(fraction * len(train))].tolist())
+    kept = [r for i, r in enumerate(train) if i not in valid_rows]
+    valid = [r for i, r in enumerate(train) if i in valid_rows]
+    return kept, valid
