@@ -1,0 +1,153 @@
+"""HF T5 parity and checkpoint interop: import, export, round trips, clear errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers import AutoTokenizer, T5ForConditionalGeneration
+from transformers.models.t5.modeling_t5 import T5Attention
+
+from hf_t5_fixtures import hf_logits_and_loss, make_hf_dir, padded_batch
+from sbs_jax import losses
+from sbs_jax.models import T5, get_config, init_params
+from sbs_jax.models.hf import CheckpointError, load_hf, save_hf
+from sbs_jax.models.t5 import relative_position_bucket
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module", params=["v1_0", "v1_1"])
+def hf_checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, make_hf_dir(request.param, path, VOCAB)
+
+
+def our_logits(config, params, enc, dec):
+    return np.asarray(T5(config).apply({"params": params}, enc, dec))
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_position_buckets_match_hf(bidirectional):
+    rel = np.arange(-600, 600)
+    for buckets, distance in ((32, 128), (16, 64)):
+        ours = relative_position_bucket(rel, bidirectional, buckets, distance)
+        theirs = T5Attention._relative_position_bucket(torch.tensor(rel), bidirectional,
+                                                       buckets, distance).numpy()
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_import_matches_hf_logits_and_loss(hf_checkpoint):
+    style, path, hf_model = hf_checkpoint
+    config, params = load_hf(path)
+    assert config.logits_via_embedding == (style == "v1_0")
+    assert config.mlp_activations == (("relu",) if style == "v1_0" else ("gelu", "linear"))
+    enc, dec, targets = padded_batch(VOCAB)
+    ref_logits, ref_loss = hf_logits_and_loss(hf_model, enc, dec, targets)
+    logits = our_logits(config, params, enc, dec)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+    batch = {"decoder_target_tokens": targets, "decoder_loss_weights": targets > 0}
+    loss = float(losses.mean_loss(losses.token_loss_sums(logits, batch)))
+    assert abs(loss - ref_loss) < 1e-5
+    # Scanned layers load from the same checkpoint to the same numbers.
+    scan_config, scan_params = load_hf(path, scan_layers=True)
+    np.testing.assert_allclose(our_logits(scan_config, scan_params, enc, dec), ref_logits,
+                               atol=1e-4, rtol=0)
+
+
+def test_pytorch_bin_imports_like_safetensors(hf_checkpoint, tmp_path):
+    style, path, _ = hf_checkpoint
+    state = {k: torch.from_numpy(v.copy()) for k, v in load_file(path / "model.safetensors").items()}
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    _, from_bin = load_hf(tmp_path)
+    _, from_safetensors = load_hf(path)
+    for a, b in zip(jax.tree_util.tree_leaves(from_bin), jax.tree_util.tree_leaves(from_safetensors)):
+        np.testing.assert_array_equal(a, b)
+
+
+class NotATensor:
+    """Any class: unpickling it would run arbitrary code paths."""
+
+
+def test_pytorch_bin_with_arbitrary_objects_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    torch.save({"shared.weight": torch.zeros(2, 2), "payload": NotATensor()},
+               tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["t5_tiny", "t5_1_1_tiny"])
+def test_export_loads_in_hf_with_identical_logits(name, tmp_path):
+    config = get_config(name, vocab_size=VOCAB, scan_layers=name == "t5_1_1_tiny")
+    params = init_params(config, jax.random.PRNGKey(3))
+    save_hf(config, params, tmp_path)
+    hub = json.loads((tmp_path / "config.json").read_text())
+    assert hub["tie_word_embeddings"] == (name == "t5_tiny")
+    assert ("lm_head.weight" in load_file(tmp_path / "model.safetensors")) == (name != "t5_tiny")
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation == {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
+
+    hf_model = T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    enc, dec, targets = padded_batch(VOCAB, enc_len=40, dec_len=20)
+    ref_logits, _ = hf_logits_and_loss(hf_model, enc, dec, targets)
+    np.testing.assert_allclose(our_logits(config, params, enc, dec), ref_logits, atol=1e-4,
+                               rtol=0)
+    back_config, back_params = load_hf(tmp_path, scan_layers=config.scan_layers)
+    assert back_config == config
+    for a, b in zip(jax.tree_util.tree_leaves(back_params), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_export_with_vocabulary_gives_working_tokenizer(tmp_path, tiny_vocab_path):
+    import sentencepiece as spm
+
+    config = get_config("t5_1_1_tiny", vocab_size=VOCAB)
+    save_hf(config, init_params(config, jax.random.PRNGKey(0)), tmp_path, vocab=tiny_vocab_path)
+    assert (tmp_path / "spiece.model").read_bytes() == open(tiny_vocab_path, "rb").read()
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
+    text = "Tom has 6 cards."
+    expected = spm.SentencePieceProcessor(model_file=tiny_vocab_path).encode(text) + [1]
+    assert tokenizer(text).input_ids == expected
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_clear_errors_name_the_problem(tmp_path):
+    make_hf_dir("v1_1", tmp_path, VOCAB)
+    _edit_config(tmp_path, model_type="bart", architectures=["BartForConditionalGeneration"])
+    with pytest.raises(CheckpointError, match="bart"):
+        load_hf(tmp_path)
+    _edit_config(tmp_path, model_type="t5", architectures=["T5ForConditionalGeneration"],
+                 d_ff=128)
+    with pytest.raises(CheckpointError, match=r"encoder\.block\.0\.layer\.1\.DenseReluDense"
+                                              r"\.wi_0\.weight.*\(64, 32\).*\(128, 32\)"):
+        load_hf(tmp_path)
+    _edit_config(tmp_path, d_ff=64, feed_forward_proj="gated-mish")
+    with pytest.raises(CheckpointError, match="gated-mish"):
+        load_hf(tmp_path)
+    _edit_config(tmp_path, feed_forward_proj="gated-gelu")
+    state = load_file(tmp_path / "model.safetensors")
+    q = state.pop("decoder.block.1.layer.1.EncDecAttention.q.weight")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"decoder\.block\.1\.layer\.1\.EncDecAttention\.q"):
+        load_hf(tmp_path)
+    state["decoder.block.1.layer.1.EncDecAttention.q.weight"] = q
+    state["decoder.block.2.layer.0.SelfAttention.q.weight"] = q
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected.*decoder\.block\.2"):
+        load_hf(tmp_path)
+    del state["decoder.block.2.layer.0.SelfAttention.q.weight"], state["lm_head.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        load_hf(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(tmp_path / "missing")
