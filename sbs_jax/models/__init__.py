@@ -1,5 +1,6 @@
 """The student model: T5 configs, the Flax module and HF checkpoint interop."""
 
+from sbs_jax.models.hf import CheckpointError, load_hf, save_hf
 from sbs_jax.models.t5 import (
     T5,
     T5Config,
@@ -11,5 +12,5 @@ from sbs_jax.models.t5 import (
     unstack_layers,
 )
 
-__all__ = ["T5", "T5Config", "abstract_params", "config_names", "get_config", "init_params",
-           "stack_layers", "unstack_layers"]
+__all__ = ["CheckpointError", "T5", "T5Config", "abstract_params", "config_names", "get_config",
+           "init_params", "load_hf", "save_hf", "stack_layers", "unstack_layers"]

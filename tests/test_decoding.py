@@ -1,0 +1,126 @@
+"""KV-cache decoding: greedy and beam search equal HF `generate`; sampling; compile caching."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from hf_t5_fixtures import make_hf_dir
+from sbs_jax import decoding
+from sbs_jax.models import T5, load_hf
+
+VOCAB = 512
+MAX_LEN = 12
+
+
+@pytest.fixture(scope="module", params=["v1_0", "v1_1"])
+def model(request, tmp_path_factory):
+    """HF reference + our import of it; the EOS row is biased so some sequences end early."""
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model = make_hf_dir(request.param, path, VOCAB, eos_bias=3.2)
+    config, params = load_hf(path)
+    rng = np.random.default_rng(0)
+    enc = rng.integers(2, VOCAB, (8, 20)).astype(np.int32)
+    enc[1, 10:] = 0
+    enc[2, 5:] = 0
+    return hf_model, config, params, enc
+
+
+def hf_generate(hf_model, enc, **kwargs) -> np.ndarray:
+    config = GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
+                              max_new_tokens=MAX_LEN, do_sample=False, **kwargs)
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=torch.tensor(enc, dtype=torch.long),
+                                attention_mask=torch.tensor(enc > 0, dtype=torch.long),
+                                generation_config=config).numpy()[:, 1:]
+    out = np.pad(out, ((0, 0), (0, MAX_LEN - out.shape[1])))
+    # HF beam search pads with EOS when pad_token_id is 0 (falsy); our contract is 0 after EOS.
+    after_eos = np.cumsum(np.cumsum(out == 1, axis=1), axis=1) > 1
+    return np.where(after_eos, 0, out)
+
+
+def ends(tokens: np.ndarray) -> set:
+    """Where each row's EOS is (-1: ran to the length limit)."""
+    return {int(np.argmax(r == 1)) if (r == 1).any() else -1 for r in tokens}
+
+
+def test_greedy_equals_hf(model):
+    hf_model, config, params, enc = model
+    expected = hf_generate(hf_model, enc)
+    got = np.asarray(decoding.generate(config, params, enc, MAX_LEN))
+    assert got.dtype == np.int32 and got.shape == (8, MAX_LEN)
+    np.testing.assert_array_equal(got, expected)
+    # Same tokens from the KV cache as from full teacher-forced forward passes.
+    dec = np.concatenate([np.zeros((8, 1), np.int32), got[:, :-1]], axis=1)
+    logits = np.asarray(T5(config).apply({"params": params}, enc, dec))
+    first_eos = np.where((got == 1).any(1), np.argmax(got == 1, axis=1), MAX_LEN - 1)
+    for row in range(8):
+        upto = first_eos[row] + 1
+        np.testing.assert_array_equal(np.argmax(logits[row, :upto], -1), got[row, :upto])
+
+
+@pytest.mark.parametrize("length_penalty,early_stopping", [(1.0, True), (0.6, False),
+                                                           (2.0, "never")])
+def test_beam_search_equals_hf(model, length_penalty, early_stopping):
+    hf_model, config, params, enc = model
+    expected = hf_generate(hf_model, enc, num_beams=4, length_penalty=length_penalty,
+                           early_stopping=early_stopping)
+    got = np.asarray(decoding.generate(config, params, enc, MAX_LEN, method="beam",
+                                       num_beams=4, length_penalty=length_penalty,
+                                       early_stopping=early_stopping))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_fixture_exercises_eos_and_length_limit(model):
+    hf_model, _, _, enc = model
+    outcomes = ends(hf_generate(hf_model, enc)) | ends(hf_generate(hf_model, enc, num_beams=4))
+    assert -1 in outcomes and len(outcomes) >= 2
+
+
+def test_scanned_layers_decode_the_same(model):
+    _, config, params, enc = model
+    from sbs_jax.models import stack_layers
+
+    scanned = dataclasses.replace(config, scan_layers=True)
+    for method in ("greedy", "beam"):
+        np.testing.assert_array_equal(
+            np.asarray(decoding.generate(scanned, stack_layers(params), enc, MAX_LEN,
+                                         method=method)),
+            np.asarray(decoding.generate(config, params, enc, MAX_LEN, method=method)))
+
+
+def test_sampling(model):
+    _, config, params, enc = model
+    greedy = np.asarray(decoding.generate(config, params, enc, MAX_LEN))
+    top1 = decoding.generate(config, params, enc, MAX_LEN, method="sample", top_k=1,
+                             rng=jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(top1), greedy)
+    one = np.asarray(decoding.generate(config, params, enc, MAX_LEN, method="sample",
+                                       temperature=2.0, rng=jax.random.PRNGKey(1)))
+    again = np.asarray(decoding.generate(config, params, enc, MAX_LEN, method="sample",
+                                         temperature=2.0, rng=jax.random.PRNGKey(1)))
+    other = np.asarray(decoding.generate(config, params, enc, MAX_LEN, method="sample",
+                                         temperature=2.0, rng=jax.random.PRNGKey(2)))
+    np.testing.assert_array_equal(one, again)
+    assert not np.array_equal(one, other)
+    for row in np.concatenate([one, other]):  # nothing but padding after an EOS
+        if (row == 1).any():
+            assert not row[np.argmax(row == 1) + 1:].any()
+    with pytest.raises(ValueError, match="rng"):
+        decoding.generate(config, params, enc, MAX_LEN, method="sample")
+    with pytest.raises(ValueError, match="nucleus"):
+        decoding.generate(config, params, enc, MAX_LEN, method="nucleus")
+
+
+def test_compiled_once_per_shape(model):
+    _, config, params, enc = model
+    decoding.generate(config, params, enc, MAX_LEN)
+    fn = decoding._compiled(config, "greedy", MAX_LEN, 0, 0.0, False, 0, 1)
+    compiled = fn._cache_size()
+    decoding.generate(config, params, enc[::-1].copy(), MAX_LEN)
+    assert fn._cache_size() == compiled
+    decoding.generate(config, params, enc[:2], MAX_LEN)
+    assert fn._cache_size() == compiled + 1
