@@ -144,3 +144,37 @@ def test_completion_count_mismatch_is_an_error(tmp_path):
     with pytest.raises(DataError, match="1 rows but the teacher completions"):
         dss.read_split(str(tmp_path), "cqa", "test")
     assert os.path.exists(tmp_path / "cqa" / "llm" / "test_CoT_0.json")
+
+
+def test_esnli_inputs_and_labels_follow_the_source(dss_data_dir):
+    root = str(dss_data_dir)
+    data = dss.read_split(root, "esnli", "test")
+    row = json.loads(open(dss.gold_path(root, "esnli", "test")).readline())
+    assert data.records[0].input == f"{row['premise']}</s>{row['hypothesis']}"
+    assert data.records[0].label == dss.NLI_LABELS[row["label"]]
+    assert data.records[0].id == "esnli-test-000000"
+
+
+def test_built_tasks_align_label_and_rationale_by_id_with_nested_fractions(
+        dss_data_dir, tmp_path, tiny_vocab_path):
+    import tasks
+    from sbs_jax.data.pipeline import PairedBatches, PairedExamples
+
+    build.build(str(dss_data_dir), str(tmp_path), "svamp")
+    tasks.set_data_dir(str(tmp_path))
+    tasks.set_vocabulary_path(tiny_vocab_path)
+    try:
+        examples = PairedExamples.load("svamp_label_llm", "svamp_rationale", "train",
+                                       {"inputs": 256, "targets": 64})
+    finally:
+        tasks.set_data_dir(None)
+        tasks.set_vocabulary_path(None)
+    assert sorted(examples.label) == sorted(examples.rationale) and len(examples.label) == 720
+    subsets = []
+    for fraction in (0.125, 0.25, 0.5, 1.0):
+        iterator = PairedBatches("svamp_label_llm", "svamp_rationale", "train", 8,
+                                 {"inputs": 256, "targets": 64}, data_fraction=fraction,
+                                 examples=examples)
+        subsets.append(set(iterator.ids))
+    assert [len(s) for s in subsets] == [90, 180, 360, 720]
+    assert subsets[0] < subsets[1] < subsets[2] < subsets[3]
