@@ -37,10 +37,11 @@ PAPER_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """Which SeqIO task trains the label, and which (if any) the rationale, for a dataset."""
+    """Which SeqIO task trains the label and which (if any) the rationale; its gin file."""
 
     label_task: str
     rationale_task: str | None
+    gin_file: str | None = None
 
     def tasks(self, dataset: str) -> tuple[str, str | None]:
         rationale = self.rationale_task.format(ds=dataset) if self.rationale_task else None
@@ -48,8 +49,8 @@ class Method:
 
 
 METHODS = {
-    "standard_ft": Method("{ds}_standard_gt", None),
-    "standard_distill": Method("{ds}_standard_llm", None),
+    "standard_ft": Method("{ds}_standard_gt", None, "gin/standard_finetune.gin"),
+    "standard_distill": Method("{ds}_standard_llm", None, "gin/standard_distill.gin"),
     "sbs_gt": Method("{ds}_label_gt", "{ds}_rationale"),
     "sbs_llm": Method("{ds}_label_llm", "{ds}_rationale"),
 }
@@ -73,10 +74,16 @@ class Cell:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How every cell of a grid trains: gin files, extra bindings and the step count."""
+    """How every cell of a grid trains.
+
+    Gin files and bindings may name `{model}`, `{size}` (the model name's last part, e.g.
+    `base`) and `{dataset}`, e.g. `gin/sbs_{size}.gin` or
+    `INITIAL_CHECKPOINT_PATH='/models/t5-v1_1-{size}'`. `train_steps` None keeps the gin files'
+    TRAIN_STEPS (the paper's XXL config trains 4,000 steps, the others 10,000).
+    """
 
     gin_files: tuple[str, ...]
-    train_steps: int
+    train_steps: int | None = None
     gin_bindings: tuple[str, ...] = ()
     model_gin_dir: str = "gin/models"
 
@@ -101,7 +108,7 @@ PRESETS = {
     # The paper's grid (T5 v1.1 small/base/large, 4 seeds, 10,000 steps); TPU/GPU scale.
     "paper": Preset(("esnli", "anli1", "cqa", "svamp"), tuple(METHODS), PAPER_FRACTIONS,
                     ("t5_1_1_small", "t5_1_1_base", "t5_1_1_large"), (0, 1, 2, 3),
-                    Recipe(("gin/sbs_base.gin",), train_steps=10000)),
+                    Recipe(("gin/sbs_{size}.gin",))),
 }
 
 
@@ -126,11 +133,17 @@ def make_cells(datasets: Iterable[str], methods: Iterable[str], fractions: Itera
 
 def cell_settings(cell: Cell, recipe: Recipe) -> dict:
     """What determines a cell's result besides its coordinates; recorded in results.json."""
-    label_task, rationale_task = METHODS[cell.method].tasks(cell.dataset)
+    method = METHODS[cell.method]
+    label_task, rationale_task = method.tasks(cell.dataset)
+    fields = {"model": cell.model, "size": cell.model.rsplit("_", 1)[-1],
+              "dataset": cell.dataset}
+    gin_files = [f.format(**fields) for f in recipe.gin_files]
+    gin_files.append(f"{recipe.model_gin_dir}/{cell.model}.gin")
+    if method.gin_file:
+        gin_files.append(method.gin_file)
     return {
-        "gin_files": list(recipe.gin_files),
-        "model_gin_file": f"{recipe.model_gin_dir}/{cell.model}.gin",
-        "gin_bindings": list(recipe.gin_bindings),
+        "gin_files": gin_files,
+        "gin_bindings": [b.format(**fields) for b in recipe.gin_bindings],
         "train_steps": recipe.train_steps,
         "label_task": label_task,
         "rationale_task": rationale_task,
@@ -138,11 +151,10 @@ def cell_settings(cell: Cell, recipe: Recipe) -> dict:
 
 
 def gin_flags(cell: Cell, recipe: Recipe, model_dir: str) -> list[str]:
-    """Trainer/eval flags for a cell: base gin files, its model, tasks, fraction, seed, steps."""
+    """Trainer/eval flags for a cell: gin files (base, model, method), tasks, fraction, seed."""
     settings = cell_settings(cell, recipe)
     rationale = settings["rationale_task"]
-    flags = [f"--gin_file={f}" for f in recipe.gin_files]
-    flags.append(f"--gin_file={settings['model_gin_file']}")
+    flags = [f"--gin_file={f}" for f in settings["gin_files"]]
     flags += [
         f"--gin.MODEL_DIR={model_dir!r}",
         f"--gin.MIXTURE_OR_TASK_NAME={settings['label_task']!r}",
@@ -150,9 +162,10 @@ def gin_flags(cell: Cell, recipe: Recipe, model_dir: str) -> list[str]:
         else "--gin.RATIONALE_MIXTURE_NAME=None",
         f"--gin.DATA_FRACTION={cell.fraction!r}",
         f"--gin.RANDOM_SEED={cell.seed}",
-        f"--gin.TRAIN_STEPS={recipe.train_steps}",
     ]
-    flags += [f"--gin_bindings={b}" for b in recipe.gin_bindings]
+    if recipe.train_steps is not None:
+        flags.append(f"--gin.TRAIN_STEPS={recipe.train_steps}")
+    flags += [f"--gin_bindings={b}" for b in settings["gin_bindings"]]
     return flags
 
 
@@ -218,10 +231,52 @@ def finished_record(cell: Cell, recipe: Recipe, cell_dir: pathlib.Path) -> dict 
     return record
 
 
+def prepare_data(datasets: Iterable[str], data_dir: pathlib.Path, source_dir: str | None,
+                 env: dict, log_path: pathlib.Path, vocab_size: int = 2000) -> None:
+    """Builds missing released-data folders and, unless SBS_VOCAB names one, a vocabulary.
+
+    A folder counts as built once its `info.json` exists (written last by the build job). The
+    synthetic dataset needs nothing here: its tasks create it on first read. The vocabulary
+    `{data_dir}/spiece.model` is trained on the grid's training records when absent (offline
+    small-scale runs); paper-scale runs set SBS_VOCAB to a HF T5 spiece.model instead.
+    """
+    real = [d for d in datasets if d != "synthetic"]
+    for dataset in real:
+        if (data_dir / dataset / "info.json").exists():
+            continue
+        if not source_dir:
+            raise ValueError(f"{data_dir / dataset} is not built and --source_dir (the released "
+                             "data, e.g. ../shared/dss_data) was not given")
+        run_logged([sys.executable, "-m", "sbs_jax.data.build", f"--source_dir={source_dir}",
+                    f"--data_dir={data_dir}", f"--dataset={dataset}"], log_path,
+                   f"[build {dataset}]", env)
+    vocab_path = data_dir / "spiece.model"
+    if not real or env.get("SBS_VOCAB") or vocab_path.exists():
+        return
+    from sbs_jax.data import records, synthetic
+    from sbs_jax.vocab import train_vocab
+
+    print(f"[grid] training a vocabulary on {', '.join(real)}: {vocab_path}", flush=True)
+    texts = [text for dataset in real
+             for text in synthetic.vocabulary_texts(records.read_split(str(data_dir / dataset),
+                                                                       "train"))]
+    tmp_prefix = data_dir / f"spiece.{os.getpid()}.tmp"
+    trained = train_vocab(texts, str(tmp_prefix), vocab_size)
+    os.replace(f"{tmp_prefix}.vocab", data_dir / "spiece.vocab")
+    os.replace(trained, vocab_path)
+
+
 def write_json_atomic(path: pathlib.Path, record: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def split_finished(cells: Sequence[Cell], recipe: Recipe, grid_dir: pathlib.Path
+                   ) -> tuple[list[dict], list[Cell]]:
+    """(records of finished cells, cells still to run); settings mismatches raise."""
+    done = {cell: finished_record(cell, recipe, grid_dir / cell.name) for cell in cells}
+    return [r for r in done.values() if r is not None], [c for c in cells if done[c] is None]
 
 
 def run_grid(cells: Sequence[Cell], recipe: Recipe, grid_dir: str | os.PathLike, env: dict,
@@ -232,11 +287,9 @@ def run_grid(cells: Sequence[Cell], recipe: Recipe, grid_dir: str | os.PathLike,
     up front, before anything trains, so a mismatch fails fast.
     """
     grid_dir = pathlib.Path(grid_dir)
-    done = {cell: finished_record(cell, recipe, grid_dir / cell.name) for cell in cells}
-    todo = [c for c in cells if done[c] is None]
+    records, todo = split_finished(cells, recipe, grid_dir)
     print(f"[grid] {len(cells)} cells: {len(cells) - len(todo)} finished, {len(todo)} to run",
           flush=True)
-    records = [r for r in done.values() if r is not None]
     failures: list[tuple[Cell, str]] = []
     for index, cell in enumerate(todo, 1):
         print(f"[grid] cell {index}/{len(todo)}: {cell.name}", flush=True)
@@ -279,7 +332,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="base gin file(s) of every cell (replace the preset's)")
     parser.add_argument("--gin_bindings", action="append", default=[],
                         help="extra gin binding for every cell, e.g. BATCH_SIZE=32")
-    parser.add_argument("--data_dir", help="SBS_DATA_DIR for the tasks (default: environment)")
+    parser.add_argument("--data_dir", help="record folders (SBS_DATA_DIR); default: "
+                        "$SBS_DATA_DIR, else OUTPUT_DIR/data")
+    parser.add_argument("--source_dir", help="the released data (dss_data layout), to build "
+                        "missing record folders from, e.g. ../shared/dss_data")
+    parser.add_argument("--vocab_size", type=int, default=2000,
+                        help="size of the vocabulary trained when SBS_VOCAB is not set")
     parser.add_argument("--shard_index", type=int, default=0,
                         help="run only cells i, i + n, i + 2n, ... (e.g. a SLURM array task)")
     parser.add_argument("--num_shards", type=int, default=1, help="n for --shard_index")
@@ -310,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cells = cells[args.shard_index::args.num_shards]
     env = dict(os.environ)
-    if args.data_dir:
-        env["SBS_DATA_DIR"] = os.path.abspath(args.data_dir)
+    data_dir = pathlib.Path(args.data_dir or env.get("SBS_DATA_DIR")
+                            or os.path.join(args.output_dir, "data")).resolve()
+    env["SBS_DATA_DIR"] = str(data_dir)
     if args.dry_run:
         for cell in cells:
             model_dir = os.path.join(args.output_dir, cell.name, "model")
@@ -320,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     if not args.report_only:
         try:
+            _, todo = split_finished(cells, recipe, pathlib.Path(args.output_dir))
+            prepare_data(sorted({c.dataset for c in todo}), data_dir, args.source_dir, env,
+                         pathlib.Path(args.output_dir) / "prepare.log", args.vocab_size)
             _, failures = run_grid(cells, recipe, args.output_dir, env, keep_going=args.keep_going)
-        except ValueError as e:
+        except (ValueError, CellFailed) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     try:

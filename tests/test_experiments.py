@@ -62,6 +62,17 @@ def test_methods_pick_label_and_rationale_tasks():
                                   RECIPE, "/m")
     assert "--gin.MIXTURE_OR_TASK_NAME='cqa_standard_llm'" in flags
     assert "--gin.RATIONALE_MIXTURE_NAME=None" in flags
+    assert flags[:3] == ["--gin_file=gin/quickstart.gin", "--gin_file=gin/models/t5_1_1_tiny.gin",
+                         "--gin_file=gin/standard_distill.gin"]
+
+
+def test_recipe_placeholders_follow_the_model():
+    recipe = Recipe(gin_files=("gin/sbs_{size}.gin",),
+                    gin_bindings=("INITIAL_CHECKPOINT_PATH='/ckpt/{model}'",))
+    flags = experiments.gin_flags(Cell("svamp", "sbs_llm", 1.0, "t5_1_1_large", 0), recipe, "/m")
+    assert flags[:2] == ["--gin_file=gin/sbs_large.gin", "--gin_file=gin/models/t5_1_1_large.gin"]
+    assert "--gin_bindings=INITIAL_CHECKPOINT_PATH='/ckpt/t5_1_1_large'" in flags
+    assert not any(f.startswith("--gin.TRAIN_STEPS") for f in flags)
 
 
 def test_mean_and_stderr_match_statistics():
