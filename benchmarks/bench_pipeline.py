@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_s = (time.perf_counter() - start) / args.batch_steps
 
         step, state, device = _train_step(args.model, tasks.get_vocabulary().vocab_size)
-        as_device = lambda b: {k: jax.device_put(v) for k, v in b.items()}  # noqa: E731
+        as_device = lambda b: {k: jax.device_put(v) for k, v in b.items()}
         fixed = sample[0]
         state, loss = step(state, as_device(fixed["label"]), as_device(fixed["rationale"]))
         loss.block_until_ready()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv}

@@ -10,5 +10,12 @@ from tasks.registry import LABEL_PREFIX, RATIONALE_PREFIX, register_all
 
 register_all()
 
-__all__ = ["data_dir", "get_vocabulary", "set_data_dir", "set_vocabulary_path",
-           "LABEL_PREFIX", "RATIONALE_PREFIX", "register_all"]
+__all__ = [
+           "LABEL_PREFIX",
+           "RATIONALE_PREFIX",
+           "data_dir",
+           "get_vocabulary",
+           "register_all",
+           "set_data_dir",
+           "set_vocabulary_path",
+]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 
-import gin
 import seqio
 
+import gin
 from sbs_jax.data import synthetic
 
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sbs_jax", "data")

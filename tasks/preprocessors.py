@@ -7,7 +7,7 @@ reference does by joining premise and hypothesis with the tokenizer's EOS.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import seqio
 

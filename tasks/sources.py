@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import seqio
 
@@ -57,12 +57,12 @@ class RecordSource(seqio.FileDataSource):
         self,
         split: str = "train",
         shuffle: bool = True,
-        seed: Optional[int] = None,
-        shard_info: Optional[seqio.ShardInfo] = None,
+        seed: int | None = None,
+        shard_info: seqio.ShardInfo | None = None,
         *,
-        sequence_length: Optional[Mapping[str, int]] = None,
+        sequence_length: Mapping[str, int] | None = None,
         use_cached: bool = False,
-        num_epochs: Optional[int] = 1,
+        num_epochs: int | None = 1,
     ) -> tf.data.Dataset:
         dataset = super().get_dataset(split, shuffle, seed, shard_info)
         return dataset.map(lambda ex: {**ex, "split": tf.constant(split)})

@@ -68,7 +68,7 @@ def test_formatted_examples_match_their_source_records(dss_data_dir, cqa_train):
 
 def test_valid_carve_is_fixed_and_disjoint(cqa_train):
     train, valid = dss.carve_valid(cqa_train.records)
-    again_train, again_valid = dss.carve_valid(list(cqa_train.records))
+    _, again_valid = dss.carve_valid(list(cqa_train.records))
     assert [r.id for r in valid] == [r.id for r in again_valid]
     assert not {r.id for r in train} & {r.id for r in valid}
     assert len(train) + len(valid) == len(cqa_train.records)

@@ -12,6 +12,7 @@ import seqio
 
 import tasks
 from sbs_jax.data import pipeline, synthetic
+
 SCRIPT = str(pathlib.Path(__file__).resolve().parents[1] / "launch" / "seqio_cache.sh")
 TASK = "synthetic_label_gt"
 
@@ -51,5 +52,5 @@ def test_cached_task_yields_the_same_examples(tmp_path):
             np.testing.assert_array_equal(cached[example_id][key], fresh[example_id][key])
         assert cached[example_id]["inputs_pretokenized"] == fresh[example_id][
             "inputs_pretokenized"]
-    with pytest.raises(Exception):
+    with pytest.raises(AssertionError, match="does not exist in any of the task cache"):
         seqio.get_mixture_or_task(TASK).get_dataset(lengths, split="test", use_cached=True)

@@ -22,8 +22,8 @@ Labels are returned as parsed (no normalisation into the label space: the refere
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 DATASETS = ("esnli", "anli1", "cqa", "svamp", "synthetic")
 
@@ -47,7 +47,7 @@ _NO_PARSE = ParsedCompletion("", None)
 
 
 def _strip_final_period(text: str) -> str:
-    return text[:-1] if text.endswith(".") else text
+    return text.removesuffix(".")
 
 
 def _split_once(text: str, marker: str) -> tuple[str, str] | None:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import seqio
@@ -73,7 +73,7 @@ def select_fraction(ids: Sequence[str], fraction: float, seed: int = 0) -> list[
         raise ValueError(f"data_fraction must be in (0, 1], got {fraction}")
     ordered = sorted(ids)
     order = np.random.default_rng(seed).permutation(len(ordered))
-    keep = max(1, int(round(fraction * len(ordered))))
+    keep = max(1, round(fraction * len(ordered)))
     return sorted(ordered[i] for i in order[:keep])
 
 
@@ -124,7 +124,7 @@ class PairedExamples:
 
     @classmethod
     def load(cls, label_task: str, rationale_task: str | None, split: str,
-             feature_lengths: Mapping[str, int], use_cached: bool = False) -> "PairedExamples":
+             feature_lengths: Mapping[str, int], use_cached: bool = False) -> PairedExamples:
         """Reads the tasks (trimmed to the caps) and checks they hold the same ids."""
         caps = _caps(feature_lengths)
         label = load_tokenized(label_task, split, caps, use_cached)
@@ -222,7 +222,7 @@ class PairedBatches:
                                       self.caps[target_cap])
         return encdec_batch(inputs[self._rows], targets[self._rows], input_length, target_length)
 
-    def __iter__(self) -> "PairedBatches":
+    def __iter__(self) -> PairedBatches:
         return self
 
     def __next__(self) -> dict:

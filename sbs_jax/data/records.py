@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 SPLITS = ("train", "valid", "test")
 REQUIRED_FIELDS = ("id", "input", "label", "llm_label", "rationale", "source")
@@ -39,7 +39,7 @@ class Record:
     teacher: str = ""
     raw_completion: str = ""
 
-    def replace(self, **changes: str) -> "Record":
+    def replace(self, **changes: str) -> Record:
         return dataclasses.replace(self, **changes)
 
 

@@ -24,7 +24,7 @@ import re
 from sbs_jax.data import records
 from sbs_jax.data.records import Record
 
-SPLIT_BUCKETS = {"test": range(0, 10), "valid": range(10, 20), "train": range(20, 100)}
+SPLIT_BUCKETS = {"test": range(10), "valid": range(10, 20), "train": range(20, 100)}
 _INPUT_RE = re.compile(r"^\s*(\d(?: \d)*) \+ (\d(?: \d)*)\s*$")
 _LOW, _HIGH = 100, 999
 # The prototype in DESIGN.md: 2,000 training problems, 500 held out.
