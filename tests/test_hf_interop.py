@@ -151,3 +151,36 @@ def test_clear_errors_name_the_problem(tmp_path):
         load_hf(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf(tmp_path / "missing")
+
+
+def test_convert_cli_round_trip(hf_checkpoint, tmp_path, capsys):
+    from sbs_jax import checkpoints, convert
+
+    style, path, hf_model = hf_checkpoint
+    run = tmp_path / "run"
+    assert convert.main(["--to=ours", f"--hf_dir={path}", f"--model_dir={run}"]) == 0
+    config, params = load_hf(path)
+    stored = checkpoints.load_params(str(run))
+    for a, b in zip(jax.tree_util.tree_leaves(stored), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    # A trainer's run records only run_config.json: sizes then come from the parameters.
+    (run / convert.MODEL_CONFIG_FILE).unlink()
+    name = "t5_tiny" if style == "v1_0" else "t5_1_1_tiny"
+    (run / convert.RUN_CONFIG_FILE).write_text(json.dumps({"model_name": name,
+                                                           "model_overrides": {}}))
+    out = tmp_path / "hf"
+    assert convert.main(["--to=hf", f"--model_dir={run}", f"--hf_dir={out}"]) == 0
+    back_config, _ = load_hf(out)
+    assert back_config == config
+    enc, dec, targets = padded_batch(VOCAB, enc_len=30, dec_len=10)
+    exported = T5ForConditionalGeneration.from_pretrained(str(out)).eval()
+    np.testing.assert_allclose(hf_logits_and_loss(exported, enc, dec, targets)[0],
+                               hf_logits_and_loss(hf_model, enc, dec, targets)[0], atol=1e-5)
+    # Refuses to overwrite a run; says what is missing when the architecture is unknown.
+    assert convert.main(["--to=ours", f"--hf_dir={path}", f"--model_dir={run}"]) == 2
+    (run / convert.RUN_CONFIG_FILE).unlink()
+    assert convert.main(["--to=hf", f"--model_dir={run}", f"--hf_dir={out}"]) == 2
+    assert "--model_name" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main(["--help"])
+    assert exit_info.value.code == 0
