@@ -36,7 +36,7 @@ def make_schedule(
     if warmup_steps < 0 or total_steps <= 0 or warmup_steps > total_steps:
         raise ValueError(
             f"make_schedule needs 0 <= warmup_steps <= total_steps and total_steps > 0; "
-            f"got warmup_steps={warmup_steps}, total_steps={total_steps}"
+            f"got warmup_steps={warmup_steps}, total_steps (TRAIN_STEPS)={total_steps}"
         )
     if name == "warmup_rsqrt" and warmup_steps == 0:
         raise ValueError("make_schedule.name='warmup_rsqrt' needs warmup_steps > 0")

@@ -1,0 +1,132 @@
+"""T5X-style gin flags for the train / eval / infer entry points.
+
+Flags: repeated `--gin_file=PATH`, repeated `--gin_bindings='name.param = value'`,
+`--gin.NAME=VALUE` (shorthand for the binding `NAME = VALUE`: mostly the macros such as
+`--gin.MODEL_DIR="'/tmp/run'"`), and `--gin_search_paths=a,b` (where `--gin_file` and
+`include` look; the repository root is always searched, so `gin/sbs_base.gin` works from any
+directory). Mistakes fail before any work starts, with the file, binding or macro named:
+gin's own errors for unknown configurables/parameters are re-raised with their source, and a
+`--gin.NAME` macro that no gin file defines (a typo such as `TRAIN_STEP`) is refused instead of
+silently defining a new, unused macro.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Sequence
+
+import gin
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MACRO = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+class GinConfigError(ValueError):
+    """A gin file or binding is wrong; the message names it."""
+
+
+def add_gin_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds --gin_file, --gin_bindings and --gin_search_paths (and documents --gin.NAME)."""
+    group = parser.add_argument_group(
+        "gin", "T5X-style configuration; also --gin.NAME=VALUE as a shorthand for a binding "
+        "(e.g. --gin.MODEL_DIR=\"'/tmp/run'\" --gin.TRAIN_STEPS=100)")
+    group.add_argument("--gin_file", action="append", default=[],
+                       help="gin file to load (repeatable; later files override earlier ones)")
+    group.add_argument("--gin_bindings", action="append", default=[],
+                       help="one gin binding, e.g. \"RunConfig.schedule = 'cosine'\" (repeatable)")
+    group.add_argument("--gin_search_paths", action="append", default=[],
+                       help="comma-separated folders searched for gin files and includes")
+
+
+def split_gin_shorthand(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates `--gin.NAME=VALUE` / `--gin.NAME VALUE` flags (as bindings) from the rest."""
+    rest, bindings = [], []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if arg.startswith("--gin."):
+            name, sep, value = arg[len("--gin."):].partition("=")
+            if not sep:
+                if i + 1 >= len(items):
+                    raise GinConfigError(f"{arg} has no value; write {arg}=VALUE")
+                value = items[i + 1]
+                i += 1
+            if not name:
+                raise GinConfigError(f"{arg!r}: missing the name after --gin.")
+            bindings.append((name, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, [f"{name} = {value}" for name, value in bindings]
+
+
+def _macro_names() -> set[str]:
+    """Names of every macro in the currently parsed config."""
+    names = set()
+    for (scope, selector), _ in gin.config._CONFIG.items():  # noqa: SLF001 (no public listing)
+        if selector.endswith("macro") and scope:
+            names.add(scope)
+    return names
+
+
+def parse_gin(
+    files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+    shorthand_bindings: Sequence[str] = (),
+) -> None:
+    """Parses gin files then bindings (then --gin.NAME ones); raises GinConfigError on mistakes."""
+    gin.clear_config(clear_constants=False)
+    paths = [REPO_ROOT, os.getcwd()]
+    for entry in search_paths:
+        paths.extend(p for p in entry.split(",") if p)
+    for path in paths:
+        gin.add_config_file_search_path(path)
+    for path in files:
+        if not any(os.path.exists(os.path.join(root, path)) for root in paths) and not (
+            os.path.isabs(path) and os.path.exists(path)
+        ):
+            raise GinConfigError(f"--gin_file={path}: file not found (searched {paths})")
+    try:
+        gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+    except (ValueError, KeyError, IOError, SyntaxError) as exc:
+        raise GinConfigError(f"invalid gin configuration: {exc}") from exc
+    known = _macro_names()
+    for binding in shorthand_bindings:
+        name = binding.split("=", 1)[0].strip()
+        if _MACRO.match(name) and name not in known:
+            raise GinConfigError(
+                f"--gin.{name}: no gin file defines the macro {name} (a typo?); "
+                f"defined macros: {', '.join(sorted(known)) or 'none'}"
+            )
+        try:
+            gin.parse_config(binding)
+        except (ValueError, KeyError, SyntaxError) as exc:
+            raise GinConfigError(f"--gin.{binding}: {exc}") from exc
+
+
+def parse_gin_flags(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """Parses the command line (gin flags included) and the gin configuration it names."""
+    import sys
+
+    raw = list(sys.argv[1:] if argv is None else argv)
+    rest, shorthand = split_gin_shorthand(raw)
+    args = parser.parse_args(rest)
+    if not args.gin_file:
+        parser.error("at least one --gin_file is required (e.g. --gin_file=gin/quickstart.gin)")
+    try:
+        parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths, shorthand)
+    except GinConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return args
+
+
+def macro_value(name: str, default=None):
+    """The value of a gin macro in the parsed config (default when undefined)."""
+    try:
+        return gin.query_parameter(f"%{name}")
+    except ValueError:
+        return default

@@ -1,0 +1,58 @@
+"""Train a T5 student: `python -m sbs_jax.train --gin_file=gin/sbs_base.gin --gin.MODEL_DIR=...`.
+
+Standard fine-tuning, standard distillation or distilling step-by-step, as the gin files say
+(see gin/ and WORKSPACE.md). Re-running the same command resumes from MODEL_DIR's latest
+checkpoint. Exit codes: 0 done, 2 bad configuration, 143 stopped by SIGTERM after checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import gin
+
+from sbs_jax import gin_utils, run_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sbs-train", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: sbs-train --gin_file=gin/quickstart.gin "
+               "--gin.MODEL_DIR=\"'/tmp/sbs_quickstart'\" --gin.TRAIN_STEPS=200")
+    gin_utils.add_gin_flags(parser)
+    return parser
+
+
+def resolve_config(parser: argparse.ArgumentParser) -> run_config.RunConfig:
+    """RunConfig from the parsed gin config; a missing or invalid setting exits with code 2."""
+    try:
+        return run_config.from_gin()
+    except (ValueError, TypeError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    gin_utils.parse_gin_flags(parser, argv)
+    from sbs_jax import distributed
+
+    distributed.initialize_from_env()
+    cfg = resolve_config(parser)
+    from sbs_jax import train_loop
+
+    try:
+        summary = train_loop.train(cfg, operative_gin=gin.config_str())
+    except ValueError as exc:  # configuration problems found during setup name their setting
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except train_loop.NonFiniteLossError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"done: step {summary['step']}, summary in {cfg.model_dir}/{train_loop.SUMMARY_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

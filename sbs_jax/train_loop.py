@@ -1,0 +1,329 @@
+"""The training loop: setup from a RunConfig, steps, eval, checkpoints, logs, preemption.
+
+Side effects live here (files, signals, the console); the math is in trainer.py. A run resumes
+from the newest finalised checkpoint in MODEL_DIR (params, optimizer state and the data
+iterator's position), so a run killed at any moment and restarted reaches the same parameters
+as one that never stopped. Only process 0 writes logs, configs and summaries; orbax coordinates
+the checkpoint writes of all processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import seqio
+from etils import epath
+
+from sbs_jax.tf_setup import tf  # noqa: F401  (before clu/seqio import TF: keep it off GPUs)
+
+from clu import metric_writers  # noqa: E402
+
+from sbs_jax import checkpoints, distributed, evaluation, models, optim, partitioning  # noqa: E402
+from sbs_jax import run_config, trainer  # noqa: E402
+from sbs_jax.data import pipeline  # noqa: E402
+from sbs_jax.vocab import padded_vocab_size  # noqa: E402
+
+SUMMARY_FILE = "run_summary.json"
+GIN_FILE = "config.gin"
+PREEMPTED_EXIT_CODE = 143
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/Inf; the message says which step and which checkpoint is kept."""
+
+
+def check_task(name: str, setting: str) -> seqio.Task | seqio.Mixture:
+    """The registered task or mixture, or a ValueError naming the setting."""
+    import tasks  # noqa: F401  (registers every task and mixture)
+
+    try:
+        return seqio.get_mixture_or_task(name)
+    except ValueError:
+        known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
+        close = [k for k in known if name.split("_")[0] in k][:8]
+        raise ValueError(
+            f"{setting}={name!r} is not a registered SeqIO task or mixture"
+            + (f"; similar: {close}" if close else f"; {len(known)} are registered")
+        ) from None
+
+
+def task_vocab_size(task: seqio.Task | seqio.Mixture) -> int:
+    return int(task.output_features["targets"].vocabulary.vocab_size)
+
+
+def load_initial(path: str, cfg: run_config.RunConfig, vocab_size: int
+                 ) -> tuple[models.T5Config, Any]:
+    """Model config + host params from INITIAL_CHECKPOINT_PATH (a HF folder or our MODEL_DIR)."""
+    source = epath.Path(path)
+    if (source / "config.json").exists():
+        from sbs_jax.models.hf import load_hf
+
+        config, params = load_hf(path, **cfg.model_overrides)
+    elif checkpoints.latest_step(path) is not None:
+        config = models.get_config(cfg.model_name, vocab_size=padded_vocab_size(vocab_size),
+                                   **cfg.model_overrides)
+        params = checkpoints.load_params(path)
+    else:
+        raise FileNotFoundError(
+            f"INITIAL_CHECKPOINT_PATH={path!r} is neither a HF T5 folder (config.json) nor a "
+            "MODEL_DIR with a finalised checkpoint")
+    if config.vocab_size < vocab_size:
+        raise ValueError(
+            f"INITIAL_CHECKPOINT_PATH={path!r} has vocab_size {config.vocab_size}, smaller than "
+            f"the task vocabulary ({vocab_size} pieces)")
+    return config, params
+
+
+def _check_params_match(params: Any, partitioner: trainer.Partitioner, source: str) -> None:
+    want = jax.tree.map(lambda x: tuple(x.shape), partitioner.abstract_params)
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        raise ValueError(f"parameters from {source} do not match the model config's shapes")
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop checkpoints after the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: preemption handling stays off
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _batch_tokens(local: dict, num_shards: int) -> int:
+    """Real (non-pad) input + target tokens of the global batch, estimated from this shard."""
+    total = 0
+    for view in trainer.VIEWS:
+        if view in local:
+            total += int(np.count_nonzero(local[view]["encoder_input_tokens"]))
+            total += int(np.sum(local[view]["decoder_loss_weights"]))
+    return total * num_shards
+
+
+def _progress_line(step: int, total: int, metrics: dict, tokens_per_s: float, eta_s: float) -> str:
+    parts = [f"step {step}/{total}", f"loss {metrics['loss']:.4f}",
+             f"label {metrics['label_loss']:.4f}"]
+    if "rationale_loss" in metrics:
+        parts.append(f"rationale {metrics['rationale_loss']:.4f}")
+    parts += [f"lr {metrics['learning_rate']:.3g}", f"{tokens_per_s:,.0f} tok/s",
+              f"ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s"]
+    return " | ".join(parts)
+
+
+@dataclasses.dataclass
+class _Setup:
+    model_config: models.T5Config
+    partitioner: trainer.Partitioner
+    tx: Any
+    schedule: Any
+    batches: pipeline.PairedBatches
+    num_shards: int
+
+
+def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, Any]:
+    label_task = check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
+    if cfg.rationale_mixture_name is not None:
+        check_task(cfg.rationale_mixture_name, "RATIONALE_MIXTURE_NAME")
+    mesh = partitioning.make_mesh(cfg.mesh_shape)
+    trainer.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches, jax.process_count())
+    vocab_size = task_vocab_size(label_task)
+    initial_params = None
+    if cfg.initial_checkpoint_path and not from_checkpoint:
+        model_config, initial_params = load_initial(cfg.initial_checkpoint_path, cfg, vocab_size)
+    elif cfg.initial_checkpoint_path:
+        model_config = _initial_config(cfg, vocab_size)
+    else:
+        model_config = models.get_config(
+            cfg.model_name, **{"vocab_size": padded_vocab_size(vocab_size), **cfg.model_overrides})
+    partitioner = trainer.Partitioner(
+        mesh, partitioning.logical_axis_rules(cfg.fsdp), model_config)
+    schedule = optim.make_schedule(cfg.schedule, cfg.learning_rate, cfg.train_steps,
+                                   cfg.warmup_steps)
+    tx = optim.make_optimizer(schedule, cfg.optimizer, cfg.weight_decay, cfg.clip_norm)
+    shard_id, num_shards = distributed.process_batch_shard(mesh)
+    batches = pipeline.PairedBatches(
+        cfg.mixture_or_task_name, cfg.rationale_mixture_name, "train", cfg.batch_size,
+        cfg.task_feature_lengths, seed=cfg.random_seed, shard_id=shard_id,
+        num_shards=num_shards, data_fraction=cfg.data_fraction)
+    return _Setup(model_config, partitioner, tx, schedule, batches, num_shards), initial_params
+
+
+def _initial_config(cfg: run_config.RunConfig, vocab_size: int) -> models.T5Config:
+    """The model config of a run that started from INITIAL_CHECKPOINT_PATH (for resuming)."""
+    path = epath.Path(cfg.initial_checkpoint_path)
+    if (path / "config.json").exists():
+        from sbs_jax.models.hf import config_from_hf
+
+        return dataclasses.replace(
+            config_from_hf(json.loads((path / "config.json").read_text()), str(path)),
+            **cfg.model_overrides)
+    return models.get_config(
+        cfg.model_name, **{"vocab_size": padded_vocab_size(vocab_size), **cfg.model_overrides})
+
+
+def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
+    """Trains to TRAIN_STEPS (resuming if MODEL_DIR has a checkpoint); returns the summary."""
+    run_config.check_against_saved(cfg)
+    is_lead = jax.process_index() == 0
+    start_time = time.time()
+    resume_step = checkpoints.latest_step(cfg.model_dir)
+    setup, initial_params = _setup(cfg, from_checkpoint=resume_step is not None)
+    part = setup.partitioner
+    evaluate_now = cfg.eval_period > 0
+    checkpointer = checkpoints.Checkpointer(
+        cfg.model_dir, keep_last=cfg.keep_checkpoints,
+        best_metric=cfg.best_metric if evaluate_now else None,
+        async_save=cfg.async_checkpointing)
+    if resume_step is not None:
+        target = trainer.init_state(part, setup.model_config, setup.tx, cfg.random_seed)
+        params, opt_state, data_state = checkpointer.restore(
+            resume_step, checkpoints.abstract_like(target.params),
+            checkpoints.abstract_like(target.opt_state))
+        state = trainer.TrainState(
+            step=jax.device_put(np.int32(resume_step), part.replicated),
+            params=params, opt_state=opt_state)
+        setup.batches.restore(data_state)
+        del target
+    else:
+        if initial_params is not None:
+            _check_params_match(initial_params, part, cfg.initial_checkpoint_path)
+        state = trainer.init_state(part, setup.model_config, setup.tx, cfg.random_seed,
+                                   params=initial_params)
+    if is_lead:
+        run_config.save(cfg)
+        if operative_gin is not None:
+            run_config.write_text(epath.Path(cfg.model_dir) / GIN_FILE, operative_gin)
+    options = trainer.StepOptions(alpha=cfg.alpha, num_microbatches=cfg.num_microbatches,
+                                  label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+                                  seed=cfg.random_seed)
+    step_fn = trainer.make_train_step(part, models.T5(setup.model_config), setup.tx,
+                                      setup.schedule, options)
+    eval_examples = None
+    writer = metric_writers.create_default_writer(cfg.model_dir, just_logging=not is_lead)
+    step = int(resume_step or 0)
+    first_step = step
+    logged: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    pending: list[dict] = []
+    tokens_since, time_since = 0, time.time()
+    total_tokens, train_time = 0, 0.0
+    if is_lead:
+        print(f"training {cfg.model_name} on {cfg.mixture_or_task_name}"
+              f"{' + ' + cfg.rationale_mixture_name if cfg.rationale_mixture_name else ''} "
+              f"| mesh {dict(part.mesh.shape)} | steps {step}->{cfg.train_steps}", flush=True)
+
+    def flush_metrics(at_step: int) -> dict[str, float]:
+        """Fetches pending step metrics, checks they are finite, writes their mean."""
+        nonlocal pending
+        fetched = jax.device_get(pending)
+        pending = []
+        first = at_step - len(fetched) + 1
+        for offset, values in enumerate(fetched):
+            if not math.isfinite(float(values["loss"])):
+                kept = checkpoints.latest_step(cfg.model_dir)
+                raise NonFiniteLossError(
+                    f"loss is {float(values['loss'])} at step {first + offset}; stopping. "
+                    f"The last good checkpoint (step {kept}) is kept in "
+                    f"{checkpoints.checkpoint_dir(cfg.model_dir)}; lower LEARNING_RATE or "
+                    "check the data before resuming.")
+        if not fetched:
+            return {}
+        return {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1]}
+
+    try:
+        with _Preemption() as preemption:
+            while step < cfg.train_steps:
+                local = next(setup.batches)
+                global_batches = {
+                    v: trainer.global_batch(local[v], part.batch_sharding, cfg.batch_size)
+                    for v in trainer.VIEWS if v in local}
+                state, metrics = step_fn(state, global_batches)
+                step += 1
+                pending.append(metrics)
+                tokens_since += _batch_tokens(local, setup.num_shards)
+                if step == first_step + 1:  # leave compilation out of tokens/s and the ETA
+                    jax.block_until_ready(metrics)
+                    first_step, tokens_since, time_since = step, 0, time.time()
+                final = step == cfg.train_steps
+                eval_due = evaluate_now and (step % cfg.eval_period == 0 or final)
+                save_due = (step % cfg.checkpoint_period == 0 or final or preemption.requested
+                            or (eval_due and cfg.best_metric is not None))
+                if step % cfg.log_period == 0 or final or save_due:
+                    logged = flush_metrics(step)
+                    elapsed = max(time.time() - time_since, 1e-9)
+                    tokens_per_s = tokens_since / elapsed
+                    total_tokens += tokens_since
+                    train_time += elapsed
+                    rate = (step - first_step) / max(train_time, 1e-9)
+                    eta = (cfg.train_steps - step) / max(rate, 1e-9)
+                    logged["tokens_per_s"] = tokens_per_s
+                    writer.write_scalars(step, logged)
+                    if is_lead:
+                        print(_progress_line(step, cfg.train_steps, logged, tokens_per_s, eta),
+                              flush=True)
+                if eval_due:
+                    if eval_examples is None:
+                        eval_examples = evaluation.subset(
+                            pipeline.eval_set(cfg.mixture_or_task_name, cfg.eval_split,
+                                              cfg.task_feature_lengths["inputs"],
+                                              cfg.task_feature_lengths["targets"]),
+                            cfg.eval_max_examples)
+                    eval_metrics, _ = evaluation.evaluate(
+                        setup.model_config, state.params, eval_examples, cfg.eval_batch_size,
+                        cfg.max_decode_len)
+                    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                    if is_lead:
+                        print(f"eval step {step} ({cfg.eval_split}): "
+                              + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()),
+                              flush=True)
+                if save_due:
+                    checkpointer.save(step, state.params, state.opt_state, setup.batches.state(),
+                                      metrics=eval_metrics if eval_due else None)
+                time_since, tokens_since = time.time(), 0
+                if preemption.requested and not final:
+                    checkpointer.wait()
+                    if is_lead:
+                        print(f"SIGTERM: checkpoint of step {step} saved; exiting", flush=True)
+                    raise SystemExit(PREEMPTED_EXIT_CODE)
+        if pending:
+            logged = flush_metrics(step)
+        checkpointer.save(step, state.params, state.opt_state, setup.batches.state())
+        checkpointer.wait()
+        best_step = checkpointer.best_step()
+    finally:
+        checkpointer.close()
+        writer.flush()
+    summary = {
+        "step": step, "train_steps": cfg.train_steps, "resumed_from": resume_step,
+        "final_train_metrics": logged, "eval_metrics": eval_metrics,
+        "best_step": best_step, "best_metric": cfg.best_metric,
+        "tokens_per_s": total_tokens / train_time if train_time else None,
+        "wall_s": round(time.time() - start_time, 2), "mesh": dict(part.mesh.shape),
+        "num_devices": jax.device_count(), "num_processes": jax.process_count(),
+        "model_config": dataclasses.asdict(setup.model_config),
+        "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(part.abstract_params))),
+    }
+    if is_lead:
+        run_config.write_text(epath.Path(cfg.model_dir) / SUMMARY_FILE,
+                              json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
