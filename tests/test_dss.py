@@ -178,3 +178,10 @@ def test_built_tasks_align_label_and_rationale_by_id_with_nested_fractions(
         subsets.append(set(iterator.ids))
     assert [len(s) for s in subsets] == [90, 180, 360, 720]
     assert subsets[0] < subsets[1] < subsets[2] < subsets[3]
+
+
+@pytest.mark.parametrize("main", [build.main, stats.main])
+def test_clis_answer_help(main, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "--data_dir" in capsys.readouterr().out

@@ -151,3 +151,22 @@ def test_missing_shards_and_vocabulary_errors_name_what_to_do(toy_dir, tmp_path)
                                             source="svamp/test")])
     with pytest.raises(Exception, match=r"missing\.model.*SBS_VOCAB"):
         _read("svamp_label_gt", "test")
+
+
+def test_gin_binding_names_the_data_folder_and_vocabulary(monkeypatch, tmp_path):
+    import gin
+
+    monkeypatch.setenv("SBS_DATA_DIR", "/from/env")
+    monkeypatch.delenv("SBS_VOCAB", raising=False)
+    assert tasks.data_dir() == "/from/env"
+    gin.parse_config([f"tasks.data_config.data_dir = '{tmp_path}'",
+                      "tasks.data_config.vocabulary_path = '/gin/spiece.model'"])
+    try:
+        assert tasks.data_dir() == str(tmp_path)
+        with pytest.raises(FileNotFoundError, match="/gin/spiece.model"):
+            tasks.get_vocabulary()
+        tasks.set_data_dir("/explicit")
+        assert tasks.data_dir() == "/explicit"
+    finally:
+        tasks.set_data_dir(None)
+        gin.clear_config()
