@@ -41,6 +41,15 @@ def task_list(name: str) -> list[seqio.Task]:
     return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
 
 
+_KEPT = ("id", "inputs", "targets", "inputs_pretokenized", "targets_pretokenized")
+
+
+def _unbatch_ragged(value: np.ndarray) -> list[np.ndarray]:
+    """Rows of a ragged batch from `as_numpy_iterator` (an object array of rows, or a 2-D array
+    when every row has the same length) as int32 arrays."""
+    return [np.asarray(row, dtype=np.int32) for row in value]
+
+
 def load_tokenized(name: str, split: str, lengths: Mapping[str, int],
                    use_cached: bool = False) -> dict[str, dict]:
     """`{id: example}` of a task or mixture, examples trimmed to `lengths` (EOS kept).
@@ -52,16 +61,20 @@ def load_tokenized(name: str, split: str, lengths: Mapping[str, int],
     for task in task_list(name):
         dataset = task.get_dataset(dict(lengths), split=split, shuffle=False,
                                    use_cached=use_cached, num_epochs=1)
-        for example in dataset.as_numpy_iterator():
-            example_id = example["id"].decode("utf-8")
-            if example_id in examples:
-                raise ValueError(f"duplicate example id {example_id!r} in {name!r}/{split}")
-            examples[example_id] = {
-                "inputs": example["inputs"].astype(np.int32),
-                "targets": example["targets"].astype(np.int32),
-                "inputs_pretokenized": example["inputs_pretokenized"].decode("utf-8"),
-                "targets_pretokenized": example["targets_pretokenized"].decode("utf-8"),
-            }
+        # Batched iteration: per-example Python iteration of tf.data costs ~5x more.
+        dataset = dataset.map(lambda ex: {key: ex[key] for key in _KEPT}).ragged_batch(1024)
+        for batch in dataset.as_numpy_iterator():
+            tokens = {key: _unbatch_ragged(batch[key]) for key in ("inputs", "targets")}
+            for row, raw_id in enumerate(batch["id"]):
+                example_id = raw_id.decode("utf-8")
+                if example_id in examples:
+                    raise ValueError(f"duplicate example id {example_id!r} in {name!r}/{split}")
+                examples[example_id] = {
+                    "inputs": tokens["inputs"][row],
+                    "targets": tokens["targets"][row],
+                    "inputs_pretokenized": batch["inputs_pretokenized"][row].decode("utf-8"),
+                    "targets_pretokenized": batch["targets_pretokenized"][row].decode("utf-8"),
+                }
     if not examples:
         raise ValueError(f"{name!r} has no examples in split {split!r}")
     return examples
