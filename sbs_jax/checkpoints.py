@@ -10,6 +10,7 @@ step by an eval metric. Works with local and gs:// paths (orbax / etils.epath).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
@@ -45,6 +46,23 @@ def latest_step(model_dir: str) -> int | None:
     """The newest finalised step in MODEL_DIR, or None. Read-only: safe while a run writes."""
     steps = all_steps(model_dir)
     return steps[-1] if steps else None
+
+
+def step_metrics(model_dir: str, step: int) -> dict[str, float] | None:
+    """The eval metrics saved with a step (None when it was saved without). Read-only."""
+    path = _resolve(model_dir) / str(step) / "metrics" / "metrics"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def best_step(model_dir: str, metric: str, mode: str = "max") -> int | None:
+    """The kept step with the best `metric` (None if no step has it). Read-only."""
+    sign = 1.0 if mode == "max" else -1.0
+    scored = []
+    for step in all_steps(model_dir):
+        metrics = step_metrics(model_dir, step)
+        if metrics and metric in metrics:
+            scored.append((sign * float(metrics[metric]), step))
+    return max(scored)[1] if scored else None
 
 
 def load_params(model_dir: str, step: int | None = None) -> Any:
@@ -121,12 +139,7 @@ class Checkpointer:
         """The kept step with the best metric (None without a best metric or any metrics)."""
         if self.best_metric is None:
             return None
-        scored = []
-        for step in self._manager.all_steps():
-            metrics = self._manager.metrics(step)
-            if metrics and self.best_metric in metrics:
-                scored.append((self._sign * float(metrics[self.best_metric]), step))
-        return max(scored)[1] if scored else None
+        return best_step(str(self.directory), self.best_metric, "max" if self._sign > 0 else "min")
 
     def save(
         self,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sbs_jax import decoding
+from sbs_jax import checkpoints, convert, decoding
 from sbs_jax.data.pipeline import EvalSet
 from sbs_jax.models import T5Config
 
@@ -39,10 +39,15 @@ def subset(eval_set: EvalSet, max_examples: int | None) -> EvalSet:
     """The first `max_examples` examples (ids are sorted, so the subset is stable)."""
     if max_examples is None or max_examples >= len(eval_set.ids):
         return eval_set
-    n = int(max_examples)
+    return subset_rows(eval_set, list(range(int(max_examples))))
+
+
+def subset_rows(eval_set: EvalSet, rows: list[int]) -> EvalSet:
+    """The examples at `rows`, in that order (to align another task's examples by id)."""
     return dataclasses.replace(
-        eval_set, ids=eval_set.ids[:n], inputs=eval_set.inputs[:n],
-        inputs_text=eval_set.inputs_text[:n], targets=eval_set.targets[:n])
+        eval_set, ids=[eval_set.ids[r] for r in rows], inputs=[eval_set.inputs[r] for r in rows],
+        inputs_text=[eval_set.inputs_text[r] for r in rows],
+        targets=[eval_set.targets[r] for r in rows])
 
 
 def evaluate(
@@ -54,3 +59,26 @@ def evaluate(
     metrics = {k: float(v) for k, v in eval_set.score(predictions).items()}
     metrics["num_examples"] = float(len(predictions))
     return metrics, predictions
+
+
+def choose_step(model_dir: str, step: str | int, best_metric: str | None = "accuracy") -> int:
+    """`latest`, `best` (by the eval metric saved with checkpoints; the latest when no step has
+    one) or a step number, checked to exist."""
+    if str(step) == "latest" or (str(step) == "best" and best_metric is None):
+        chosen = checkpoints.latest_step(model_dir)
+    elif str(step) == "best":
+        chosen = checkpoints.best_step(model_dir, best_metric)
+        if chosen is None:
+            chosen = checkpoints.latest_step(model_dir)
+    else:
+        chosen = int(step)
+    if chosen is None:
+        raise FileNotFoundError(f"MODEL_DIR={model_dir} has no finalised checkpoint")
+    return chosen
+
+
+def load_trained(model_dir: str, step: int) -> tuple[T5Config, Any]:
+    """Host params of a step and the architecture that fits them (model_config.json /
+    run_config.json, sizes read from the parameter shapes)."""
+    params = checkpoints.load_params(model_dir, step)
+    return convert.config_from_params(params, convert.base_config(model_dir, None)), params

@@ -25,7 +25,8 @@ from sbs_jax.tf_setup import tf  # noqa: F401  (before clu/seqio import TF: keep
 
 from clu import metric_writers  # noqa: E402
 
-from sbs_jax import checkpoints, distributed, evaluation, models, optim, partitioning  # noqa: E402
+from sbs_jax import checkpoints, convert, distributed, evaluation, models, optim  # noqa: E402
+from sbs_jax import partitioning  # noqa: E402
 from sbs_jax import run_config, trainer  # noqa: E402
 from sbs_jax.data import pipeline  # noqa: E402
 from sbs_jax.vocab import padded_vocab_size  # noqa: E402
@@ -202,7 +203,8 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
         state = trainer.TrainState(
             step=jax.device_put(np.int32(resume_step), part.replicated),
             params=params, opt_state=opt_state)
-        setup.batches.restore(data_state)
+        if data_state:  # a step written by `sbs-convert --to=ours` has no data position yet
+            setup.batches.restore(data_state)
         del target
     else:
         if initial_params is not None:
@@ -211,6 +213,8 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
                                    params=initial_params)
     if is_lead:
         run_config.save(cfg)
+        run_config.write_text(epath.Path(cfg.model_dir) / convert.MODEL_CONFIG_FILE,
+                              convert.config_to_json(setup.model_config))
         if operative_gin is not None:
             run_config.write_text(epath.Path(cfg.model_dir) / GIN_FILE, operative_gin)
     options = trainer.StepOptions(alpha=cfg.alpha, num_microbatches=cfg.num_microbatches,

@@ -1,0 +1,127 @@
+"""The train / eval / infer CLIs end to end on the quickstart config, and their clear errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sbs_jax import checkpoints, gin_utils
+from sbs_jax import train as train_cli
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+QUICK = ["--gin_file=gin/quickstart.gin", "--gin.TRAIN_STEPS=12", "--gin.EVAL_PERIOD=6",
+         "--gin.CHECKPOINT_PERIOD=6", "--gin_bindings=RunConfig.warmup_steps=2",
+         "--gin_bindings=RunConfig.eval_max_examples=16",
+         "--gin_bindings=RunConfig.log_period=3"]
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory):
+    """Environment of CLI subprocesses: 8 CPU devices, a private synthetic data folder."""
+    env = dict(os.environ)
+    env["SBS_DATA_DIR"] = str(tmp_path_factory.mktemp("sbs_data"))
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run_cli(module, args, env, timeout=420):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory, cli_env):
+    model_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    proc = run_cli("sbs_jax.train", [*QUICK, f"--gin.MODEL_DIR='{model_dir}'"], cli_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return model_dir, proc.stdout
+
+
+def test_quickstart_trains_evaluates_checkpoints_and_logs(quickstart_dir):
+    model_dir, stdout = quickstart_dir
+    summary = json.loads((model_dir / "run_summary.json").read_text())
+    assert summary["step"] == 12 and summary["mesh"] == {"data": 8, "fsdp": 1, "model": 1}
+    assert set(summary["eval_metrics"]) >= {"accuracy", "num_examples"}
+    assert summary["eval_metrics"]["num_examples"] == 16
+    assert checkpoints.all_steps(str(model_dir)) == [6, 12]
+    assert checkpoints.step_metrics(str(model_dir), 12)["num_examples"] == 16
+    saved = json.loads((model_dir / "run_config.json").read_text())
+    assert saved["train_steps"] == 12 and saved["rationale_mixture_name"] == "synthetic_rationale"
+    assert "RunConfig.alpha = %ALPHA" in (model_dir / "config.gin").read_text()
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(model_dir))
+    progress = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert len(progress) == 4 and all("tok/s" in p and "ETA" in p for p in progress)
+    losses = [float(p.split("| loss ")[1].split(" ")[0]) for p in progress]
+    assert losses[-1] < losses[0]
+    assert "rationale" in progress[0] and "eval step 6 (valid)" in stdout
+
+
+def test_eval_and_infer_read_the_run(quickstart_dir, cli_env, tmp_path):
+    model_dir, _ = quickstart_dir
+    flags = [*QUICK, f"--gin.MODEL_DIR='{model_dir}'", "--split=test", "--max_examples=8"]
+    metrics_path = tmp_path / "metrics.json"
+    proc = run_cli("sbs_jax.eval", [*flags, "--step=latest", f"--output={metrics_path}"], cli_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["step"] == 12 and metrics["split"] == "test" and metrics["num_examples"] == 8
+    assert 0.0 <= metrics["accuracy"] <= 100.0
+    preds = tmp_path / "preds.jsonl"
+    proc = run_cli("sbs_jax.infer", [*flags, f"--output={preds}", "--output_rationale"], cli_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 8 and len({r["id"] for r in rows}) == 8
+    assert all(r["input"].startswith("predict: ") for r in rows)
+    assert all(set(r) == {"id", "input", "target", "prediction", "rationale"} for r in rows)
+
+
+@pytest.mark.parametrize("module", ["sbs_jax.train", "sbs_jax.eval", "sbs_jax.infer"])
+def test_help(module, cli_env):
+    proc = run_cli(module, ["--help"], cli_env, timeout=120)
+    assert proc.returncode == 0 and "--gin_file" in proc.stdout
+
+
+def _main_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_gin_mistakes_are_named(capsys, tmp_path):
+    model_dir = f"--gin.MODEL_DIR='{tmp_path}'"
+    err = _main_error(capsys, ["--gin_file=gin/quickstart.gin", model_dir, "--gin.TRAIN_STEP=5"])
+    assert "--gin.TRAIN_STEP" in err and "TRAIN_STEPS" in err
+    err = _main_error(capsys, ["--gin_file=gin/quickstart.gin", model_dir,
+                               "--gin_bindings=RunConfig.learning_rat = 0.1"])
+    assert "learning_rat" in err
+    err = _main_error(capsys, ["--gin_file=gin/nope.gin", model_dir])
+    assert "gin/nope.gin" in err and "not found" in err
+    err = _main_error(capsys, ["--gin_file=gin/quickstart.gin"])
+    assert "MODEL_DIR" in err
+
+
+def test_setup_errors_name_the_setting(capsys, tmp_path, quickstart_dir, cli_env, monkeypatch):
+    monkeypatch.setenv("SBS_DATA_DIR", cli_env["SBS_DATA_DIR"])
+    fresh = f"--gin.MODEL_DIR='{tmp_path / 'fresh'}'"
+    err = _main_error(capsys, [*QUICK, fresh, "--gin.MIXTURE_OR_TASK_NAME='synthetic_lable_gt'"])
+    assert "MIXTURE_OR_TASK_NAME='synthetic_lable_gt'" in err and "synthetic_label_gt" in err
+    err = _main_error(capsys, [*QUICK, fresh, "--gin.BATCH_SIZE=12"])
+    assert "BATCH_SIZE=12" in err and "data x fsdp = 8" in err
+    model_dir, _ = quickstart_dir
+    err = _main_error(capsys, [*QUICK, f"--gin.MODEL_DIR='{model_dir}'", "--gin.ALPHA=0.3"])
+    assert "ALPHA: saved 0.5, now 0.3" in err and str(model_dir) in err
+    assert not (tmp_path / "fresh" / "checkpoints").exists()
+
+
+def test_shorthand_flags_become_bindings():
+    rest, bindings = gin_utils.split_gin_shorthand(
+        ["--gin.MODEL_DIR='/x'", "--split=test", "--gin.TRAIN_STEPS", "7"])
+    assert rest == ["--split=test"]
+    assert bindings == ["MODEL_DIR = '/x'", "TRAIN_STEPS = 7"]
+    np.testing.assert_equal(gin_utils.REPO_ROOT, str(REPO_ROOT))
