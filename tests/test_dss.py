@@ -185,3 +185,14 @@ def test_clis_answer_help(main, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "--data_dir" in capsys.readouterr().out
+
+
+def test_build_requires_teacher_completions_unless_allowed(tmp_path):
+    source = tmp_path / "release"
+    _toy_release(source, "cqa", [GOOD_CQA])
+    with pytest.raises(FileNotFoundError, match=r"no teacher completions.*--allow_missing_teacher"):
+        build.build(str(source), str(tmp_path / "out"), "cqa", ["test"])
+    info = json.load(open(build.build(str(source), str(tmp_path / "out"), "cqa", ["test"],
+                                      allow_missing_teacher=True)))
+    assert info["splits"]["test"]["num_records"] == 1
+    assert records.read_split(str(tmp_path / "out" / "cqa"), "test")[0].rationale == ""

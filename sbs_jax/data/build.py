@@ -26,9 +26,14 @@ def _needed_released_splits(dataset: str, splits: list[str]) -> list[str]:
     return sorted({s if s in released else "train" for s in splits}, key=records.SPLITS.index)
 
 
-def prepare(source_dir: str, dataset: str, splits: list[str],
-            skip_bad: bool = False) -> tuple[dict[str, list[records.Record]], dict]:
-    """Reads and checks the requested splits; returns records per split and info extras."""
+def prepare(source_dir: str, dataset: str, splits: list[str], skip_bad: bool = False,
+            allow_missing_teacher: bool = False
+            ) -> tuple[dict[str, list[records.Record]], dict]:
+    """Reads and checks the requested splits; returns records per split and info extras.
+
+    A split without teacher completions is an error unless `allow_missing_teacher` (its
+    records then have empty teacher fields: fine for `_gt` / `_standard_gt` tasks only).
+    """
     loaded = {}
     for released in _needed_released_splits(dataset, splits):
         try:
@@ -39,6 +44,12 @@ def prepare(source_dir: str, dataset: str, splits: list[str],
                 others = [s for s in splits if s != "train" and s in dss.RELEASED_SPLITS[dataset]]
                 hint = f" Or build the other splits only: --splits {' '.join(others)}."
             raise FileNotFoundError(f"cannot build {dataset}/{released}: {error}{hint}") from None
+        if not loaded[released].has_completions and not allow_missing_teacher:
+            raise FileNotFoundError(
+                f"cannot build {dataset}/{released}: no teacher completions "
+                f"{os.path.join(source_dir, dataset, 'llm', released + '_CoT_*.json')}. Run the "
+                "teacher job (sbs-teacher) on these inputs instead, or pass "
+                "--allow_missing_teacher to build gold-label-only records.")
     by_split: dict[str, list[records.Record]] = {}
     for split in splits:
         if split in dss.RELEASED_SPLITS[dataset]:
@@ -69,14 +80,15 @@ def prepare(source_dir: str, dataset: str, splits: list[str],
 
 
 def build(source_dir: str, data_dir: str, dataset: str, splits: list[str] | None = None,
-          records_per_shard: int = 50_000, skip_bad: bool = False) -> str:
+          records_per_shard: int = 50_000, skip_bad: bool = False,
+          allow_missing_teacher: bool = False) -> str:
     """Builds one dataset folder under `data_dir`; returns its info.json path."""
     splits = list(splits or records.SPLITS)
     directory = os.path.join(data_dir, dataset)
     if dataset == "synthetic":
         synthetic.write_dataset(directory, {s: synthetic.DEFAULT_SIZES[s] for s in splits})
         return os.path.join(directory, "info.json")
-    by_split, extras = prepare(source_dir, dataset, splits, skip_bad)
+    by_split, extras = prepare(source_dir, dataset, splits, skip_bad, allow_missing_teacher)
     for split, recs in by_split.items():
         records.write_split(recs, directory, split, records_per_shard)
     return records.write_info(directory, dataset, extras)
@@ -95,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records_per_shard", type=int, default=50_000)
     parser.add_argument("--skip_bad", action="store_true",
                         help="skip malformed rows (counted in info.json) instead of stopping")
+    parser.add_argument("--allow_missing_teacher", action="store_true",
+                        help="build splits that have no teacher completions (gold labels only)")
     args = parser.parse_args(argv)
     for dataset in args.dataset:
         if dataset != "synthetic" and not args.source_dir:
             parser.error(f"--source_dir is required for {dataset}")
         try:
             info = build(args.source_dir, args.data_dir, dataset, args.splits,
-                         args.records_per_shard, args.skip_bad)
+                         args.records_per_shard, args.skip_bad, args.allow_missing_teacher)
         except (FileNotFoundError, dss.DataError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
