@@ -169,4 +169,6 @@ def test_gin_binding_names_the_data_folder_and_vocabulary(monkeypatch, tmp_path)
         assert tasks.data_dir() == "/explicit"
     finally:
         tasks.set_data_dir(None)
-        gin.clear_config()
+        # Back to the defaults without clearing other tests' bindings.
+        gin.bind_parameter("tasks.data_config.data_dir", None)
+        gin.bind_parameter("tasks.data_config.vocabulary_path", None)
