@@ -26,6 +26,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 ACTIONS = ("ok", "429", "429-date", "500", "503", "hang", "malformed", "noanswer", "401")
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default backlog of 5 resets connections at concurrency 64
+
+
 def default_answer(prompt: str) -> str:
     return "The teacher thought about it. So the answer is 42."
 
@@ -58,8 +63,7 @@ class FakeTeacher:
         self.auth_headers: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread: threading.Thread | None = None
 
     @property
@@ -101,6 +105,7 @@ class FakeTeacher:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else headers and body wait on delayed ACKs (40 ms)
 
             def log_message(self, *args) -> None:  # keep test output clean
                 pass

@@ -36,6 +36,7 @@ CHAT_INSTRUCTION = (
     "rationale ending in the same answer sentence the examples use. Write nothing else."
 )
 MAX_RETRY_AFTER_S = 600.0
+CONNECTIONS_PER_POOL = 8
 
 
 @dataclass(frozen=True)
@@ -162,24 +163,43 @@ class OpenAIBackend:
         self._api_key = api_key
         self._concurrency = concurrency
         self._random = random.Random(seed)
-        self._client: httpx2.AsyncClient | None = None
+        self._clients: list[httpx2.AsyncClient] = []
+        self._in_flight: list[int] = []
 
     async def __aenter__(self) -> OpenAIBackend:
+        # Several small connection pools: a pool's bookkeeping costs time linear in its size
+        # per request, which at 64 connections was most of the client's CPU.
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        self._client = httpx2.AsyncClient(
-            base_url=self.base_url + "/",
-            headers=headers,
-            timeout=httpx2.Timeout(self.timeout_s),
-            limits=httpx2.Limits(
-                max_connections=self._concurrency, max_keepalive_connections=self._concurrency
-            ),
-        )
+        num_pools = -(-self._concurrency // CONNECTIONS_PER_POOL)
+        per_pool = -(-self._concurrency // num_pools)
+        tls = httpx2.create_ssl_context()  # one for all pools: each costs ~40 ms to build
+        self._clients = [
+            httpx2.AsyncClient(
+                base_url=self.base_url + "/",
+                headers=headers,
+                timeout=httpx2.Timeout(self.timeout_s),
+                verify=tls,
+                limits=httpx2.Limits(max_connections=per_pool,
+                                     max_keepalive_connections=per_pool),
+            )
+            for _ in range(num_pools)
+        ]
+        self._in_flight = [0] * num_pools
         return self
 
     async def __aexit__(self, *exc) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in self._clients:
+            await client.aclose()
+        self._clients = []
+
+    async def _post(self, body: dict) -> httpx2.Response:
+        """POSTs through the least busy pool."""
+        pool = min(range(len(self._clients)), key=self._in_flight.__getitem__)
+        self._in_flight[pool] += 1
+        try:
+            return await self._clients[pool].post(ENDPOINTS[self.endpoint], json=body)
+        finally:
+            self._in_flight[pool] -= 1
 
     def _body(self, prompt: str, n: int) -> dict:
         body = {"model": self.model, "max_tokens": self.max_tokens,
@@ -218,7 +238,7 @@ class OpenAIBackend:
 
     async def _request(self, prompt: str, n: int, earlier_requests: int):
         """One logical request with retries: (texts, prompt_tokens, completion_tokens, attempts)."""
-        assert self._client is not None, "use `async with OpenAIBackend(...)`"
+        assert self._clients, "use `async with OpenAIBackend(...)`"
         body = self._body(prompt, n)
         estimate = estimate_tokens(prompt) + n * self.max_tokens
         reason = "no attempt made"
@@ -227,7 +247,7 @@ class OpenAIBackend:
             retry_after = None
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    response = await self._client.post(ENDPOINTS[self.endpoint], json=body)
+                    response = await self._post(body)
             except TimeoutError:
                 reason = f"timeout after {self.timeout_s:g}s"
             except httpx2.TransportError as exc:

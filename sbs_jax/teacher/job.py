@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sbs_jax.data.parse import ParsedCompletion, parse_completion
 from sbs_jax.data.records import Record
+from sbs_jax.metrics import arithmetic_equal
 from sbs_jax.teacher.http_backend import Generation, TeacherError, TeacherUnavailable
 from sbs_jax.teacher.inputs import TeacherInput
 from sbs_jax.teacher.ledger import Batch, Ledger
@@ -59,9 +60,11 @@ def vote(dataset: str, completions: list[str]) -> tuple[ParsedCompletion, str] |
     return next((p, text) for p, text in usable if p.label.strip() == winner)
 
 
-def labels_agree(llm_label: str, gold: str) -> bool:
-    """Teacher label equals gold label (stripped, case-insensitive) for the stats report."""
-    return llm_label.strip().lower() == gold.strip().lower()
+def labels_agree(dataset: str, llm_label: str, gold: str) -> bool:
+    """The paper's teacher-accuracy rule: exact match, or equal values for SVAMP expressions."""
+    if dataset == "svamp":
+        return arithmetic_equal(llm_label, gold)
+    return llm_label.strip() == gold.strip()
 
 
 class _Run:
@@ -97,7 +100,8 @@ class _Run:
         label = parsed.label.strip()
         if example.label:
             counters["gold_known"] += 1
-            counters["gold_agree"] += int(labels_agree(label, example.label))
+            counters["gold_agree"] += int(labels_agree(self.options.dataset, label,
+                                                       example.label))
         self.buffer.records.append(Record(
             id=example.id, input=example.input, label=example.label, llm_label=label,
             rationale=parsed.rationale.strip(), source=f"{self.options.dataset}/"

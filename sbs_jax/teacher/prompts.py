@@ -11,6 +11,7 @@ contains each input exactly as given.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 
@@ -23,13 +24,14 @@ PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def _default_prompts_dir() -> str:
-    """`tasks/prompts` of the installed `tasks` package (falls back to the source tree)."""
-    try:
-        import tasks
+    """`tasks/prompts` of the installed `tasks` package (falls back to the source tree).
 
-        return os.path.join(os.path.dirname(os.path.abspath(tasks.__file__)), "prompts")
-    except ImportError:
-        return PROMPTS_DIR
+    Found without importing `tasks`, which would pull in seqio (seconds of start-up).
+    """
+    spec = importlib.util.find_spec("tasks")
+    if spec is not None and spec.submodule_search_locations:
+        return os.path.join(list(spec.submodule_search_locations)[0], "prompts")
+    return PROMPTS_DIR
 
 
 class PromptTemplate:
