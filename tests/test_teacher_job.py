@@ -51,9 +51,9 @@ def test_faults_end_written_once_or_failed_with_reason(tmp_path, capsys, caplog,
     out = tmp_path / "out"
     argv = ["--input", str(inputs), "--dataset", "synthetic", "--backend", "openai",
             "--model", "fake", "--api_key_env", "TEACHER_KEY", "--output_dir", str(out),
-            "--concurrency", "4", "--max_retries", "2", "--timeout_s", "0.5",
+            "--concurrency", "4", "--max_retries", "2", "--timeout_s", "1.5",
             "--backoff_base_s", "0.01", "--shard_size", "4", "--log_level", "DEBUG"]
-    with FakeTeacher(answer=synthetic_answer, faults=faults, retry_after_s=1) as teacher:
+    with FakeTeacher(answer=synthetic_answer, faults=faults, retry_after_s=1, hang_s=3) as teacher:
         code, log_text = _run(argv + ["--base_url", teacher.base_url], capsys)
         assert code == 0, log_text
         stats = json.loads((out / "stats.json").read_text())
