@@ -11,11 +11,11 @@ the same tokens. Each (config, method, options) compiles once; jax caches per in
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sbs_jax.models.t5 import T5, T5Config
 from sbs_jax.vocab import EOS_ID
@@ -117,16 +117,16 @@ def _beam_search(config: T5Config, max_len: int, num_beams: int, length_penalty:
         cache = _init_cache(model, params, encoded, tokens, max_len)
         offsets = (jnp.arange(batch) * num_beams)[:, None]
 
-        state = dict(
-            t=jnp.int32(0), cache=cache,
-            running=jnp.zeros((batch, num_beams, max_len), jnp.int32),
-            running_scores=jnp.zeros((batch, num_beams)).at[:, 1:].set(_NEG),
-            finished=jnp.zeros((batch, num_beams, max_len), jnp.int32),
-            finished_scores=jnp.full((batch, num_beams), _NEG),
-            is_finished=jnp.zeros((batch, num_beams), bool),
-            improvable=jnp.ones((batch, 1), bool),
-            hits=jnp.zeros((batch, keep), bool),
-        )
+        state = {
+            "t": jnp.int32(0), "cache": cache,
+            "running": jnp.zeros((batch, num_beams, max_len), jnp.int32),
+            "running_scores": jnp.zeros((batch, num_beams)).at[:, 1:].set(_NEG),
+            "finished": jnp.zeros((batch, num_beams, max_len), jnp.int32),
+            "finished_scores": jnp.full((batch, num_beams), _NEG),
+            "is_finished": jnp.zeros((batch, num_beams), bool),
+            "improvable": jnp.ones((batch, 1), bool),
+            "hits": jnp.zeros((batch, keep), bool),
+        }
 
         def cond(s):
             open_beam = ~(jnp.all(s["is_finished"]) & (early_stopping is True))
@@ -175,9 +175,10 @@ def _beam_search(config: T5Config, max_len: int, num_beams: int, length_penalty:
             best_running = running_scores[:, :1] / best_len ** length_penalty
             worst = jnp.where(is_finished, jnp.min(finished_scores, axis=1, keepdims=True), _NEG)
             improvable = s["improvable"] & jnp.any(best_running > worst, axis=-1, keepdims=True)
-            return dict(t=t + 1, cache=cache, running=running, running_scores=running_scores,
-                        finished=finished, finished_scores=finished_scores,
-                        is_finished=is_finished, improvable=improvable, hits=hits)
+            return {"t": t + 1, "cache": cache, "running": running,
+                    "running_scores": running_scores, "finished": finished,
+                    "finished_scores": finished_scores, "is_finished": is_finished,
+                    "improvable": improvable, "hits": hits}
 
         final = jax.lax.while_loop(cond, body, state)
         return final["finished"][:, 0]

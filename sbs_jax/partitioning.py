@@ -6,7 +6,8 @@ into `NamedSharding`s with `params_shardings`, and places batches with `batch_sh
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 import torch
+from hf_t5_fixtures import make_hf_dir
 from transformers import GenerationConfig
 
-from hf_t5_fixtures import make_hf_dir
 from sbs_jax import decoding
 from sbs_jax.models import T5, load_hf
 

@@ -1,16 +1,17 @@
 """HF T5 parity and checkpoint interop: import, export, round trips, clear errors."""
 
 import json
+import pathlib
 
 import jax
 import numpy as np
 import pytest
 import torch
+from hf_t5_fixtures import hf_logits_and_loss, make_hf_dir, padded_batch
 from safetensors.numpy import load_file, save_file
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from hf_t5_fixtures import hf_logits_and_loss, make_hf_dir, padded_batch
 from sbs_jax import losses
 from sbs_jax.models import T5, get_config, init_params
 from sbs_jax.models.hf import CheckpointError, load_hf, save_hf
@@ -58,7 +59,7 @@ def test_import_matches_hf_logits_and_loss(hf_checkpoint):
 
 
 def test_pytorch_bin_imports_like_safetensors(hf_checkpoint, tmp_path):
-    style, path, _ = hf_checkpoint
+    _, path, _ = hf_checkpoint
     state = {k: torch.from_numpy(v.copy()) for k, v in load_file(path / "model.safetensors").items()}
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -107,7 +108,7 @@ def test_export_with_vocabulary_gives_working_tokenizer(tmp_path, tiny_vocab_pat
 
     config = get_config("t5_1_1_tiny", vocab_size=VOCAB)
     save_hf(config, init_params(config, jax.random.PRNGKey(0)), tmp_path, vocab=tiny_vocab_path)
-    assert (tmp_path / "spiece.model").read_bytes() == open(tiny_vocab_path, "rb").read()
+    assert (tmp_path / "spiece.model").read_bytes() == pathlib.Path(tiny_vocab_path).read_bytes()
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
     text = "Tom has 6 cards."

@@ -12,5 +12,16 @@ from sbs_jax.models.t5 import (
     unstack_layers,
 )
 
-__all__ = ["CheckpointError", "T5", "T5Config", "abstract_params", "config_names", "get_config",
-           "init_params", "load_hf", "save_hf", "stack_layers", "unstack_layers"]
+__all__ = [
+    "T5",
+    "CheckpointError",
+    "T5Config",
+    "abstract_params",
+    "config_names",
+    "get_config",
+    "init_params",
+    "load_hf",
+    "save_hf",
+    "stack_layers",
+    "unstack_layers",
+]

@@ -15,7 +15,8 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -223,7 +224,7 @@ def _read_state(directory: pathlib.Path) -> dict[str, np.ndarray]:
     state = {}
     for name in files:
         with safe_open(str(directory / name), framework="flax") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 state[key] = np.asarray(f.get_tensor(key))
     return state
 

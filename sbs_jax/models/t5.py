@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,13 +83,13 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
 }
 
-_V1_0 = dict(mlp_activations=("relu",), logits_via_embedding=True)
-_V1_1 = dict(mlp_activations=("gelu", "linear"), logits_via_embedding=False)
+_V1_0 = {"mlp_activations": ("relu",), "logits_via_embedding": True}
+_V1_1 = {"mlp_activations": ("gelu", "linear"), "logits_via_embedding": False}
 
 
 def _sizes(emb, heads, layers, mlp, head_dim=64):
-    return dict(emb_dim=emb, num_heads=heads, num_encoder_layers=layers,
-                num_decoder_layers=layers, mlp_dim=mlp, head_dim=head_dim)
+    return {"emb_dim": emb, "num_heads": heads, "num_encoder_layers": layers,
+            "num_decoder_layers": layers, "mlp_dim": mlp, "head_dim": head_dim}
 
 
 # Published sizes (T5 paper, T5 1.1 and Flan-T5 releases); tiny ones are for tests.
