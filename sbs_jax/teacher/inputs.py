@@ -36,31 +36,32 @@ class TeacherInput:
         return {"input": self.input}
 
 
+def parse_jsonl_line(line: str, where: str) -> TeacherInput | None:
+    """One JSONL line as an example (None for a blank line); errors name `where`."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict) or "id" not in row:
+        raise ValueError(f"{where}: each line needs an object with an \"id\"")
+    if "input" in row:
+        text = row["input"]
+    elif "premise" in row and "hypothesis" in row:
+        text = dss.join_nli_input(row["premise"], row["hypothesis"])
+    else:
+        raise ValueError(f"{where}: needs \"input\" (or \"premise\" and \"hypothesis\")")
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{where}: \"input\" must be a non-empty string")
+    label = row.get("label")
+    return TeacherInput(str(row["id"]), text, "" if label is None else str(label))
+
+
 def _from_jsonl(path: str) -> list[TeacherInput]:
-    examples = []
     with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or "id" not in row:
-                raise ValueError(f"{where}: each line needs an object with an \"id\"")
-            if "input" in row:
-                text = row["input"]
-            elif "premise" in row and "hypothesis" in row:
-                text = dss.join_nli_input(row["premise"], row["hypothesis"])
-            else:
-                raise ValueError(f"{where}: needs \"input\" (or \"premise\" and \"hypothesis\")")
-            if not isinstance(text, str) or not text:
-                raise ValueError(f"{where}: \"input\" must be a non-empty string")
-            label = row.get("label")
-            examples.append(TeacherInput(str(row["id"]), text, "" if label is None else
-                                         str(label)))
-    return examples
+        examples = [parse_jsonl_line(line, f"{path}:{number}") for number, line in enumerate(f, 1)]
+    return [example for example in examples if example is not None]
 
 
 def _from_records(items: list[records.Record]) -> list[TeacherInput]:

@@ -67,6 +67,51 @@ def labels_agree(dataset: str, llm_label: str, gold: str) -> bool:
     return llm_label.strip() == gold.strip()
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What asking about one example produced: a record or a failure, and what it cost."""
+
+    record: Record | None
+    failure: dict | None  # {"id", "reason", "kind": "parse" | "teacher", "final", ...}
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+    gold_known: bool = False
+    gold_agree: bool = False
+
+
+def judge(example: TeacherInput, generation: Generation, options: JobOptions) -> Outcome:
+    """Votes over the completions and builds the example's record (or its parse failure)."""
+    cost = {"prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": generation.completion_tokens, "requests": generation.requests}
+    outcome = vote(options.dataset, generation.completions)
+    if isinstance(outcome, str):
+        first = generation.completions[0][:500] if generation.completions else ""
+        return Outcome(None, {"id": example.id, "reason": outcome, "kind": "parse",
+                              "final": True, "completion": first}, **cost)
+    parsed, completion = outcome
+    label = parsed.label.strip()
+    record = Record(id=example.id, input=example.input, label=example.label, llm_label=label,
+                    rationale=parsed.rationale.strip(),
+                    source=f"{options.dataset}/{options.split}", teacher=options.teacher,
+                    raw_completion=completion)
+    return Outcome(record, None, **cost, gold_known=bool(example.label),
+                   gold_agree=bool(example.label) and labels_agree(options.dataset, label,
+                                                                   example.label))
+
+
+async def ask(backend, prompt: PromptTemplate, example: TeacherInput,
+              options: JobOptions) -> Outcome:
+    """Asks the teacher about one example; only `TeacherUnavailable` escapes."""
+    text = prompt.render(example.prompt_fields(options.dataset))
+    try:
+        generation = await backend.generate(text, options.num_samples, example.input)
+    except TeacherError as exc:
+        return Outcome(None, {"id": example.id, "reason": exc.reason, "kind": "teacher",
+                              "final": not exc.transient}, requests=exc.requests)
+    return judge(example, generation, options)
+
+
 class _Run:
     """One invocation: the worker pool, the commit buffer and this run's counters."""
 
@@ -84,34 +129,18 @@ class _Run:
         self.requests_this_run = 0
         self.abort_reason: str | None = None
 
-    def _result(self, example: TeacherInput, generation: Generation) -> None:
+    def _add(self, outcome: Outcome) -> None:
         counters = self.buffer.counters
-        counters["prompt_tokens"] += generation.prompt_tokens
-        counters["completion_tokens"] += generation.completion_tokens
-        counters["requests"] += generation.requests
-        self.requests_this_run += generation.requests
-        outcome = vote(self.options.dataset, generation.completions)
-        if isinstance(outcome, str):
-            self.buffer.failures.append({
-                "id": example.id, "reason": outcome, "kind": "parse", "final": True,
-                "completion": generation.completions[0][:500] if generation.completions else ""})
-            return
-        parsed, completion = outcome
-        label = parsed.label.strip()
-        if example.label:
-            counters["gold_known"] += 1
-            counters["gold_agree"] += int(labels_agree(self.options.dataset, label,
-                                                       example.label))
-        self.buffer.records.append(Record(
-            id=example.id, input=example.input, label=example.label, llm_label=label,
-            rationale=parsed.rationale.strip(), source=f"{self.options.dataset}/"
-            f"{self.options.split}", teacher=self.options.teacher, raw_completion=completion))
-
-    def _failure(self, example: TeacherInput, error: TeacherError) -> None:
-        self.buffer.counters["requests"] += error.requests
-        self.requests_this_run += error.requests
-        self.buffer.failures.append({"id": example.id, "reason": error.reason,
-                                     "kind": "teacher", "final": not error.transient})
+        counters["prompt_tokens"] += outcome.prompt_tokens
+        counters["completion_tokens"] += outcome.completion_tokens
+        counters["requests"] += outcome.requests
+        counters["gold_known"] += outcome.gold_known
+        counters["gold_agree"] += outcome.gold_agree
+        self.requests_this_run += outcome.requests
+        if outcome.record is not None:
+            self.buffer.records.append(outcome.record)
+        else:
+            self.buffer.failures.append(outcome.failure)
 
     def _maybe_commit(self, force: bool = False) -> None:
         due = len(self.buffer) >= self.options.shard_size or (
@@ -124,24 +153,19 @@ class _Run:
     async def _worker(self) -> None:
         while self.pending and self.abort_reason is None:
             example = self.pending.popleft()
-            text = self.prompt.render(example.prompt_fields(self.options.dataset))
             try:
-                generation = await self.backend.generate(text, self.options.num_samples,
-                                                         example.input)
+                outcome = await ask(self.backend, self.prompt, example, self.options)
             except TeacherUnavailable as exc:
                 self.pending.appendleft(example)
                 self.abort_reason = str(exc)
                 return
-            except TeacherError as exc:
-                self._failure(example, exc)
-                self.consecutive_failures += exc.transient
-                if self.consecutive_failures >= self.options.max_consecutive_failures:
-                    self.abort_reason = (
-                        f"{self.consecutive_failures} examples in a row failed; the teacher "
-                        f"looks unavailable (last: {exc.reason})")
-            else:
-                self._result(example, generation)
-                self.consecutive_failures = 0
+            self._add(outcome)
+            transient = outcome.failure is not None and not outcome.failure["final"]
+            self.consecutive_failures = self.consecutive_failures + 1 if transient else 0
+            if self.consecutive_failures >= self.options.max_consecutive_failures:
+                self.abort_reason = (
+                    f"{self.consecutive_failures} examples in a row failed; the teacher looks "
+                    f"unavailable (last: {outcome.failure['reason']})")
             self.done_this_run += 1
             self._maybe_commit()
 

@@ -30,7 +30,7 @@ def _default_prompts_dir() -> str:
     """
     spec = importlib.util.find_spec("tasks")
     if spec is not None and spec.submodule_search_locations:
-        return os.path.join(list(spec.submodule_search_locations)[0], "prompts")
+        return os.path.join(next(iter(spec.submodule_search_locations)), "prompts")
     return PROMPTS_DIR
 
 

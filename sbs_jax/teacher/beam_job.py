@@ -1,0 +1,237 @@
+"""The teacher job as an Apache Beam pipeline, for millions of examples.
+
+Same flags, prompts, backends, parsing, voting and record schema as `python -m sbs_jax.teacher`
+(see `sbs_jax.teacher.cli`); Beam pipeline options follow a `--` separator. Locally it runs on
+the DirectRunner:
+
+    python -m sbs_jax.teacher.beam_job --dataset synthetic --input synthetic:100000 \\
+        --output_dir data/synthetic -- --runner DirectRunner --direct_num_workers 2
+
+On Google Cloud Dataflow (workers need sbs-jax installed, e.g. a custom container; the API key
+must be in the workers' environment under the name given by --api_key_env, e.g. from Secret
+Manager via the container's entry point; it is read on the worker, never put into the pipeline
+graph):
+
+    python -m sbs_jax.teacher.beam_job --dataset cqa --input gs://BUCKET/cqa_train.jsonl \\
+        --backend openai --base_url https://HOST/v1 --model MODEL --api_key_env TEACHER_KEY \\
+        --concurrency 32 --requests_per_minute 3000 --output_dir gs://BUCKET/data/cqa -- \\
+        --runner DataflowRunner --project PROJECT --region REGION \\
+        --temp_location gs://BUCKET/tmp --sdk_container_image IMAGE \\
+        --max_num_workers 20 --experiments use_runner_v2
+
+`--concurrency` and the rate limits apply per worker process: divide the server's budget by the
+number of workers. Each bundle is sent with bounded concurrency from one event loop per worker.
+
+Exactly once: records are written by Beam's file sink into `{output_dir}/.beam-{split}.tmp/`
+(the runner commits each shard once even when it retries bundles, which may ask the teacher about
+an example again) and moved into place as `{split}-{k:05d}.tfrecord`, numbered after the shards
+already there, when the pipeline has succeeded. On a local folder a re-run skips ids that are
+already committed; `stats.json` (the same keys as the plain job's) is written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from sbs_jax.data import records
+from sbs_jax.teacher import cli, job
+from sbs_jax.teacher.inputs import TeacherInput, parse_jsonl_line, read_inputs
+from sbs_jax.teacher.ledger import Ledger
+from sbs_jax.teacher.prompts import load_prompt
+
+NAMESPACE = "sbs_teacher"
+COUNTERS = ("records", "failed", "parse_failures", "prompt_tokens", "completion_tokens",
+            "requests", "gold_known", "gold_agree")
+
+
+def _options(args: argparse.Namespace) -> job.JobOptions:
+    return job.JobOptions(dataset=args.dataset, split=args.split, output_dir=args.output_dir,
+                          teacher=args.model or args.backend, num_samples=args.num_samples,
+                          concurrency=args.concurrency)
+
+
+class AskTeacher(beam.DoFn):
+    """Asks the teacher about a batch of examples; records out, failures to a tagged output."""
+
+    FAILURES = "failures"
+
+    def __init__(self, args: argparse.Namespace):
+        self._args = args  # holds the variable's name, never the key
+        self._counters = {name: Metrics.counter(NAMESPACE, name) for name in COUNTERS}
+
+    def setup(self) -> None:
+        api_key = cli._api_key(self._args)
+        self._backend = cli._make_backend(self._args, api_key)
+        self._prompt = load_prompt(self._args.dataset, self._args.prompts_dir)
+        self._job_options = _options(self._args)
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._backend.__aenter__())
+
+    def teardown(self) -> None:
+        self._loop.run_until_complete(self._backend.__aexit__(None, None, None))
+        self._loop.close()
+
+    async def _ask_all(self, batch: list[TeacherInput]) -> list[job.Outcome]:
+        gate = asyncio.Semaphore(self._job_options.concurrency)
+
+        async def one(example: TeacherInput) -> job.Outcome:
+            async with gate:
+                return await job.ask(self._backend, self._prompt, example, self._job_options)
+
+        return await asyncio.gather(*(one(example) for example in batch))
+
+    def process(self, batch: list[TeacherInput]):
+        for outcome in self._loop.run_until_complete(self._ask_all(batch)):
+            for name in ("prompt_tokens", "completion_tokens", "requests", "gold_known",
+                         "gold_agree"):
+                self._counters[name].inc(int(getattr(outcome, name)))
+            if outcome.record is not None:
+                self._counters["records"].inc()
+                yield records.to_example_bytes(outcome.record)
+            else:
+                self._counters["failed"].inc()
+                self._counters["parse_failures"].inc(outcome.failure["kind"] == "parse")
+                yield beam.pvalue.TaggedOutput(self.FAILURES, json.dumps(outcome.failure))
+
+
+def _read(pipeline, args: argparse.Namespace):
+    """The input examples as a PCollection (files are read by the workers)."""
+    path = args.input
+    in_memory = args.limit is not None  # only an in-memory list has a "first N"
+    if path.endswith(".jsonl") and not in_memory:
+        return (pipeline | "ReadJsonl" >> beam.io.ReadFromText(path)
+                | "Parse" >> beam.Map(parse_jsonl_line, where=path)
+                | "DropBlank" >> beam.Filter(lambda example: example is not None))
+    if path.endswith(".tfrecord") and not in_memory:
+        return (pipeline | "ReadShards" >> beam.io.ReadFromTFRecord(path)
+                | "Decode" >> beam.Map(records.from_example_bytes, where=path)
+                | "ToInput" >> beam.Map(lambda r: TeacherInput(r.id, r.input, r.label)))
+    examples = read_inputs(path, args.dataset, args.split)
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    return pipeline | "Create" >> beam.Create(examples, reshuffle=True)
+
+
+def _move_into_place(staging: str, output_dir: str, split: str, first_index: int) -> int:
+    from sbs_jax.tf_setup import tf
+
+    names = sorted(n for n in tf.io.gfile.listdir(staging) if n.endswith(".tfrecord"))
+    for offset, name in enumerate(names):
+        tf.io.gfile.rename(os.path.join(staging, name),
+                           os.path.join(output_dir, records.shard_name(split, first_index
+                                                                       + offset)))
+    return len(names)
+
+
+def _read_failures(staging: str) -> list[dict]:
+    from sbs_jax.tf_setup import tf
+
+    failures = []
+    for name in sorted(tf.io.gfile.listdir(staging)):
+        if name.startswith("failures"):
+            with tf.io.gfile.GFile(os.path.join(staging, name)) as f:
+                failures += [json.loads(line) for line in f if line.strip()]
+    return failures
+
+
+def run(args: argparse.Namespace, beam_argv: list[str]) -> dict:
+    """Runs the pipeline to completion and returns the stats it wrote."""
+    from sbs_jax.tf_setup import tf
+
+    if args.backend is None:
+        args.backend = "rules" if args.dataset == "synthetic" else "openai"
+    if args.temperature is None:
+        args.temperature = 0.0 if args.num_samples == 1 else 0.7
+    cli._api_key(args)  # fail early, on the launcher, when the variable is missing
+    local = "://" not in args.output_dir
+    done: set[str] = set()
+    first_index = 0
+    if local:
+        ledger = Ledger(args.output_dir, args.split, {
+            "input": args.input, "dataset": args.dataset, "split": args.split,
+            "backend": args.backend, "model": args.model, "endpoint": args.endpoint,
+            "num_samples": args.num_samples})
+        done = set(ledger.record_ids)
+        first_index = ledger.next_index
+        ledger.close()
+    staging = os.path.join(args.output_dir, f".beam-{args.split}.tmp")
+    if tf.io.gfile.exists(staging):
+        tf.io.gfile.rmtree(staging)
+    tf.io.gfile.makedirs(staging)
+
+    pipeline = beam.Pipeline(options=PipelineOptions(beam_argv))
+    examples = _read(pipeline, args)
+    asked = (examples
+             | "SkipDone" >> beam.Filter(lambda example, ids: example.id not in ids, ids=done)
+             | "Batch" >> beam.BatchElements(min_batch_size=1,
+                                             max_batch_size=max(4 * args.concurrency, 64))
+             | "Ask" >> beam.ParDo(AskTeacher(args)).with_outputs(AskTeacher.FAILURES,
+                                                                 main="records"))
+    _ = asked.records | "WriteShards" >> beam.io.WriteToTFRecord(
+        os.path.join(staging, args.split), file_name_suffix=".tfrecord",
+        shard_name_template="-SSSSS")
+    _ = asked[AskTeacher.FAILURES] | "WriteFailures" >> beam.io.WriteToText(
+        os.path.join(staging, "failures"), file_name_suffix=".jsonl",
+        shard_name_template="-SSSSS")
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    totals = dict.fromkeys(COUNTERS, 0)
+    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+        totals[counter.key.metric.name] += counter.committed or counter.attempted or 0
+    failures = _read_failures(staging)
+    shards = _move_into_place(staging, args.output_dir, args.split, first_index)
+    tf.io.gfile.rmtree(staging)
+    cost = (totals["prompt_tokens"] * args.prompt_cost_per_1k
+            + totals["completion_tokens"] * args.completion_cost_per_1k) / 1000
+    stats = {
+        "dataset": args.dataset, "split": args.split, "teacher": args.model or args.backend,
+        "finished": True, "aborted": None, "runner": "beam",
+        "examples": len(done) + totals["records"] + totals["failed"],
+        "records": len(done) + totals["records"], "failed": len(failures),
+        "not_attempted": 0, "parse_failures": totals["parse_failures"],
+        "agreement_with_gold": {
+            "examples_with_gold": totals["gold_known"], "agree": totals["gold_agree"],
+            "rate": totals["gold_agree"] / totals["gold_known"] if totals["gold_known"]
+            else None},
+        "prompt_tokens": totals["prompt_tokens"],
+        "completion_tokens": totals["completion_tokens"], "requests": totals["requests"],
+        "estimated_cost_usd": round(cost, 6), "new_shards": shards,
+        "failures": [{"id": f["id"], "reason": f["reason"]} for f in failures],
+    }
+    with tf.io.gfile.GFile(os.path.join(args.output_dir, "stats.json"), "w") as f:
+        f.write(json.dumps(stats, indent=1, ensure_ascii=False))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    split_at = argv.index("--") if "--" in argv else len(argv)
+    parser = cli.build_parser()
+    parser.prog = "python -m sbs_jax.teacher.beam_job"
+    parser.description = __doc__
+    args = parser.parse_args(argv[:split_at])
+    if args.dry_run:
+        return cli.run(args)
+    if not args.output_dir:
+        parser.error("--output_dir is required")
+    try:
+        stats = run(args, argv[split_at + 1:])
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"sbs-teacher-beam: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in stats.items() if k != "failures"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
