@@ -101,7 +101,9 @@ class Preset:
 PRESETS = {
     # CI-sized: one real-data cell pair, proves the grid runs end to end on the released files.
     "ci": Preset(("svamp",), ("standard_ft", "sbs_llm"), (0.125,), ("t5_1_1_tiny",), (0,),
-                 Recipe(("gin/quickstart.gin",), train_steps=20)),
+                 Recipe(("gin/quickstart.gin",), train_steps=20, gin_bindings=(
+                     'TASK_FEATURE_LENGTHS = {"inputs": 256, "targets": 128}',
+                     "RunConfig.warmup_steps = 0", "EVAL_PERIOD = 0"))),
     # Small scale on CPU: the synthetic dataset shows the gap in ~2,000 steps (DESIGN.md).
     "cpu": Preset(("synthetic",), tuple(METHODS), PAPER_FRACTIONS, ("t5_1_1_tiny",), (0, 1),
                   Recipe(("gin/quickstart.gin",), train_steps=2000)),
@@ -188,7 +190,7 @@ def run_logged(command: Sequence[str], log_path: pathlib.Path, prefix: str,
             print(f"{prefix} {line}", end="", flush=True)
         code = process.wait()
     if code != 0:
-        raise CellFailed(f"{prefix} `{command[2]}` exited {code}; full log: {log_path}")
+        raise CellFailed(f"`{command[2]}` exited {code}; full log: {log_path}")
 
 
 def read_accuracy(metrics_path: pathlib.Path) -> tuple[float, dict]:

@@ -1,0 +1,105 @@
+"""The quickstart end to end in a subprocess, reduced (few examples, few steps), as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from conftest import REPO_ROOT
+from sbs_jax.data import records
+
+SIZES = {"train": 64, "valid": 16, "test": 32}
+
+
+def _command(out, num_train=SIZES["train"]):
+    return [sys.executable, "-m", "sbs_jax.quickstart", "--output_dir", str(out),
+            "--train_steps", "10", "--num_train", str(num_train), "--num_valid",
+            str(SIZES["valid"]), "--num_test", str(SIZES["test"]),
+            "--gin_bindings", "RunConfig.warmup_steps = 2"]
+
+
+def _run(command):
+    # As a user runs it: the real device count, not the test suite's 8 virtual CPU devices.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    proc = _run(_command(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_stages_and_training_progress_are_shown(quickstart):
+    _, stdout = quickstart
+    positions = [stdout.index(f"[quickstart {i}/6") for i in range(1, 7)]
+    assert positions == sorted(positions)
+    assert "[teacher train]" in stdout and "[teacher test]" in stdout
+    for method in ("sbs_llm", "standard_ft"):
+        assert f"synthetic/t5_1_1_tiny/{method}/100pct/seed0 train] step 10/10" in stdout
+    assert "same number of steps" in stdout
+
+
+def test_teacher_wrote_the_records_the_tasks_read(quickstart):
+    out, _ = quickstart
+    directory = out / "data" / "synthetic"
+    for split, size in SIZES.items():
+        written = records.read_split(str(directory), split)
+        with open(out / "inputs" / f"{split}.jsonl") as f:
+            asked = [json.loads(line) for line in f]
+        assert sorted(r.id for r in written) == sorted(a["id"] for a in asked)
+        assert len(written) == size
+        # The rule-based teacher is exact: its labels are the gold ones, with a rationale each.
+        assert all(r.llm_label == r.label and r.rationale for r in written)
+    stats = json.loads((directory / "stats.json").read_text())
+    assert stats["failed"] == 0
+    assert (directory / "info.json").exists()
+
+
+def test_table_plot_and_results_agree_with_the_evaluations(quickstart):
+    out, stdout = quickstart
+    results = json.loads((out / "quickstart_results.json").read_text())
+    assert results["train_steps"] == 10 and results["train_examples"] == SIZES["train"]
+    table = (out / "comparison.md").read_text()
+    for method, title in (("sbs_llm", "step-by-step (teacher labels)"),
+                          ("standard_ft", "standard fine-tuning (gold labels)")):
+        cell_dir = out / "runs" / "synthetic" / "t5_1_1_tiny" / method / "100pct" / "seed0"
+        metrics = json.loads((cell_dir / "metrics.json").read_text())
+        accuracy = results["methods"][method]["accuracy"]
+        assert metrics["split"] == "test" and metrics["num_examples"] == SIZES["test"]
+        assert accuracy == metrics["accuracy"] and 0.0 <= accuracy <= 100.0
+        assert f"| {title} | {accuracy:.1f} | {SIZES['train']} | 10 |" in table
+        assert f"| {title} | {accuracy:.1f} |" in stdout
+    image = matplotlib.image.imread(out / "comparison.png")
+    assert image.ndim == 3 and image.shape[0] > 200
+
+
+def test_rerun_resumes_without_repeating_work(quickstart):
+    out, _ = quickstart
+    before = json.loads((out / "quickstart_results.json").read_text())["methods"]
+    proc = _run(_command(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[teacher] already done" in proc.stdout
+    assert "2 cells: 2 finished, 0 to run" in proc.stdout
+    after = json.loads((out / "quickstart_results.json").read_text())["methods"]
+    assert {m: r["accuracy"] for m, r in after.items()} == \
+        {m: r["accuracy"] for m, r in before.items()}
+
+
+def test_other_data_settings_in_the_same_folder_are_refused(quickstart):
+    out, _ = quickstart
+    proc = _run(_command(out, num_train=128))
+    assert proc.returncode == 2
+    assert "other data settings (sizes)" in proc.stderr and str(out) in proc.stderr
+
+
+def test_help():
+    proc = subprocess.run([sys.executable, "-m", "sbs_jax.quickstart", "--help"],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 0 and "--teacher_backend" in proc.stdout
