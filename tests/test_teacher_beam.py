@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 from sbs_jax.data import records, synthetic
 from sbs_jax.teacher import beam_job
@@ -27,7 +28,7 @@ def test_beam_job_writes_each_example_once_and_resumes(tmp_path):
         assert (record.input, record.label, record.llm_label, record.rationale) == (
             expected.input, expected.label, expected.label, expected.rationale)
         assert record.source == "synthetic/train" and record.teacher == "rules"
-    stats = json.loads(open(os.path.join(out, "stats.json")).read())
+    stats = json.loads(pathlib.Path(out, "stats.json").read_text())
     assert stats["records"] == 40 and stats["failed"] == 0 and stats["new_shards"] == 1
 
 
@@ -42,7 +43,7 @@ def test_beam_job_reads_jsonl_and_reports_failures(tmp_path):
                           "--split", "test"])
     assert code == 0
     assert sorted(r.id for r in records.read_split(out, "test")) == [f"ok{i}" for i in range(5)]
-    stats = json.loads(open(os.path.join(out, "stats.json")).read())
+    stats = json.loads(pathlib.Path(out, "stats.json").read_text())
     assert [f["id"] for f in stats["failures"]] == ["bad"]
     assert "cannot solve" in stats["failures"][0]["reason"]
     assert stats["agreement_with_gold"]["agree"] == 5

@@ -20,8 +20,8 @@ KEY = "sk-test-SECRET-0123456789"
 
 
 def _generate(teacher, prompt, num_samples=1, **kwargs):
-    options = dict(api_key=KEY, timeout_s=0.5, max_retries=3, backoff_base_s=0.01,
-                   backoff_max_s=0.05, seed=0)
+    options = {"api_key": KEY, "timeout_s": 0.5, "max_retries": 3, "backoff_base_s": 0.01,
+               "backoff_max_s": 0.05, "seed": 0}
     options.update(kwargs)
 
     async def go():

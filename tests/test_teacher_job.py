@@ -7,9 +7,10 @@ import os
 import pytest
 from fake_teacher import FakeTeacher
 
-from sbs_jax.data import records, synthetic
+from sbs_jax.data import dss, records, synthetic
 from sbs_jax.data.parse import DATASETS, parse_completion
 from sbs_jax.teacher import cli
+from sbs_jax.teacher.inputs import TeacherInput
 from sbs_jax.teacher.job import vote
 from sbs_jax.teacher.ledger import Batch, Ledger
 from sbs_jax.teacher.prompts import PromptTemplate, load_prompt
@@ -182,3 +183,32 @@ def test_ledger_recovers_from_a_crash_between_and_inside_commits(tmp_path):
     with pytest.raises(RuntimeError, match="another teacher job"):
         Ledger(out, "train", {"x": 1})
     ledger.close()
+
+
+@pytest.mark.parametrize("dataset", ["esnli", "anli1", "cqa", "svamp"])
+def test_dry_run_on_released_data_shows_the_input_verbatim(dss_data_dir, dataset, capsys):
+    code, text = _run(["--input", str(dss_data_dir / dataset), "--dataset", dataset,
+                       "--split", "test", "--dry_run"], capsys)
+    assert code == 0, text
+    first = dss.read_split(str(dss_data_dir), dataset, "test").records[0]
+    for value in TeacherInput(first.id, first.input).prompt_fields(dataset).values():
+        assert value in text
+
+
+def test_cqa_job_on_released_data_reports_agreement(dss_data_dir, tmp_path, capsys):
+    def first_choice(prompt):
+        choice = prompt.rsplit("Answer Choices:\n(a) ", 1)[1].split("\n", 1)[0]
+        return f" It must be the first. So the answer is (a) {choice}.\n\nQ: invented"
+
+    rows = dss.read_split(str(dss_data_dir), "cqa", "test").records[:8]
+    expected = sum(r.label == r.input.split("\n(a) ")[1].split("\n")[0] for r in rows)
+    out = tmp_path / "out"
+    with FakeTeacher(answer=first_choice) as teacher:
+        code, text = _run(["--input", str(dss_data_dir), "--dataset", "cqa", "--split", "test",
+                           "--limit", "8", "--base_url", teacher.base_url, "--model", "m",
+                           "--output_dir", str(out)], capsys)
+    assert code == 0, text
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["records"] == 8 and stats["agreement_with_gold"]["examples_with_gold"] == 8
+    assert stats["agreement_with_gold"]["agree"] == expected
+    assert {r.id for r in _committed(str(out), "test")} == {r.id for r in rows}

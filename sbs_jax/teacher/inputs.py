@@ -101,8 +101,13 @@ def read_inputs(path: str, dataset: str, split: str) -> list[TeacherInput]:
 
 
 def _released_split(path: str, dataset: str, split: str) -> list[records.Record]:
-    reader = getattr(dss, "read_gold", None)
-    if reader is None:
-        raise ValueError(f"--input {path!r}: reading released-data folders is not available "
-                         "in this version; convert it with `python -m sbs_jax.data.build`")
-    return reader(path, dataset, split)
+    """Gold rows of a released-data folder: the `datasets/` root or its `{dataset}/` folder.
+
+    Only id, input and gold label are used: the released completions are not this teacher's.
+    """
+    root = path if os.path.isdir(os.path.join(path, dataset)) else os.path.dirname(
+        os.path.normpath(path))
+    if dataset not in dss.DSS_DATASETS:
+        raise ValueError(f"--input {path!r}: {dataset} has no released data; use "
+                         "synthetic:N or a JSONL file")
+    return dss.read_split(root, dataset, split).records
