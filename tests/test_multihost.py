@@ -253,3 +253,75 @@ def test_unreachable_coordinator_is_a_clear_bounded_error():
     assert "did not answer within 2s (SBS_INIT_TIMEOUT_S)" in result.stderr
     assert "Is process 0 running" in result.stderr
     assert time.monotonic() - started < 30
+
+
+# --- the trainer on 2 processes x 4 devices ----------------------------------------------------
+
+TRAIN_FLAGS = [
+    "--gin_file=gin/quickstart.gin", "--gin.BATCH_SIZE=16", "--gin.CHECKPOINT_PERIOD=2",
+    "--gin.EVAL_PERIOD=0", "--gin.RunConfig.log_period=1",
+    # a schedule that does not depend on TRAIN_STEPS, so a run stopped at step 2 and resumed to
+    # step 4 follows the same path as one that ran straight to step 4
+    "--gin.RunConfig.schedule='constant'", "--gin.RunConfig.warmup_steps=0",
+    # smaller than the quickstart model and one length bucket per view: compiling the train step
+    # is most of this test's time
+    '--gin.TASK_FEATURE_LENGTHS={"inputs": 16, "targets": 8}',
+    '--gin.RunConfig.model_overrides={"emb_dim": 32, "num_heads": 2, "head_dim": 16, '
+    '"mlp_dim": 64, "num_encoder_layers": 1, "num_decoder_layers": 1, "dropout_rate": 0.0}',
+]
+
+
+def _step_losses(log_text: str) -> dict[int, tuple[float, float, float]]:
+    """{step: (loss, label, rationale)} from the trainer's progress lines."""
+    losses = {}
+    for line in log_text.splitlines():
+        if line.startswith("step ") and "| loss" in line:
+            fields = dict(part.strip().split(" ", 1) for part in line.split("|"))
+            step = int(fields["step"].split("/")[0])
+            losses[step] = (float(fields["loss"]), float(fields["label"]),
+                            float(fields["rationale"]))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def training_runs(tmp_path_factory):
+    """One single-process (8 devices) run to step 4, and a 2 x 4 run to step 2 resumed to 4."""
+    root = tmp_path_factory.mktemp("multihost_train")
+    # The resumed run reuses the first run's compiled programs from JAX's persistent cache.
+    env = _process_env(SBS_DATA_DIR=str(root / "data"), SBS_HEARTBEAT_TIMEOUT_S="60",
+                       JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    single_dir, multi_dir = root / "single", root / "multi"
+    single = subprocess.run(
+        [sys.executable, "-m", "sbs_jax.train", *TRAIN_FLAGS, "--gin.TRAIN_STEPS=4",
+         f"--gin.MODEL_DIR='{single_dir}'"],
+        env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert single.returncode == 0, single.stdout + single.stderr
+    phases = []
+    for steps in (2, 4):
+        log_dir = root / f"logs_to_{steps}"
+        launched = subprocess.run(
+            ["bash", str(LAUNCHER), "-n", "2", "-d", "4", "--log_dir", str(log_dir), "--",
+             *TRAIN_FLAGS, f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{multi_dir}'"],
+            env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+        process_0 = (log_dir / "process_0.log").read_text()
+        assert launched.returncode == 0, launched.stderr + process_0
+        phases.append(process_0)
+    return single.stdout, phases, multi_dir
+
+
+def test_two_processes_train_resume_and_match_one_process(training_runs):
+    single_log, (first_phase, resumed_phase), multi_dir = training_runs
+    assert "mesh {'data': 8, 'fsdp': 1, 'model': 1} | steps 0->2" in first_phase
+    assert "steps 2->4" in resumed_phase
+    single = _step_losses(single_log)
+    multi = {**_step_losses(first_phase), **_step_losses(resumed_phase)}
+    assert sorted(single) == sorted(multi) == [1, 2, 3, 4]
+    assert single[4][0] < single[1][0]  # it learns
+    for step in single:
+        # progress lines print 4 decimals; cross-process reductions differ only in rounding
+        assert multi[step] == pytest.approx(single[step], abs=2e-3), step
+    summary = json.loads((multi_dir / "run_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["num_devices"] == 8
+    assert summary["resumed_from"] == 2 and summary["step"] == 4
