@@ -66,6 +66,7 @@ class RateLimiter:
         self.tokens = TokenBucket(tokens_per_minute, clock)
         self._paused_until = 0.0
         self._lock = asyncio.Lock()
+        self._unlimited = requests_per_minute is None and tokens_per_minute is None
 
     def pause_for(self, seconds: float) -> None:
         """Holds every new request back for `seconds` (a server's Retry-After)."""
@@ -76,6 +77,8 @@ class RateLimiter:
 
         The lock makes callers queue in arrival order, so a large request is not starved.
         """
+        if self._unlimited and self._paused_until <= self._clock():
+            return
         async with self._lock:
             while True:
                 wait = max(
