@@ -1,5 +1,8 @@
 """The Flax T5: configs, logical axis names, masking, scan / remat / dtype options."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +23,18 @@ def model_and_params(request):
     return config, init_params(config, jax.random.PRNGKey(0))
 
 
-def logits_of(config, params, enc=ENC, dec=DEC, **kw):
-    return np.asarray(T5(config).apply({"params": params}, enc, dec, **kw))
+@functools.cache
+def _forward(config, enable_dropout):
+    def forward(params, enc, dec, rng):
+        rngs = {"dropout": rng} if enable_dropout else {}
+        return T5(config).apply({"params": params}, enc, dec, enable_dropout=enable_dropout,
+                                rngs=rngs)
+    return jax.jit(forward)
+
+
+def logits_of(config, params, enc=ENC, dec=DEC, enable_dropout=False, rng=None):
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return np.asarray(_forward(config, enable_dropout)(params, enc, dec, rng))
 
 
 def test_published_sizes_and_overrides():
@@ -82,8 +95,8 @@ def test_padding_and_causality(model_and_params):
 def test_dropout_needs_rng_and_varies(model_and_params):
     config, params = model_and_params
     base = logits_of(config, params)
-    one = logits_of(config, params, enable_dropout=True, rngs={"dropout": jax.random.PRNGKey(1)})
-    two = logits_of(config, params, enable_dropout=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    one = logits_of(config, params, enable_dropout=True, rng=jax.random.PRNGKey(1))
+    two = logits_of(config, params, enable_dropout=True, rng=jax.random.PRNGKey(2))
     assert not np.allclose(one, base) and not np.allclose(one, two)
     np.testing.assert_array_equal(logits_of(config, params), base)
 
@@ -93,15 +106,15 @@ def test_scan_and_remat_give_identical_outputs_and_grads(model_and_params):
     base = logits_of(config, params)
 
     def grads(cfg, p):
-        return jax.grad(lambda q: jnp.sum(T5(cfg).apply({"params": q}, ENC, DEC) ** 2))(p)
+        loss = lambda q: jnp.sum(T5(cfg).apply({"params": q}, ENC, DEC) ** 2)
+        return jax.jit(jax.grad(loss))(p)
 
     base_grads = grads(config, params)
-    scanned_cfg = config.__class__(**{**config.__dict__, "scan_layers": True,
-                                      "remat_policy": "full"})
+    scanned_cfg = dataclasses.replace(config, scan_layers=True, remat_policy="full")
     scanned = stack_layers(params)
     np.testing.assert_allclose(logits_of(scanned_cfg, scanned), base, atol=1e-5)
     for remat in ("full", "minimal"):
-        cfg = config.__class__(**{**config.__dict__, "remat_policy": remat})
+        cfg = dataclasses.replace(config, remat_policy=remat)
         np.testing.assert_allclose(logits_of(cfg, params), base, atol=1e-6)
     back = unstack_layers(grads(scanned_cfg, scanned))
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(base_grads)):
@@ -110,8 +123,8 @@ def test_scan_and_remat_give_identical_outputs_and_grads(model_and_params):
 
 def test_bf16_compute_with_fp32_params(model_and_params):
     config, params = model_and_params
-    cfg = config.__class__(**{**config.__dict__, "dtype": "bfloat16"})
-    out = T5(cfg).apply({"params": params}, ENC, DEC)
+    cfg = dataclasses.replace(config, dtype="bfloat16")
+    out = _forward(cfg, False)(params, ENC, DEC, jax.random.PRNGKey(0))
     assert out.dtype == jnp.bfloat16
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
     base = logits_of(config, params)
