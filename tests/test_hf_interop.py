@@ -7,9 +7,11 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hf_t5_fixtures import hf_logits_and_loss, make_hf_dir, padded_batch
+from hf_t5_fixtures import hf_logits_and_loss, hub_config, make_hf_dir, padded_batch
 from safetensors.numpy import load_file, save_file
+from safetensors.torch import save_file as save_torch
 from transformers import AutoTokenizer, T5ForConditionalGeneration
+from transformers import T5Config as HFConfig
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from sbs_jax import losses
@@ -185,3 +187,39 @@ def test_convert_cli_round_trip(hf_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         convert.main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_transformers5_saved_unscaled_tied_model(tmp_path):
+    """transformers 5 writes tie_word_embeddings=true, scale_decoder_outputs=false, no lm_head."""
+    kwargs = {k: v for k, v in hub_config("v1_1", VOCAB).items()
+              if k not in ("architectures", "model_type")}
+    torch.manual_seed(1)
+    T5ForConditionalGeneration(HFConfig(**kwargs)).save_pretrained(str(tmp_path))
+    hub = json.loads((tmp_path / "config.json").read_text())
+    assert hub["scale_decoder_outputs"] is False and hub["tie_word_embeddings"] is True
+    config, params = load_hf(tmp_path)
+    assert not config.logits_via_embedding
+    hf_model = T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    enc, dec, targets = padded_batch(VOCAB, enc_len=30, dec_len=10)
+    np.testing.assert_allclose(our_logits(config, params, enc, dec),
+                               hf_logits_and_loss(hf_model, enc, dec, targets)[0], atol=1e-4)
+
+
+def test_sharded_bf16_safetensors(hf_checkpoint, tmp_path):
+    """Large hub checkpoints come as several bf16 files listed in an index."""
+    _, path, _ = hf_checkpoint
+    state = {k: torch.from_numpy(v.copy()).to(torch.bfloat16)
+             for k, v in load_file(path / "model.safetensors").items()}
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_torch({k: state[k].contiguous() for k in part}, str(tmp_path / file))
+        weight_map.update(dict.fromkeys(part, file))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    _, params = load_hf(tmp_path)
+    _, reference = load_hf(path)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(reference)):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, np.asarray(b, dtype=jax.numpy.bfloat16).astype(np.float32))

@@ -250,10 +250,17 @@ def load_hf(path: PathLike, **config_overrides: Any) -> tuple[T5Config, dict]:
     config_file = directory / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: not a HF model directory")
-    config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    hf_config = json.loads(config_file.read_text())
+    config = config_from_hf(hf_config, str(config_file))
     if config_overrides:
         config = dataclasses.replace(config, **config_overrides)
-    return config, params_from_hf_state(_read_state(directory), config, str(directory))
+    state = _read_state(directory)
+    if (not config.logits_via_embedding and "lm_head.weight" not in state
+            and hf_config.get("tie_word_embeddings", True) is not False):
+        # transformers 5.x saves an unscaled (1.1-style) model built in memory with its
+        # lm_head tied to the embedding: only shared.weight is in the file.
+        state["lm_head.weight"] = state.get("shared.weight")
+    return config, params_from_hf_state(state, config, str(directory))
 
 
 def save_hf(config: T5Config, params: dict, path: PathLike, vocab: PathLike | None = None) -> None:
