@@ -75,7 +75,7 @@ def test_retries_run_out_with_a_reason_and_a_count():
     with FakeTeacher(faults={"X": ["500"] * 10}) as teacher:
         with pytest.raises(TeacherError) as info:
             _generate(teacher, "question X", max_retries=2)
-        assert info.value.transient and info.value.requests == 3
+        assert not info.value.final and info.value.requests == 3
         assert "HTTP 500" in info.value.reason and "3 attempts" in info.value.reason
         assert teacher.requests == 3
 

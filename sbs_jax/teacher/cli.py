@@ -14,7 +14,8 @@ Examples:
       --vocab /ckpt/flan_t5/spiece.model --output_dir data/svamp
 
 Exit status: 0 when the job finished (failed examples are listed in stats.json), 2 when it
-could not run (bad arguments or input, missing key, teacher unreachable or refusing the job).
+could not run (bad arguments or input, missing key, teacher unreachable or refusing the job),
+130 when SIGTERM/SIGINT stopped it (what was done is committed; re-run to resume).
 The API key is read only from the environment variable named by --api_key_env.
 """
 
@@ -155,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
                     "backend": args.backend, "model": args.model, "endpoint": args.endpoint,
                     "num_samples": args.num_samples}
         stats = asyncio.run(job.run_job(examples, backend, prompt, options, settings))
+    except job.JobInterrupted as exc:
+        print(f"sbs-teacher: {exc}; re-run the same command to resume", file=sys.stderr)
+        return 130
     except (TeacherUnavailable, ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"sbs-teacher: error: {redact(str(exc), api_key)}", file=sys.stderr)
         return 2

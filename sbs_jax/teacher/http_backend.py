@@ -8,8 +8,9 @@ that pauses every caller, and the count of attempts per example for the stats.
 Retried: connection errors, timeouts, HTTP 408, 409, 429 and 5xx, malformed bodies; waits grow
 exponentially with jitter and are never shorter than the server's Retry-After (seconds or an HTTP
 date). 401/403/404 mean the job is misconfigured and stop it (`TeacherUnavailable`); other 4xx
-fail only the example. The API key goes into the Authorization header and nowhere else: every
-reason this module produces is passed through `redact`.
+fail only the example (not retried in this run, asked again on a re-run). The API key goes into
+the Authorization header and nowhere else: every reason this module produces is passed through
+`redact`.
 """
 
 from __future__ import annotations
@@ -50,13 +51,17 @@ class Generation:
 
 
 class TeacherError(Exception):
-    """One example the teacher could not answer; `reason` is safe to record (no secrets)."""
+    """One example the teacher could not answer; `reason` is safe to record (no secrets).
 
-    def __init__(self, reason: str, requests: int = 0, transient: bool = True):
+    `final` means asking again can never help (a re-run skips the example); HTTP failures are
+    not final: the server may recover or the user may fix the settings before the re-run.
+    """
+
+    def __init__(self, reason: str, requests: int = 0, final: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.requests = requests
-        self.transient = transient
+        self.final = final
 
 
 class TeacherUnavailable(Exception):
@@ -273,7 +278,7 @@ class OpenAIBackend:
                             f"(check the key, URL and --model {self.model!r}): {snippet}")
                     if status not in RETRYABLE_STATUS and status < 500:
                         raise TeacherError(f"HTTP {status}: {snippet}",
-                                           earlier_requests + attempt + 1, transient=False)
+                                           earlier_requests + attempt + 1)
                     reason = f"HTTP {status}"
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
             reason = redact(reason, self._api_key)

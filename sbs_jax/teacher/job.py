@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import signal
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,10 @@ from sbs_jax.teacher.ledger import Batch, Ledger
 from sbs_jax.teacher.prompts import PromptTemplate
 
 log = logging.getLogger(__name__)
+
+
+class JobInterrupted(Exception):
+    """The job stopped on a signal after committing what was done."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ async def ask(backend, prompt: PromptTemplate, example: TeacherInput,
         generation = await backend.generate(text, options.num_samples, example.input)
     except TeacherError as exc:
         return Outcome(None, {"id": example.id, "reason": exc.reason, "kind": "teacher",
-                              "final": not exc.transient}, requests=exc.requests)
+                              "final": exc.final}, requests=exc.requests)
     return judge(example, generation, options)
 
 
@@ -128,6 +133,17 @@ class _Run:
         self.done_this_run = 0
         self.requests_this_run = 0
         self.abort_reason: str | None = None
+        self.interrupted = False
+        self.workers: list[asyncio.Task] = []
+
+    def interrupt(self, reason: str) -> None:
+        """First signal: take no new work, finish what is in flight. Second: stop now."""
+        if self.interrupted:
+            for worker in self.workers:
+                worker.cancel()
+        self.interrupted = True
+        self.abort_reason = self.abort_reason or reason
+        log.warning("%s: committing what is done, then stopping", reason)
 
     def _add(self, outcome: Outcome) -> None:
         counters = self.buffer.counters
@@ -160,8 +176,8 @@ class _Run:
                 self.abort_reason = str(exc)
                 return
             self._add(outcome)
-            transient = outcome.failure is not None and not outcome.failure["final"]
-            self.consecutive_failures = self.consecutive_failures + 1 if transient else 0
+            teacher_failed = outcome.failure is not None and outcome.failure["kind"] == "teacher"
+            self.consecutive_failures = self.consecutive_failures + 1 if teacher_failed else 0
             if self.consecutive_failures >= self.options.max_consecutive_failures:
                 self.abort_reason = (
                     f"{self.consecutive_failures} examples in a row failed; the teacher looks "
@@ -170,12 +186,15 @@ class _Run:
             self._maybe_commit()
 
     async def run(self) -> None:
-        workers = [asyncio.create_task(self._worker())
-                   for _ in range(max(1, min(self.options.concurrency, len(self.pending))))]
+        self.workers = [asyncio.create_task(self._worker())
+                        for _ in range(max(1, min(self.options.concurrency, len(self.pending))))]
         try:
-            await asyncio.gather(*workers)
+            await asyncio.gather(*self.workers)
+        except asyncio.CancelledError:
+            if not self.interrupted:
+                raise
         finally:
-            for worker in workers:
+            for worker in self.workers:
                 worker.cancel()
             self._maybe_commit(force=True)
 
@@ -228,7 +247,8 @@ async def run_job(examples: list[TeacherInput], backend, prompt: PromptTemplate,
     """Runs (or resumes) the job; writes and returns the stats. `settings` must match on resume.
 
     Raises `TeacherUnavailable` after committing what was done and writing the stats when the
-    teacher cannot be reached or refuses the job.
+    teacher cannot be reached or refuses the job, and `JobInterrupted` likewise after SIGTERM or
+    SIGINT (a second signal stops without waiting for requests in flight).
     """
     start = time.monotonic()
     ledger = Ledger(options.output_dir, options.split, settings)
@@ -236,13 +256,25 @@ async def run_job(examples: list[TeacherInput], backend, prompt: PromptTemplate,
         run = _Run(examples, backend, prompt, ledger, options)
         log.info("%d of %d examples to ask (%d already done)", len(run.pending),
                  len(examples), len(examples) - len(run.pending))
-        async with backend:
-            await run.run()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, run.interrupt, f"stopped by {sig.name}")
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (e.g. a Beam worker): signals stay as they were
+        try:
+            async with backend:
+                await run.run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         stats = job_stats(examples, ledger, options, time.monotonic() - start,
                           run.done_this_run, run.requests_this_run, run.abort_reason)
         ledger.write_stats(stats)
     finally:
         ledger.close()
+    if run.interrupted:
+        raise JobInterrupted(run.abort_reason)
     if run.abort_reason is not None:
         raise TeacherUnavailable(run.abort_reason)
     return stats

@@ -11,8 +11,9 @@ After a crash (even SIGKILL) at any moment a restart finds either
 - `.tmp` files: half-written, removed.
 
 So every example ends in exactly one committed shard, and only what was never committed is asked
-again. Failures from retries running out are asked again on a re-run; a completion with no
-parsable label or a request the server rejected is final (re-asking would not help).
+again. Failures of the teacher (retries ran out, a request rejected) are asked again on a
+re-run; a completion with no parsable label is final (it is not re-asked forever), as is an
+input the rules teacher cannot solve.
 A lock file keeps two jobs from writing one folder at once.
 """
 

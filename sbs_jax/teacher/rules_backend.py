@@ -32,6 +32,6 @@ class RulesBackend:
         try:
             rationale, label = synthetic.solve(input_text)
         except ValueError as exc:
-            raise TeacherError(f"rules teacher cannot solve it: {exc}", transient=False) from None
+            raise TeacherError(f"rules teacher cannot solve it: {exc}", final=True) from None
         completion = f" {rationale} So the answer is {label}."
         return Generation([completion] * num_samples, 0, 0, 0)
