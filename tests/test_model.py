@@ -47,6 +47,10 @@ def test_published_sizes_and_overrides():
     assert base.logits_via_embedding and base.vocab_size == 32128
     assert get_config("flan_t5_xxl") == get_config("t5_1_1_xxl")
     assert get_config("t5_tiny", vocab_size=VOCAB).vocab_size == VOCAB
+    # dtypes and activations are canonicalised, so equal configs hash alike (jit caches).
+    bf16 = get_config("t5_tiny", dtype=jnp.bfloat16, mlp_activations=["relu"])
+    assert bf16 == get_config("t5_tiny", dtype="bfloat16") and bf16.dtype == "bfloat16"
+    assert hash(bf16) == hash(get_config("t5_tiny", dtype="bfloat16"))
     with pytest.raises(ValueError, match="t5_1_1_huge"):
         get_config("t5_1_1_huge")
     with pytest.raises(ValueError, match="emb_size"):

@@ -62,8 +62,10 @@ class T5Config:
                 f"T5Config.remat_policy: unknown policy {self.remat_policy!r}; "
                 f"known: {sorted(REMAT_POLICIES)}"
             )
-        if isinstance(self.mlp_activations, list):
-            object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        # Canonical, hashable, JSON-friendly forms (configs key jit caches and are saved).
+        object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, jnp.dtype(getattr(self, name)).name)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
