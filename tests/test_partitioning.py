@@ -72,3 +72,21 @@ def test_sharded_logits_equal_single_device():
     # batch split 4 ways over data, vocab 2 ways over model (the logical constraints hold).
     assert logits.sharding.shard_shape(logits.shape) == (2, 6, 256)
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5)
+
+
+def test_decoding_with_sharded_params_equals_single_device():
+    from sbs_jax import decoding
+
+    config = get_config("t5_1_1_tiny", vocab_size=512)
+    params = init_params(config, jax.random.PRNGKey(1))
+    enc = np.random.default_rng(1).integers(2, 512, (8, 12)).astype(np.int32)
+    expected = np.asarray(decoding.generate(config, params, enc, 6, method="beam"))
+    mesh = partitioning.make_mesh((4, 1, 2))
+    rules = partitioning.logical_axis_rules()
+    sharded = jax.device_put(
+        params, partitioning.params_shardings(abstract_params(config), mesh, rules))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        got = decoding.generate(config, sharded,
+                                jax.device_put(enc, partitioning.batch_sharding(mesh)), 6,
+                                method="beam")
+    np.testing.assert_array_equal(np.asarray(got), expected)
