@@ -121,13 +121,17 @@ def _batch_tokens(local: dict, num_shards: int) -> int:
     return total * num_shards
 
 
-def _progress_line(step: int, total: int, metrics: dict, tokens_per_s: float, eta_s: float) -> str:
+def _progress_line(step: int, total: int, metrics: dict, tokens_per_s: float | None,
+                   eta_s: float | None) -> str:
+    """One console line; throughput and ETA show '-' until a step after compilation is timed."""
     parts = [f"step {step}/{total}", f"loss {metrics['loss']:.4f}",
              f"label {metrics['label_loss']:.4f}"]
     if "rationale_loss" in metrics:
         parts.append(f"rationale {metrics['rationale_loss']:.4f}")
-    parts += [f"lr {metrics['learning_rate']:.3g}", f"{tokens_per_s:,.0f} tok/s",
-              f"ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s"]
+    parts.append(f"lr {metrics['learning_rate']:.3g}")
+    parts.append(f"{tokens_per_s:,.0f} tok/s" if tokens_per_s is not None else "- tok/s")
+    parts.append(f"ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s" if eta_s is not None
+                 else "ETA -")
     return " | ".join(parts)
 
 
@@ -226,6 +230,7 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
     writer = metric_writers.create_default_writer(cfg.model_dir, just_logging=not is_lead)
     step = int(resume_step or 0)
     first_step = step
+    timing_started = False
     logged: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     pending: list[dict] = []
@@ -265,22 +270,25 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
                 step += 1
                 pending.append(metrics)
                 tokens_since += _batch_tokens(local, setup.num_shards)
-                if step == first_step + 1:  # leave compilation out of tokens/s and the ETA
+                if not timing_started:  # leave compilation out of tokens/s and the ETA
                     jax.block_until_ready(metrics)
                     first_step, tokens_since, time_since = step, 0, time.time()
+                    timing_started = True
                 final = step == cfg.train_steps
                 eval_due = evaluate_now and (step % cfg.eval_period == 0 or final)
                 save_due = (step % cfg.checkpoint_period == 0 or final or preemption.requested
                             or (eval_due and cfg.best_metric is not None))
-                if step % cfg.log_period == 0 or final or save_due:
+                log_due = step % cfg.log_period == 0 or final or save_due
+                if log_due:
                     logged = flush_metrics(step)
-                    elapsed = max(time.time() - time_since, 1e-9)
-                    tokens_per_s = tokens_since / elapsed
-                    total_tokens += tokens_since
-                    train_time += elapsed
-                    rate = (step - first_step) / max(train_time, 1e-9)
-                    eta = (cfg.train_steps - step) / max(rate, 1e-9)
-                    logged["tokens_per_s"] = tokens_per_s
+                    tokens_per_s = eta = None
+                    if step > first_step:
+                        elapsed = max(time.time() - time_since, 1e-9)
+                        tokens_per_s = tokens_since / elapsed
+                        total_tokens += tokens_since
+                        train_time += elapsed
+                        eta = (cfg.train_steps - step) * train_time / (step - first_step)
+                        logged["tokens_per_s"] = tokens_per_s
                     writer.write_scalars(step, logged)
                     if is_lead:
                         print(_progress_line(step, cfg.train_steps, logged, tokens_per_s, eta),
@@ -303,7 +311,8 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
                 if save_due:
                     checkpointer.save(step, state.params, state.opt_state, setup.batches.state(),
                                       metrics=eval_metrics if eval_due else None)
-                time_since, tokens_since = time.time(), 0
+                if log_due and step > first_step:
+                    time_since, tokens_since = time.time(), 0
                 if preemption.requested and not final:
                     checkpointer.wait()
                     if is_lead:

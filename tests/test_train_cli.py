@@ -27,6 +27,9 @@ def cli_env(tmp_path_factory):
     env["SBS_DATA_DIR"] = str(tmp_path_factory.mktemp("sbs_data"))
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
+    # Runs of one test compile the same programs: a shared persistent cache saves the repeats.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
 

@@ -1,0 +1,62 @@
+"""The training loop in-process: standard mode, NaN guard with the last good checkpoint kept."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from sbs_jax import checkpoints, run_config, train_loop
+
+# A one-layer model keeps compiles short; batch 8 fits the default 8-device data mesh.
+TINY = {"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32, "num_encoder_layers": 1,
+        "num_decoder_layers": 1, "dropout_rate": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SBS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "trainer_data"))
+
+
+def _config(model_dir, **overrides):
+    fields = dict(
+        model_dir=str(model_dir), mixture_or_task_name="synthetic_label_gt",
+        rationale_mixture_name="synthetic_rationale", model_name="t5_1_1_tiny",
+        model_overrides=TINY, train_steps=4, batch_size=8,
+        task_feature_lengths={"inputs": 32, "targets": 64}, learning_rate=1e-3,
+        schedule="constant", checkpoint_period=2, eval_period=0, log_period=1,
+        async_checkpointing=False)
+    fields.update(overrides)
+    return run_config.RunConfig(**fields)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    # An absurd learning rate blows the parameters up after the first update.
+    cfg = _config(tmp_path, learning_rate=1e30, checkpoint_period=1, clip_norm=None)
+    with pytest.raises(train_loop.NonFiniteLossError) as error:
+        train_loop.train(cfg)
+    message = str(error.value)
+    assert "at step 2" in message and "last good checkpoint (step 1)" in message
+    assert checkpoints.all_steps(str(tmp_path)) == [1]
+    params = checkpoints.load_params(str(tmp_path), 1)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    assert not (tmp_path / train_loop.SUMMARY_FILE).exists()
+
+
+def test_standard_mode_trains_labels_only_and_evaluates(tmp_path):
+    cfg = _config(tmp_path, mixture_or_task_name="synthetic_standard_gt",
+                  rationale_mixture_name=None, alpha=1.0, eval_period=4, eval_max_examples=8,
+                  eval_batch_size=8, max_decode_len=12)
+    summary = train_loop.train(cfg)
+    assert summary["step"] == 4
+    assert "rationale_loss" not in summary["final_train_metrics"]
+    assert summary["eval_metrics"]["num_examples"] == 8
+    assert summary["best_step"] == 4
+    saved = json.loads((tmp_path / train_loop.SUMMARY_FILE).read_text())
+    assert saved["final_train_metrics"]["label_loss"] == pytest.approx(
+        summary["final_train_metrics"]["label_loss"])
+    model_config = json.loads((tmp_path / "model_config.json").read_text())
+    assert model_config["emb_dim"] == 16 and model_config["vocab_size"] % 128 == 0
+    # Running again with the same settings finds the run finished and changes nothing.
+    again = train_loop.train(cfg)
+    assert again["resumed_from"] == 4 and checkpoints.all_steps(str(tmp_path)) == [2, 4]
