@@ -162,11 +162,16 @@ ssh_all() { run "${GCLOUD_TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --comm
 TARBALL="${TMPDIR:-/tmp}/sbs_jax_${NAME}.tar.gz"
 run bash -c "cd $(printf '%q' "$REPO_ROOT") && git ls-files -z | tar --null -T - -czf $(printf '%q' "$TARBALL")"
 run "${GCLOUD_TPU[@]}" scp "$TARBALL" "$NAME:sbs_jax_code.tar.gz" "${WHERE[@]}" --worker=all
-ssh_all "mkdir -p ~/sbs-jax && find ~/sbs-jax -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} + && tar -xzf ~/sbs_jax_code.tar.gz -C ~/sbs-jax"
+ssh_all "mkdir -p ~/sbs-jax && find ~/sbs-jax -mindepth 1 -maxdepth 1 ! -name .venv \
+-exec rm -rf {} + && tar -xzf ~/sbs_jax_code.tar.gz -C ~/sbs-jax"
 
 # 3. the pinned environment on every worker (scripts/setup_env.sh: pip install -c requirements.lock -e '.[tpu]')
 if (( ! SKIP_INSTALL )); then
-  ssh_all "set -e; command -v $WORKER_PYTHON >/dev/null || (sudo apt-get update -qq && sudo apt-get install -y -qq ${WORKER_PYTHON}-venv); cd ~/sbs-jax && PYTHON=$WORKER_PYTHON scripts/setup_env.sh tpu"
+  # Ubuntu's Python needs its -venv package for `python -m venv` (ensurepip).
+  install="set -e; $WORKER_PYTHON -c 'import ensurepip' 2>/dev/null"
+  install+=" || (sudo apt-get update -qq && sudo apt-get install -y -qq $WORKER_PYTHON ${WORKER_PYTHON}-venv)"
+  install+="; cd ~/sbs-jax && PYTHON=$WORKER_PYTHON scripts/setup_env.sh tpu"
+  ssh_all "$install"
 fi
 
 # 4. training on all workers at once; every worker's output streams here and into ~/train.log

@@ -33,7 +33,12 @@ import re
 import socket
 import sys
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jax
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +127,9 @@ def _slurm_spec(environ: Mapping[str, str]) -> ClusterSpec:
 
 def _validated(spec: ClusterSpec) -> ClusterSpec:
     if spec.num_processes is not None and spec.num_processes < 1:
-        raise DistributedSetupError(f"num_processes={spec.num_processes} must be >= 1 ({spec.source})")
+        raise DistributedSetupError(
+            f"num_processes={spec.num_processes} must be >= 1 ({spec.source})"
+        )
     if spec.process_id is not None and spec.num_processes is not None and not (
         0 <= spec.process_id < spec.num_processes
     ):
@@ -261,12 +268,12 @@ def initialize_from_env(
         else "a Cloud TPU slice (from TPU metadata)"
     )
     logger.info("Starting JAX distributed runtime as %s", where)
-    kwargs = dict(
-        initialization_timeout=init_timeout,
-        heartbeat_timeout_seconds=heartbeat,
+    kwargs = {
+        "initialization_timeout": init_timeout,
+        "heartbeat_timeout_seconds": heartbeat,
         # A process that finished waits at most this long for the others at shutdown.
-        shutdown_timeout_seconds=max(heartbeat, 30),
-    )
+        "shutdown_timeout_seconds": max(heartbeat, 30),
+    }
     if spec.source != "tpu":
         started = time.monotonic()
         if spec.process_id == 0:
@@ -294,7 +301,7 @@ def initialize_from_env(
 
 
 def batch_shard_layout(
-    process_grid: "np.ndarray", process_index: int, batch_axes: Sequence[int] = (0, 1)
+    process_grid: np.ndarray, process_index: int, batch_axes: Sequence[int] = (0, 1)
 ) -> tuple[int, int]:
     """Which block of the global batch a process feeds: (shard_index, num_shards).
 
@@ -335,7 +342,7 @@ def batch_shard_layout(
     return first // size, total // size
 
 
-def process_batch_shard(mesh: "jax.sharding.Mesh") -> tuple[int, int]:
+def process_batch_shard(mesh: jax.sharding.Mesh) -> tuple[int, int]:
     """(shard_index, num_shards) of the global batch that this process reads, for a
     (data, fsdp, model) mesh with the batch split over data and fsdp."""
     import jax
@@ -371,8 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Cluster smoke test: start like sbs_jax.train does, then sum a value over "
         "every device of every process and print one JSON line per process.",
     )
-    parser.add_argument("--coordinator_address", help=f"HOST:PORT of process 0 (${ENV_COORDINATOR})")
-    parser.add_argument("--num_processes", type=int, help=f"processes in the job (${ENV_NUM_PROCESSES})")
+    parser.add_argument(
+        "--coordinator_address", help=f"HOST:PORT of process 0 (${ENV_COORDINATOR})"
+    )
+    parser.add_argument(
+        "--num_processes", type=int, help=f"processes in the job (${ENV_NUM_PROCESSES})"
+    )
     parser.add_argument("--process_id", type=int, help=f"this process, 0-based (${ENV_PROCESS_ID})")
     parser.add_argument("--rounds", type=int, default=1, help="how many sums to run")
     parser.add_argument("--interval_s", type=float, default=0.0, help="pause between rounds")

@@ -40,7 +40,7 @@ def fake_gcloud(tmp_path):
 def tracked_gin_file() -> str:
     """A gin file git tracks (tpu_pod.sh ships only tracked files and refuses others)."""
     tracked = subprocess.run(["git", "ls-files", "gin"], cwd=REPO_ROOT, capture_output=True,
-                             text=True).stdout.split()
+                             text=True, check=True).stdout.split()
     gin_files = [f for f in tracked if f.endswith(".gin")]
     if not gin_files:
         pytest.skip("no gin file is tracked yet")
@@ -48,7 +48,7 @@ def tracked_gin_file() -> str:
 
 
 def _run(cmd, env, **kwargs):
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60,
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=60,
                           cwd=kwargs.pop("cwd", REPO_ROOT), **kwargs)
 
 
@@ -82,7 +82,7 @@ def test_tpu_pod_dry_run_v4_32(fake_gcloud, tracked_gin_file, tmp_path):
     assert "tensorboard --logdir gs://bucket/sbs/run1" in result.stderr
 
     # The shipping command, run here, packs exactly the tracked files.
-    assert subprocess.run(ship, env=env, timeout=60).returncode == 0
+    assert subprocess.run(ship, env=env, check=False, timeout=60).returncode == 0
     with tarfile.open(scp[5]) as tar:
         names = set(tar.getnames())
     assert {"sbs_jax/distributed.py", "launch/tpu_pod.sh", tracked_gin_file} <= names
@@ -195,7 +195,8 @@ def _free_port() -> int:
 
 def _cpu_env(**extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
+           if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
+                                "JAX_PROCESS_ID"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                SBS_ENTRY_MODULE="sbs_jax.distributed", SBS_INIT_TIMEOUT_S="60")
     env.update(extra)
