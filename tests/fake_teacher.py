@@ -8,7 +8,7 @@ contains it; once the list is used up the server answers normally. It counts req
 and keeps every Authorization header it saw.
 
 Also runnable as a process for benchmarks: `python tests/fake_teacher.py --latency_s 0.2`
-prints the port on its first line.
+prints the port on its first line. It also records the most requests it had in flight at once.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class FakeTeacher:
         self.requests_by_marker: Counter = Counter()
         self.prompts: list[str] = []
         self.auth_headers: list[str] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server = _Server(("127.0.0.1", 0), self._handler_class())
@@ -125,12 +127,18 @@ class FakeTeacher:
                 chat = self.path.endswith("/chat/completions")
                 prompt = request["messages"][-1]["content"] if chat else request["prompt"]
                 action = teacher._next_action(prompt, self.headers.get("Authorization", ""))
-                if teacher.latency_s:
-                    time.sleep(teacher.latency_s)
+                with teacher._lock:
+                    teacher.in_flight += 1
+                    teacher.max_in_flight = max(teacher.max_in_flight, teacher.in_flight)
                 try:
+                    if teacher.latency_s:
+                        time.sleep(teacher.latency_s)
                     self._respond(action, prompt, request, chat)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
+                finally:
+                    with teacher._lock:
+                        teacher.in_flight -= 1
 
             def _respond(self, action: str, prompt: str, request: dict, chat: bool) -> None:
                 if action == "hang":
