@@ -23,9 +23,10 @@ graph):
 number of workers. Each bundle is sent with bounded concurrency from one event loop per worker.
 
 Exactly once: records are written by Beam's file sink into `{output_dir}/.beam-{split}.tmp/`
-(the runner commits each shard once even when it retries bundles, which may ask the teacher about
-an example again) and moved into place as `{split}-{k:05d}.tfrecord`, numbered after the shards
-already there, when the pipeline has succeeded. On a local folder a re-run skips ids that are
+as `{split}-{k:05d}.staged` (the runner commits each shard once even when it retries bundles,
+which may ask the teacher about an example again) and renamed into place as
+`{split}-{k:05d}.tfrecord`, numbered after the shards already there, when the pipeline has
+succeeded. On a local folder a re-run skips ids that are
 already committed; `stats.json` (the same keys as the plain job's) is written at the end.
 """
 
@@ -49,6 +50,7 @@ from sbs_jax.teacher.ledger import Ledger
 from sbs_jax.teacher.prompts import load_prompt
 
 NAMESPACE = "sbs_teacher"
+STAGED_SUFFIX = ".staged"  # nothing has ".tfrecord" in its name before it is committed
 COUNTERS = ("records", "failed", "parse_failures", "prompt_tokens", "completion_tokens",
             "requests", "gold_known", "gold_agree")
 
@@ -124,7 +126,7 @@ def _read(pipeline, args: argparse.Namespace):
 def _move_into_place(staging: str, output_dir: str, split: str, first_index: int) -> int:
     from sbs_jax.tf_setup import tf
 
-    names = sorted(n for n in tf.io.gfile.listdir(staging) if n.endswith(".tfrecord"))
+    names = sorted(n for n in tf.io.gfile.listdir(staging) if n.endswith(STAGED_SUFFIX))
     for offset, name in enumerate(names):
         tf.io.gfile.rename(os.path.join(staging, name),
                            os.path.join(output_dir, records.shard_name(split, first_index
@@ -177,7 +179,7 @@ def run(args: argparse.Namespace, beam_argv: list[str]) -> dict:
              | "Ask" >> beam.ParDo(AskTeacher(args)).with_outputs(AskTeacher.FAILURES,
                                                                  main="records"))
     _ = asked.records | "WriteShards" >> beam.io.WriteToTFRecord(
-        os.path.join(staging, args.split), file_name_suffix=".tfrecord",
+        os.path.join(staging, args.split), file_name_suffix=STAGED_SUFFIX,
         shard_name_template="-SSSSS")
     _ = asked[AskTeacher.FAILURES] | "WriteFailures" >> beam.io.WriteToText(
         os.path.join(staging, "failures"), file_name_suffix=".jsonl",
