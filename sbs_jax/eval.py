@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from sbs_jax import gin_utils, run_config
 
@@ -34,9 +34,10 @@ def build_parser(prog: str = "sbs-eval", doc: str = __doc__) -> argparse.Argumen
 
 def load(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """(RunConfig, step, T5Config, params, EvalSet of the label task) for the flags."""
-    from sbs_jax import evaluation, train_loop
+    from sbs_jax import distributed, evaluation, train_loop
     from sbs_jax.data import pipeline
 
+    distributed.initialize_from_env()
     try:
         cfg = run_config.from_gin()
         train_loop.check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")

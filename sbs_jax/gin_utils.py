@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import gin
 
@@ -66,7 +66,7 @@ def split_gin_shorthand(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def _macro_names() -> set[str]:
     """Names of every macro in the currently parsed config."""
     names = set()
-    for (scope, selector), _ in gin.config._CONFIG.items():  # noqa: SLF001 (no public listing)
+    for scope, selector in gin.config._CONFIG:
         if selector.endswith("macro") and scope:
             names.add(scope)
     return names
@@ -90,7 +90,7 @@ def parse_gin(
             raise GinConfigError(f"--gin_file={path}: file not found (searched {paths})")
     try:
         gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
-    except (ValueError, KeyError, IOError, SyntaxError) as exc:
+    except (OSError, ValueError, KeyError, SyntaxError) as exc:
         raise GinConfigError(f"invalid gin configuration: {exc}") from exc
     known = _macro_names()
     for binding in shorthand_bindings:

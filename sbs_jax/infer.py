@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from sbs_jax import eval as eval_cli
 from sbs_jax import gin_utils

@@ -11,7 +11,8 @@ rationales would dominate it).
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ class TokenLossSums(NamedTuple):
     z_loss: jax.Array  # the z-loss part of `loss`, for logging
     num_tokens: jax.Array  # sum of decoder_loss_weights
 
-    def __add__(self, other: "TokenLossSums") -> "TokenLossSums":  # type: ignore[override]
+    def __add__(self, other: TokenLossSums) -> TokenLossSums:  # type: ignore[override]
         return TokenLossSums(*(a + b for a, b in zip(self, other)))
 
 

@@ -13,8 +13,9 @@ import dataclasses
 import json
 from typing import Any
 
-import gin
 from etils import epath
+
+import gin
 
 CONFIG_FILE = "run_config.json"
 # Settings a restarted run may change without making its checkpoints mean something else.

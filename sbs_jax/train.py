@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import gin
-
 from sbs_jax import gin_utils, run_config
 
 

@@ -21,15 +21,20 @@ import numpy as np
 import seqio
 from etils import epath
 
+from sbs_jax import (
+    checkpoints,
+    convert,
+    distributed,
+    evaluation,
+    models,
+    optim,
+    partitioning,
+    run_config,
+    trainer,
+)
+from sbs_jax.data import pipeline
 from sbs_jax.tf_setup import tf  # noqa: F401  (before clu/seqio import TF: keep it off GPUs)
-
-from clu import metric_writers  # noqa: E402
-
-from sbs_jax import checkpoints, convert, distributed, evaluation, models, optim  # noqa: E402
-from sbs_jax import partitioning  # noqa: E402
-from sbs_jax import run_config, trainer  # noqa: E402
-from sbs_jax.data import pipeline  # noqa: E402
-from sbs_jax.vocab import padded_vocab_size  # noqa: E402
+from sbs_jax.vocab import padded_vocab_size
 
 SUMMARY_FILE = "run_summary.json"
 GIN_FILE = "config.gin"
@@ -227,6 +232,8 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
     step_fn = trainer.make_train_step(part, models.T5(setup.model_config), setup.tx,
                                       setup.schedule, options)
     eval_examples = None
+    from clu import metric_writers  # after tf_setup: clu imports TensorFlow
+
     writer = metric_writers.create_default_writer(cfg.model_dir, just_logging=not is_lead)
     step = int(resume_step or 0)
     first_step = step

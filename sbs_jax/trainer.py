@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax
 import jax
@@ -125,13 +126,15 @@ def check_batch_size(batch_size: int, mesh: Mesh, num_microbatches: int, num_pro
             raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by {what}")
 
 
-def global_batch(local: Batch, sharding: NamedSharding, num_processes: int) -> dict:
-    """Global arrays from this process's rows (`jax.make_array_from_process_local_data`)."""
+def global_batch(local: Batch, sharding: NamedSharding, global_rows: int) -> dict:
+    """Global arrays of `global_rows` rows from this process's rows
+    (`jax.make_array_from_process_local_data`; processes that share a batch block feed the
+    same rows)."""
     out = {}
     for key in BATCH_KEYS:
         rows = np.asarray(local[key])
-        shape = (rows.shape[0] * num_processes, *rows.shape[1:])
-        out[key] = jax.make_array_from_process_local_data(sharding, rows, shape)
+        out[key] = jax.make_array_from_process_local_data(
+            sharding, rows, (global_rows, *rows.shape[1:]))
     return out
 
 

@@ -1,9 +1,8 @@
 """sbs_loss and the token losses against independent numpy / PyTorch computations."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 
 from sbs_jax import losses
 

@@ -50,7 +50,7 @@ def test_adamw_with_clipping_matches_torch_adamw_without_weight_decay():
     tsched = torch.optim.lr_scheduler.LambdaLR(topt, lambda s: (5 - s) / 5)
     params = jnp.asarray(w0)
     state = tx.init(params)
-    loss_fn = lambda p: jnp.sum((p - target) ** 2)  # noqa: E731
+    loss_fn = lambda p: jnp.sum((p - target) ** 2)
     for _ in range(5):
         topt.zero_grad()
         torch.sum((tw - torch.tensor(target)) ** 2).backward()
@@ -70,7 +70,7 @@ def test_adafactor_factors_large_matrices_and_descends():
     # A factored second moment keeps a row and a column vector instead of a 128x256 matrix.
     shapes = {tuple(x.shape) for x in leaves if hasattr(x, "shape")}
     assert (128,) in shapes and (256,) in shapes and (128, 256) not in shapes
-    loss_fn = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)  # noqa: E731
+    loss_fn = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
     before = loss_fn(params)
     for _ in range(3):
         updates, state = tx.update(jax.grad(loss_fn)(params), state, params)

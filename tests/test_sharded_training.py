@@ -46,7 +46,7 @@ def _train(mesh_shape, batches, num_microbatches=1, views=("label", "rationale")
     step = trainer.make_train_step(part, models.T5(config), tx, SCHEDULE, options)
     history = []
     for local in batches:
-        gb = {v: trainer.global_batch(local[v], part.batch_sharding, 1) for v in views}
+        gb = {v: trainer.global_batch(local[v], part.batch_sharding, 16) for v in views}
         state, metrics = step(state, gb)
         history.append({k: float(v) for k, v in metrics.items()})
     return state, history

@@ -35,7 +35,7 @@ def cli_env(tmp_path_factory):
 
 def run_cli(module, args, env, timeout=420):
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope="module")

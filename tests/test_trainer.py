@@ -19,13 +19,13 @@ def data_dir(tmp_path_factory, monkeypatch):
 
 
 def _config(model_dir, **overrides):
-    fields = dict(
-        model_dir=str(model_dir), mixture_or_task_name="synthetic_label_gt",
-        rationale_mixture_name="synthetic_rationale", model_name="t5_1_1_tiny",
-        model_overrides=TINY, train_steps=4, batch_size=8,
-        task_feature_lengths={"inputs": 32, "targets": 64}, learning_rate=1e-3,
-        schedule="constant", checkpoint_period=2, eval_period=0, log_period=1,
-        async_checkpointing=False)
+    fields = {
+        "model_dir": str(model_dir), "mixture_or_task_name": "synthetic_label_gt",
+        "rationale_mixture_name": "synthetic_rationale", "model_name": "t5_1_1_tiny",
+        "model_overrides": TINY, "train_steps": 4, "batch_size": 8,
+        "task_feature_lengths": {"inputs": 32, "targets": 64}, "learning_rate": 1e-3,
+        "schedule": "constant", "checkpoint_period": 2, "eval_period": 0, "log_period": 1,
+        "async_checkpointing": False}
     fields.update(overrides)
     return run_config.RunConfig(**fields)
 
