@@ -1,4 +1,4 @@
-"""The student model: T5 configs, the Flax module and HF checkpoint interop."""
+"""The student model: T5 configs (config.py), the Flax module (t5.py), HF interop (hf.py)."""
 
 from sbs_jax.models.hf import CheckpointError, load_hf, save_hf
 from sbs_jax.models.t5 import (
