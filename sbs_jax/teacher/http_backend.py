@@ -20,6 +20,7 @@ import email.utils
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -155,6 +156,8 @@ class OpenAIBackend:
         if not base_url:
             raise ValueError("the openai backend needs --base_url (e.g. http://host:8000/v1)")
         self.base_url = base_url.rstrip("/")
+        # For messages: credentials in the URL (user:password@host) stay out of them.
+        self.display_url = re.sub(r"//[^/@]*@", "//", self.base_url)
         self.model = model
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -274,7 +277,7 @@ class OpenAIBackend:
                     snippet = redact(response.text[:200], self._api_key)
                     if status in FATAL_STATUS:
                         raise TeacherUnavailable(
-                            f"teacher at {self.base_url} answered HTTP {status} "
+                            f"teacher at {self.display_url} answered HTTP {status} "
                             f"(check the key, URL and --model {self.model!r}): {snippet}")
                     if status not in RETRYABLE_STATUS and status < 500:
                         raise TeacherError(f"HTTP {status}: {snippet}",
