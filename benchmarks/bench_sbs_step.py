@@ -1,0 +1,251 @@
+"""The sbs train step and greedy decoding: ours vs the HF PyTorch reference recipe, with MFU.
+
+Train step. Ours: `sbs_jax.trainer.make_train_step` (one jitted, buffer-donating step that runs
+the label view and the rationale view of the same examples, AdamW, clip 1.0, linear decay).
+Peer: the reference recipe in HF PyTorch on the same CPU — two forward passes (label, rationale)
+of `T5ForConditionalGeneration`, `alpha * label_loss + (1 - alpha) * rationale_loss`, backward,
+clip 1.0, `torch.optim.AdamW` + linear decay. Dropout 0.1 on in both. Every target token is real
+(no padding), so tokens/s = batch x (input + label + input + rationale) per step.
+
+Decoding. Ours: `sbs_jax.decoding.generate(method="greedy")`; peer: HF `generate` greedy. Same
+weights (ours imported from the HF model), EOS disabled in both so each decodes exactly
+`--decode_len` tokens per row; the outputs are compared.
+
+MFU = model FLOPs per second (benchmarks/flops.py) / the device peak (benchmarks/peak.py: on a
+CPU the best fp32 large-matmul rate measured in this run, before and after the timings; on a
+GPU/TPU the published bf16 peak of its device kind). Rounds alternate ours and HF so load from
+other processes hits both alike; medians are reported. Prints a markdown table, then JSON.
+Goals on CPU: train ratio >= 2, train MFU >= 60%, decode ratio >= 3. On a GPU (no HF peer):
+
+    python benchmarks/bench_sbs_step.py --config t5_1_1_large --dtype bfloat16
+
+    python benchmarks/bench_sbs_step.py [--config t5_1_1_small] [--rounds 3] [--json_out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flops
+import peak
+
+
+def _view(rng: np.random.Generator, vocab: int, batch: int, input_len: int,
+          target_len: int) -> dict[str, np.ndarray]:
+    enc = rng.integers(2, vocab, (batch, input_len)).astype(np.int32)
+    targets = rng.integers(2, vocab, (batch, target_len)).astype(np.int32)
+    dec = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
+    return {"encoder_input_tokens": enc, "decoder_input_tokens": dec,
+            "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
+
+
+def _ours_train(config, params, batches: dict, alpha: float) -> Callable[[], None]:
+    import jax
+
+    from sbs_jax import models, optim, partitioning, trainer
+
+    mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
+    part = trainer.Partitioner(mesh, partitioning.logical_axis_rules(), config)
+    schedule = optim.make_schedule("linear", 1e-4, total_steps=10_000)
+    tx = optim.make_optimizer(schedule)
+    state = {"s": trainer.init_state(part, config, tx, seed=0, params=params)}
+    step = trainer.make_train_step(part, models.T5(config), tx, schedule,
+                                   trainer.StepOptions(alpha=alpha))
+    global_batches = {v: trainer.global_batch(b, part.batch_sharding, len(b[
+        "encoder_input_tokens"])) for v, b in batches.items()}
+
+    def run():
+        state["s"], metrics = step(state["s"], global_batches)
+        metrics["loss"].block_until_ready()
+    return run
+
+
+def _hf_models(config, params) -> tuple[Any, Any]:
+    """Two HF PyTorch copies (decoding, training) of our params, through our hub-style export."""
+    from transformers import T5ForConditionalGeneration
+
+    from sbs_jax.models import save_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(config, params, tmp)
+        return tuple(T5ForConditionalGeneration.from_pretrained(tmp) for _ in range(2))
+
+
+def _hf_train(model, batches: dict, alpha: float) -> Callable[[], None]:
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / 10_000))
+    tensors = {v: (torch.tensor(b["encoder_input_tokens"], dtype=torch.long),
+                   torch.tensor(b["decoder_target_tokens"], dtype=torch.long))
+               for v, b in batches.items()}
+
+    def run():
+        label = model(input_ids=tensors["label"][0], labels=tensors["label"][1]).loss
+        rationale = model(input_ids=tensors["rationale"][0], labels=tensors["rationale"][1]).loss
+        (alpha * label + (1 - alpha) * rationale).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return run
+
+
+def _median_timings(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    for fn in fns.values():  # warm-up / compile
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _row(name: str, seconds: float, tokens: int, flop: int, peak_flops: float | None,
+         peer_seconds: float | None) -> dict[str, Any]:
+    achieved = flop / seconds
+    return {"what": name, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "ratio_vs_hf": (peer_seconds / seconds) if peer_seconds else None,
+            "flops_per_s": achieved, "mfu": achieved / peak_flops if peak_flops else None}
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| what | s | tokens/s | ours/HF | GFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['what']} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{fmt(r['ratio_vs_hf'], '.2f')} | {r['flops_per_s'] / 1e9:.1f} | "
+                     f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="t5_1_1_small", help="a sbs_jax.models config name")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
+    parser.add_argument("--scan_layers", action="store_true")
+    parser.add_argument("--remat_policy", default="none", help="none, full, minimal, dots")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--input_len", type=int, default=256)
+    parser.add_argument("--label_len", type=int, default=8)
+    parser.add_argument("--rationale_len", type=int, default=64)
+    parser.add_argument("--decode_len", type=int, default=64, help="new tokens per row")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no_hf", action="store_true",
+                        help="skip the PyTorch peer (automatic off the CPU)")
+    parser.add_argument("--no_decode", action="store_true", help="time the train step only")
+    parser.add_argument("--json_out", help="also write the JSON result to this file")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from sbs_jax import decoding, models
+
+    config = models.get_config(args.config, dtype=args.dtype, scan_layers=args.scan_layers,
+                               remat_policy=args.remat_policy)
+    device = jax.devices()[0]
+    use_hf = not args.no_hf and device.platform == "cpu"
+    peak_before = peak.device_peak()
+
+    rng = np.random.default_rng(0)
+    batches = {"label": _view(rng, config.vocab_size, args.batch, args.input_len, args.label_len),
+               "rationale": _view(rng, config.vocab_size, args.batch, args.input_len,
+                                  args.rationale_len)}
+    # Unscanned float32 params (the HF export's layout); the compute dtype is config.dtype.
+    params = models.init_params(models.get_config(args.config), jax.random.PRNGKey(0))
+    if use_hf:
+        hf_model, hf_train_model = _hf_models(models.get_config(args.config), params)
+    if config.scan_layers:
+        params = models.stack_layers(params)
+
+    train_fns = {"ours": _ours_train(config, params, batches, args.alpha)}
+    if use_hf:
+        train_fns["hf"] = _hf_train(hf_train_model, batches, args.alpha)
+    train_s = _median_timings(train_fns, args.rounds)
+
+    enc = batches["rationale"]["encoder_input_tokens"]
+    decode_fns, outputs = {}, {}
+    if not args.no_decode:
+        def ours_decode():
+            outputs["ours"] = np.asarray(decoding.generate(config, params, enc, args.decode_len,
+                                                           eos_id=-1))
+        decode_fns["ours"] = ours_decode
+        if use_hf:
+            import torch
+            from transformers import GenerationConfig
+
+            hf_model.eval()
+            gen = GenerationConfig(decoder_start_token_id=0, eos_token_id=None, pad_token_id=0,
+                                   max_new_tokens=args.decode_len, do_sample=False)
+            t_enc = torch.tensor(enc, dtype=torch.long)
+
+            def hf_decode():
+                with torch.no_grad():
+                    outputs["hf"] = hf_model.generate(input_ids=t_enc, generation_config=gen
+                                                      ).numpy()[:, 1:]
+            decode_fns["hf"] = hf_decode
+    decode_s = _median_timings(decode_fns, args.rounds) if decode_fns else {}
+    peak_after = peak.device_peak()
+    peak_flops = (max(peak_before["peak_flops_per_s"], peak_after["peak_flops_per_s"])
+                  if peak_before["peak_flops_per_s"] else None)
+
+    step_flops = flops.sbs_step_flops(config, args.batch, args.input_len, args.label_len,
+                                      args.rationale_len)["total"]
+    step_tokens = args.batch * (2 * args.input_len + args.label_len + args.rationale_len)
+    rows = [_row("sbs train step, ours", train_s["ours"], step_tokens, step_flops, peak_flops,
+                 train_s.get("hf"))]
+    if "hf" in train_s:
+        rows.append(_row("sbs train step, HF PyTorch", train_s["hf"], step_tokens, step_flops,
+                         peak_flops, None))
+    if decode_s:
+        decode_flops = flops.greedy_decode_flops(config, args.batch, args.input_len,
+                                                 args.decode_len)
+        new_tokens = args.batch * args.decode_len
+        rows.append(_row("greedy decode, ours", decode_s["ours"], new_tokens, decode_flops,
+                         peak_flops, decode_s.get("hf")))
+        if "hf" in decode_s:
+            rows.append(_row("greedy decode, HF generate", decode_s["hf"], new_tokens,
+                             decode_flops, peak_flops, None))
+
+    result = {
+        "config": args.config, "dtype": args.dtype, "scan_layers": args.scan_layers,
+        "remat_policy": args.remat_policy, "batch": args.batch, "input_len": args.input_len,
+        "label_len": args.label_len, "rationale_len": args.rationale_len,
+        "decode_len": args.decode_len, "rounds": args.rounds,
+        "device": {"platform": device.platform, "device_kind": device.device_kind,
+                   "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
+        "load_average": os.getloadavg(),
+        "peak": {"before": peak_before, "after": peak_after, "used_flops_per_s": peak_flops},
+        "sbs_step_flops": step_flops, "sbs_step_tokens": step_tokens,
+        "rows": rows,
+        "same_greedy_tokens": (bool(np.array_equal(outputs["ours"], outputs["hf"]))
+                               if "hf" in outputs and "ours" in outputs else None),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
+    print(markdown_table(rows))
+    print(json.dumps(result, indent=2))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
