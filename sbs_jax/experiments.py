@@ -133,19 +133,26 @@ def make_cells(datasets: Iterable[str], methods: Iterable[str], fractions: Itera
             for seed in seeds]
 
 
+def _fill(text: str, fields: dict[str, str]) -> str:
+    """Replaces `{name}` placeholders only (gin values such as dicts keep their braces)."""
+    for name, value in fields.items():
+        text = text.replace("{" + name + "}", value)
+    return text
+
+
 def cell_settings(cell: Cell, recipe: Recipe) -> dict:
     """What determines a cell's result besides its coordinates; recorded in results.json."""
     method = METHODS[cell.method]
     label_task, rationale_task = method.tasks(cell.dataset)
     fields = {"model": cell.model, "size": cell.model.rsplit("_", 1)[-1],
               "dataset": cell.dataset}
-    gin_files = [f.format(**fields) for f in recipe.gin_files]
+    gin_files = [_fill(f, fields) for f in recipe.gin_files]
     gin_files.append(f"{recipe.model_gin_dir}/{cell.model}.gin")
     if method.gin_file:
         gin_files.append(method.gin_file)
     return {
         "gin_files": gin_files,
-        "gin_bindings": [b.format(**fields) for b in recipe.gin_bindings],
+        "gin_bindings": [_fill(b, fields) for b in recipe.gin_bindings],
         "train_steps": recipe.train_steps,
         "label_task": label_task,
         "rationale_task": rationale_task,
@@ -185,8 +192,9 @@ def run_logged(command: Sequence[str], log_path: pathlib.Path, prefix: str,
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, env=env, cwd=REPO_ROOT, bufsize=1)
         assert process.stdout is not None
+        start = time.time()
         for line in process.stdout:
-            log.write(line)
+            log.write(f"[{time.time() - start:7.1f}s] {line}")
             print(f"{prefix} {line}", end="", flush=True)
         code = process.wait()
     if code != 0:
@@ -210,7 +218,7 @@ def run_cell(cell: Cell, recipe: Recipe, cell_dir: pathlib.Path, env: dict) -> d
     run_logged([sys.executable, "-m", "sbs_jax.train", *flags], cell_dir / "train.log",
                f"[{cell.name} train]", env)
     metrics_path = cell_dir / "metrics.json"
-    run_logged([sys.executable, "-m", "sbs_jax.eval", *flags, "--split=test",
+    run_logged([sys.executable, "-m", "sbs_jax.eval", *flags, "--split=test", "--step=best",
                 f"--output={metrics_path}"], cell_dir / "eval.log", f"[{cell.name} eval]", env)
     accuracy, metrics = read_accuracy(metrics_path)
     return {**dataclasses.asdict(cell), "accuracy": accuracy, "metrics": metrics,

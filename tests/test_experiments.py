@@ -188,3 +188,35 @@ def test_shards_split_the_grid_disjointly(tmp_path, capsys):
     assert experiments.main(["--output_dir", str(tmp_path), "--num_shards", "2",
                              "--shard_index", "2"]) == 2
     assert "--shard_index=2 is not in [0, --num_shards=2)" in capsys.readouterr().err
+
+
+def test_real_data_cell_runs_end_to_end(dss_data_dir, tmp_path, monkeypatch, capsys):
+    """SVAMP, 12.5% of the released train split, tiny T5, 20 steps: build, train, eval, report."""
+    for name in ("XLA_FLAGS", "SBS_DATA_DIR", "SBS_VOCAB"):
+        monkeypatch.delenv(name, raising=False)
+    grid_dir = tmp_path / "grid"
+    argv = ["--preset", "ci", "--methods", "sbs_llm", "--output_dir", str(grid_dir),
+            "--source_dir", str(dss_data_dir)]
+    assert experiments.main(argv) == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
+    assert "[svamp/t5_1_1_tiny/sbs_llm/12.5pct/seed0 train] step 20/20" in out
+    assert (grid_dir / "data" / "svamp" / "info.json").exists()
+    assert (grid_dir / "data" / "spiece.model").exists()
+
+    cell_dir = grid_dir / "svamp" / "t5_1_1_tiny" / "sbs_llm" / "12.5pct" / "seed0"
+    record = json.loads((cell_dir / report.RESULTS_FILE).read_text())
+    metrics = json.loads((cell_dir / "metrics.json").read_text())
+    assert record["accuracy"] == metrics["accuracy"] and 0.0 <= record["accuracy"] <= 100.0
+    assert metrics["split"] == "test" and metrics["num_examples"] == 200
+    run = json.loads((cell_dir / "model" / "run_config.json").read_text())
+    assert run["data_fraction"] == 0.125 and run["train_steps"] == 20
+    assert (run["mixture_or_task_name"], run["rationale_mixture_name"]) == \
+        ("svamp_label_llm", "svamp_rationale")
+
+    markdown = (grid_dir / "results.md").read_text()
+    assert "### svamp, t5_1_1_tiny" in markdown
+    assert f"| step-by-step (teacher labels) | {record['accuracy']:.2f} (n=1) |" in markdown
+    assert "| paper, T5-Base: standard fine-tuning [1] | 62.63 (at 100%) |" in markdown
+
+    assert experiments.main(argv) == 0
+    assert "1 cells: 1 finished, 0 to run" in capsys.readouterr().out
