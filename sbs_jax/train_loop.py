@@ -64,6 +64,28 @@ def task_vocab_size(task: seqio.Task | seqio.Mixture) -> int:
     return int(task.output_features["targets"].vocabulary.vocab_size)
 
 
+# T5Config fields that change how a model runs, not what it is: these model_overrides apply on
+# top of a HF checkpoint's own config; any other override must agree with the checkpoint.
+RUNTIME_FIELDS = frozenset({"dropout_rate", "dtype", "scan_layers", "remat_policy"})
+
+
+def _hf_config(path: str, cfg: run_config.RunConfig) -> models.T5Config:
+    """A HF folder's T5Config with the run's runtime overrides; refuses conflicting sizes."""
+    from sbs_jax.models.hf import config_from_hf
+
+    config_file = epath.Path(path) / "config.json"
+    config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    conflicts = {k: (v, getattr(config, k, None)) for k, v in cfg.model_overrides.items()
+                 if k not in RUNTIME_FIELDS and getattr(config, k, None) != v}
+    if conflicts:
+        raise ValueError(
+            f"RunConfig.model_overrides {sorted(conflicts)} disagree with "
+            f"INITIAL_CHECKPOINT_PATH={path!r}: "
+            + ", ".join(f"{k}={v!r} vs {c!r}" for k, (v, c) in conflicts.items()))
+    runtime = {k: v for k, v in cfg.model_overrides.items() if k in RUNTIME_FIELDS}
+    return dataclasses.replace(config, **runtime)
+
+
 def load_initial(path: str, cfg: run_config.RunConfig, vocab_size: int
                  ) -> tuple[models.T5Config, Any]:
     """Model config + host params from INITIAL_CHECKPOINT_PATH (a HF folder or our MODEL_DIR)."""
@@ -71,7 +93,8 @@ def load_initial(path: str, cfg: run_config.RunConfig, vocab_size: int
     if (source / "config.json").exists():
         from sbs_jax.models.hf import load_hf
 
-        config, params = load_hf(path, **cfg.model_overrides)
+        config = _hf_config(path, cfg)
+        _, params = load_hf(path)
     elif checkpoints.latest_step(path) is not None:
         config = models.get_config(cfg.model_name, vocab_size=padded_vocab_size(vocab_size),
                                    **cfg.model_overrides)
@@ -180,13 +203,8 @@ def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, An
 
 def _initial_config(cfg: run_config.RunConfig, vocab_size: int) -> models.T5Config:
     """The model config of a run that started from INITIAL_CHECKPOINT_PATH (for resuming)."""
-    path = epath.Path(cfg.initial_checkpoint_path)
-    if (path / "config.json").exists():
-        from sbs_jax.models.hf import config_from_hf
-
-        return dataclasses.replace(
-            config_from_hf(json.loads((path / "config.json").read_text()), str(path)),
-            **cfg.model_overrides)
+    if (epath.Path(cfg.initial_checkpoint_path) / "config.json").exists():
+        return _hf_config(cfg.initial_checkpoint_path, cfg)
     return models.get_config(
         cfg.model_name, **{"vocab_size": padded_vocab_size(vocab_size), **cfg.model_overrides})
 

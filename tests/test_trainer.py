@@ -60,3 +60,25 @@ def test_standard_mode_trains_labels_only_and_evaluates(tmp_path):
     # Running again with the same settings finds the run finished and changes nothing.
     again = train_loop.train(cfg)
     assert again["resumed_from"] == 4 and checkpoints.all_steps(str(tmp_path)) == [2, 4]
+
+
+def test_initial_checkpoint_from_a_hf_folder_is_one_setting(tmp_path):
+    torch_fixtures = pytest.importorskip("hf_t5_fixtures")
+    from sbs_jax.models.hf import load_hf
+
+    hf_dir = tmp_path / "hf"
+    torch_fixtures.make_hf_dir("v1_1", hf_dir, vocab_size=1024)
+    # lr 0: the saved step-1 parameters are exactly the imported ones.
+    cfg = _config(tmp_path / "run", initial_checkpoint_path=str(hf_dir), train_steps=1,
+                  learning_rate=0.0, model_overrides={"dropout_rate": 0.0})
+    train_loop.train(cfg)
+    _, want = load_hf(str(hf_dir))
+    got = checkpoints.load_params(str(tmp_path / "run"), 1)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    saved = json.loads((tmp_path / "run" / "model_config.json").read_text())
+    assert saved["emb_dim"] == 32 and saved["vocab_size"] == 1024
+    clash = _config(tmp_path / "clash", initial_checkpoint_path=str(hf_dir), train_steps=1,
+                    model_overrides={"emb_dim": 64})
+    with pytest.raises(ValueError, match=r"model_overrides \['emb_dim'\] disagree"):
+        train_loop.train(clash)
