@@ -94,12 +94,6 @@ def test_gradient_accumulation_equals_the_big_batch_step(batches):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
 
 
-def test_standard_mode_trains_on_labels_only(batches):
-    _, history = _train((1, 1, 1), batches[:1], views=("label",))
-    assert "rationale_loss" not in history[0]
-    np.testing.assert_allclose(history[0]["loss"], history[0]["label_loss"])
-
-
 def test_batch_not_divisible_by_data_axes_names_batch_size():
     mesh = partitioning.make_mesh((4, 2, 1))
     with pytest.raises(ValueError, match=r"BATCH_SIZE=12 .*data x fsdp = 8"):

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from sbs_jax import checkpoints, gin_utils
+from sbs_jax import eval as eval_cli
+from sbs_jax import infer as infer_cli
 from sbs_jax import train as train_cli
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,22 +67,22 @@ def test_quickstart_trains_evaluates_checkpoints_and_logs(quickstart_dir):
     assert "rationale" in progress[0] and "eval step 6 (valid)" in stdout
 
 
-def test_eval_and_infer_read_the_run(quickstart_dir, cli_env, tmp_path):
+def test_eval_and_infer_read_the_run(quickstart_dir, cli_env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SBS_DATA_DIR", cli_env["SBS_DATA_DIR"])
     model_dir, _ = quickstart_dir
     flags = [*QUICK, f"--gin.MODEL_DIR='{model_dir}'", "--split=test", "--max_examples=8"]
     metrics_path = tmp_path / "metrics.json"
-    proc = run_cli("sbs_jax.eval", [*flags, "--step=latest", f"--output={metrics_path}"], cli_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert eval_cli.main([*flags, "--step=latest", f"--output={metrics_path}"]) == 0
     metrics = json.loads(metrics_path.read_text())
     assert metrics["step"] == 12 and metrics["split"] == "test" and metrics["num_examples"] == 8
     assert 0.0 <= metrics["accuracy"] <= 100.0
     preds = tmp_path / "preds.jsonl"
-    proc = run_cli("sbs_jax.infer", [*flags, f"--output={preds}", "--output_rationale"], cli_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert infer_cli.main([*flags, f"--output={preds}", "--output_rationale"]) == 0
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 8 and len({r["id"] for r in rows}) == 8
     assert all(r["input"].startswith("predict: ") for r in rows)
     assert all(set(r) == {"id", "input", "target", "prediction", "rationale"} for r in rows)
+    assert "8 predictions (step 12)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("module", ["sbs_jax.train", "sbs_jax.eval", "sbs_jax.infer"])
