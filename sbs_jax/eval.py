@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default=None,
                         help="metrics JSON path (default: MODEL_DIR/eval_<split>_step<N>.json)")
     args = gin_utils.parse_gin_flags(parser, argv)
+    import jax
     from etils import epath
 
     from sbs_jax import evaluation
@@ -67,9 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      args.batch_size or cfg.eval_batch_size, cfg.max_decode_len)
     result = {**metrics, "step": step, "split": args.split, "task": examples.task_name}
     output = args.output or f"{cfg.model_dir}/eval_{args.split}_step{step}.json"
-    run_config.write_text(epath.Path(output), json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
-    print(f"metrics written to {output}")
+    if jax.process_index() == 0:
+        run_config.write_text(epath.Path(output), json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result))
+        print(f"metrics written to {output}")
     return 0
 
 

@@ -77,6 +77,9 @@ def parse_gin(
     shorthand_bindings: Sequence[str] = (),
 ) -> None:
     """Parses gin files then bindings (then --gin.NAME ones); raises GinConfigError on mistakes."""
+    import tasks  # noqa: F401  (registers tasks.data_config so gin files may bind it)
+    from sbs_jax import run_config  # noqa: F401  (registers RunConfig)
+
     gin.clear_config(clear_constants=False)
     paths = [REPO_ROOT, os.getcwd()]
     for entry in search_paths:

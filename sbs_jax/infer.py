@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output_rationale", action="store_true",
                         help="also decode each input's rationale (explain: prefix)")
     args = gin_utils.parse_gin_flags(parser, argv)
+    import jax
     from etils import epath
 
     from sbs_jax import evaluation, run_config, train_loop
@@ -69,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rationales is not None:
             record["rationale"] = rationales[row]
         lines.append(json.dumps(record, ensure_ascii=False))
-    run_config.write_text(epath.Path(args.output), "\n".join(lines) + "\n")
-    print(f"{len(lines)} predictions (step {step}) written to {args.output}")
+    if jax.process_index() == 0:
+        run_config.write_text(epath.Path(args.output), "\n".join(lines) + "\n")
+        print(f"{len(lines)} predictions (step {step}) written to {args.output}")
     return 0
 
 

@@ -130,3 +130,9 @@ def test_shorthand_flags_become_bindings():
     assert rest == ["--split=test"]
     assert bindings == ["MODEL_DIR = '/x'", "TRAIN_STEPS = 7"]
     np.testing.assert_equal(gin_utils.REPO_ROOT, str(REPO_ROOT))
+
+
+def test_gin_files_may_bind_the_task_data_folder():
+    gin_utils.parse_gin(["gin/quickstart.gin"], ["tasks.data_config.data_dir = '/data/sbs'"])
+    assert gin_utils.macro_value("TRAIN_STEPS") == 300
+    assert gin_utils.macro_value("NOT_A_MACRO", default="absent") == "absent"
