@@ -178,7 +178,7 @@ def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, An
     if cfg.rationale_mixture_name is not None:
         check_task(cfg.rationale_mixture_name, "RATIONALE_MIXTURE_NAME")
     mesh = partitioning.make_mesh(cfg.mesh_shape)
-    trainer.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches, jax.process_count())
+    trainer.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches)
     vocab_size = task_vocab_size(label_task)
     initial_params = None
     if cfg.initial_checkpoint_path and not from_checkpoint:

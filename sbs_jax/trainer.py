@@ -112,12 +112,14 @@ class Partitioner:
         return stack
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, num_microbatches: int, num_processes: int) -> None:
-    """Raises a ValueError naming BATCH_SIZE when it cannot be split as configured."""
+def check_batch_size(batch_size: int, mesh: Mesh, num_microbatches: int) -> None:
+    """Raises a ValueError naming BATCH_SIZE when it cannot be split as configured.
+
+    (Every process's share divides evenly too: processes own whole blocks of the data axes.)
+    """
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     for what, divisor in (
         (f"the data axes of MESH_SHAPE (data x fsdp = {data_shards})", data_shards),
-        (f"the number of processes ({num_processes})", num_processes),
         (f"num_microbatches ({num_microbatches})", num_microbatches),
         (f"num_microbatches x data shards ({num_microbatches * data_shards})",
          num_microbatches * data_shards),

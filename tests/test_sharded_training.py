@@ -97,7 +97,7 @@ def test_gradient_accumulation_equals_the_big_batch_step(batches):
 def test_batch_not_divisible_by_data_axes_names_batch_size():
     mesh = partitioning.make_mesh((4, 2, 1))
     with pytest.raises(ValueError, match=r"BATCH_SIZE=12 .*data x fsdp = 8"):
-        trainer.check_batch_size(12, mesh, num_microbatches=1, num_processes=1)
+        trainer.check_batch_size(12, mesh, num_microbatches=1)
     with pytest.raises(ValueError, match=r"BATCH_SIZE=16 .*num_microbatches x data shards"):
-        trainer.check_batch_size(16, mesh, num_microbatches=4, num_processes=1)
-    trainer.check_batch_size(32, mesh, num_microbatches=4, num_processes=1)
+        trainer.check_batch_size(16, mesh, num_microbatches=4)
+    trainer.check_batch_size(32, mesh, num_microbatches=4)
