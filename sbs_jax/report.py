@@ -14,7 +14,7 @@ import math
 import os
 import pathlib
 from collections import defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 RESULTS_FILE = "results.json"
 

@@ -6,6 +6,7 @@ the real-data cell at the end trains and evaluates through the public CLIs.
 
 import csv
 import json
+import pathlib
 import random
 import statistics
 
@@ -105,7 +106,7 @@ def test_report_aggregates_seeds_into_csv_markdown_and_plots(finished_grid):
         assert float(row["accuracy_mean"]) == pytest.approx(statistics.mean(seeds), abs=1e-4)
         assert float(row["accuracy_stderr"]) == pytest.approx(
             statistics.stdev(seeds) / 3 ** 0.5, abs=1e-4)
-    markdown = open(paths["markdown"]).read()
+    markdown = pathlib.Path(paths["markdown"]).read_text()
     assert "### svamp, t5_1_1_small" in markdown and "### synthetic, t5_1_1_tiny" in markdown
     # Published reference rows only where the paper has the dataset, with the source named.
     assert markdown.count("paper, T5-Base: standard fine-tuning [1] | — | 62.63 |") == 2
@@ -191,7 +192,7 @@ def test_shards_split_the_grid_disjointly(tmp_path, capsys):
 
 
 def test_real_data_cell_runs_end_to_end(dss_data_dir, tmp_path, monkeypatch, capsys):
-    """SVAMP, 12.5% of the released train split, tiny T5, 20 steps: build, train, eval, report."""
+    """SVAMP, 12.5% of the released train split, tiny T5, 10 steps: build, train, eval, report."""
     for name in ("XLA_FLAGS", "SBS_DATA_DIR", "SBS_VOCAB"):
         monkeypatch.delenv(name, raising=False)
     grid_dir = tmp_path / "grid"
@@ -199,7 +200,7 @@ def test_real_data_cell_runs_end_to_end(dss_data_dir, tmp_path, monkeypatch, cap
             "--source_dir", str(dss_data_dir)]
     assert experiments.main(argv) == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
-    assert "[svamp/t5_1_1_tiny/sbs_llm/12.5pct/seed0 train] step 20/20" in out
+    assert "[svamp/t5_1_1_tiny/sbs_llm/12.5pct/seed0 train] step 10/10" in out
     assert (grid_dir / "data" / "svamp" / "info.json").exists()
     assert (grid_dir / "data" / "spiece.model").exists()
 
@@ -209,7 +210,7 @@ def test_real_data_cell_runs_end_to_end(dss_data_dir, tmp_path, monkeypatch, cap
     assert record["accuracy"] == metrics["accuracy"] and 0.0 <= record["accuracy"] <= 100.0
     assert metrics["split"] == "test" and metrics["num_examples"] == 200
     run = json.loads((cell_dir / "model" / "run_config.json").read_text())
-    assert run["data_fraction"] == 0.125 and run["train_steps"] == 20
+    assert run["data_fraction"] == 0.125 and run["train_steps"] == 10
     assert (run["mixture_or_task_name"], run["rationale_mixture_name"]) == \
         ("svamp_label_llm", "svamp_rationale")
 

@@ -7,8 +7,9 @@ import sys
 
 import matplotlib.image
 import pytest
-
 from conftest import REPO_ROOT
+
+from sbs_jax import quickstart as quickstart_module
 from sbs_jax.data import records
 
 SIZES = {"train": 64, "valid": 16, "test": 32}
@@ -24,8 +25,8 @@ def _command(out, num_train=SIZES["train"]):
 def _run(command):
     # As a user runs it: the real device count, not the test suite's 8 virtual CPU devices.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
-                          env=env)
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=900,
+                          cwd=REPO_ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def test_stages_and_training_progress_are_shown(quickstart):
     assert "[teacher train]" in stdout and "[teacher test]" in stdout
     for method in ("sbs_llm", "standard_ft"):
         assert f"synthetic/t5_1_1_tiny/{method}/100pct/seed0 train] step 10/10" in stdout
+    assert "on the same 64 examples for 10 steps each" in stdout
     assert "same number of steps" in stdout
 
 
@@ -76,6 +78,11 @@ def test_table_plot_and_results_agree_with_the_evaluations(quickstart):
         assert accuracy == metrics["accuracy"] and 0.0 <= accuracy <= 100.0
         assert f"| {title} | {accuracy:.1f} | {SIZES['train']} | 10 |" in table
         assert f"| {title} | {accuracy:.1f} |" in stdout
+        # The plot's loss curves: the trainer's logged losses up to the last step.
+        label_curve = quickstart_module.training_curve(cell_dir / "model", "label_loss")
+        rationale_curve = quickstart_module.training_curve(cell_dir / "model", "rationale_loss")
+        assert label_curve[-1][0] == 10 and all(v > 0 for _, v in label_curve)
+        assert bool(rationale_curve) == (method == "sbs_llm")
     image = matplotlib.image.imread(out / "comparison.png")
     assert image.ndim == 3 and image.shape[0] > 200
 
@@ -101,5 +108,5 @@ def test_other_data_settings_in_the_same_folder_are_refused(quickstart):
 
 def test_help():
     proc = subprocess.run([sys.executable, "-m", "sbs_jax.quickstart", "--help"],
-                          capture_output=True, text=True, cwd=REPO_ROOT)
+                          check=False, capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 0 and "--teacher_backend" in proc.stdout
