@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import time
@@ -207,7 +208,9 @@ def run_logged(command: Sequence[str], log_path: pathlib.Path, prefix: str,
                 print(f"{prefix} {line}", end="", flush=True)
         code = process.wait()
     if code != 0:
-        raise CellFailed(f"`{command[2]}` exited {code}; full log: {log_path}")
+        program = next((command[i + 1] for i, part in enumerate(command[:-1]) if part == "-m"),
+                       command[0])
+        raise CellFailed(f"`{program}` exited {code}; full log: {log_path}")
 
 
 def read_accuracy(metrics_path: pathlib.Path) -> tuple[float, dict]:
@@ -219,12 +222,23 @@ def read_accuracy(metrics_path: pathlib.Path) -> tuple[float, dict]:
     return float(metrics["accuracy"]), metrics
 
 
-def run_cell(cell: Cell, recipe: Recipe, cell_dir: pathlib.Path, env: dict) -> dict:
-    """Trains and evaluates one cell through the public CLIs; returns its results record."""
+def train_command(cell: Cell, recipe: Recipe, model_dir: str,
+                  train_prefix: Sequence[str] = ()) -> list[str]:
+    return [*train_prefix, sys.executable, "-m", "sbs_jax.train",
+            *gin_flags(cell, recipe, model_dir)]
+
+
+def run_cell(cell: Cell, recipe: Recipe, cell_dir: pathlib.Path, env: dict,
+             train_prefix: Sequence[str] = ()) -> dict:
+    """Trains and evaluates one cell through the public CLIs; returns its results record.
+
+    `train_prefix` runs the trainer through a launcher, e.g. `srun --ntasks-per-node=8` inside
+    a SLURM allocation (one JAX process per GPU); evaluation runs as one process.
+    """
     model_dir = cell_dir / "model"
     flags = gin_flags(cell, recipe, str(model_dir))
     start = time.time()
-    run_logged([sys.executable, "-m", "sbs_jax.train", *flags], cell_dir / "train.log",
+    run_logged(train_command(cell, recipe, str(model_dir), train_prefix), cell_dir / "train.log",
                f"[{cell.name} train]", env)
     metrics_path = cell_dir / "metrics.json"
     run_logged([sys.executable, "-m", "sbs_jax.eval", *flags, "--split=test", "--step=best",
@@ -299,7 +313,7 @@ def split_finished(cells: Sequence[Cell], recipe: Recipe, grid_dir: pathlib.Path
 
 
 def run_grid(cells: Sequence[Cell], recipe: Recipe, grid_dir: str | os.PathLike, env: dict,
-             keep_going: bool = False) -> tuple[list[dict], list[tuple[Cell, str]]]:
+             keep_going: bool = False, train_prefix: Sequence[str] = ()) -> tuple[list[dict], list[tuple[Cell, str]]]:
     """Runs every unfinished cell in order; returns (finished records, failures).
 
     Finished cells (results.json present) are not re-run. Settings of finished cells are checked
@@ -315,7 +329,7 @@ def run_grid(cells: Sequence[Cell], recipe: Recipe, grid_dir: str | os.PathLike,
         cell_dir = grid_dir / cell.name
         cell_dir.mkdir(parents=True, exist_ok=True)
         try:
-            record = run_cell(cell, recipe, cell_dir, env)
+            record = run_cell(cell, recipe, cell_dir, env, train_prefix)
         except CellFailed as e:
             failures.append((cell, str(e)))
             print(f"[grid] FAILED {cell.name}: {e}", flush=True)
@@ -360,6 +374,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shard_index", type=int, default=0,
                         help="run only cells i, i + n, i + 2n, ... (e.g. a SLURM array task)")
     parser.add_argument("--num_shards", type=int, default=1, help="n for --shard_index")
+    parser.add_argument("--train_prefix", help="launcher the train command runs under, e.g. "
+                        "'srun --ntasks-per-node=8' inside a SLURM allocation")
     parser.add_argument("--keep_going", action="store_true", help="continue after a failed cell")
     parser.add_argument("--dry_run", action="store_true", help="list cells and commands only")
     parser.add_argument("--report_only", action="store_true",
@@ -393,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for cell in cells:
             model_dir = os.path.join(args.output_dir, cell.name, "model")
-            print(cell.name, "::", "python -m sbs_jax.train", *gin_flags(cell, recipe, model_dir))
+            print(cell.name, "::", shlex.join(train_command(
+                cell, recipe, model_dir, shlex.split(args.train_prefix or ""))))
         return 0
     failures = []
     if not args.report_only:
@@ -401,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             _, todo = split_finished(cells, recipe, pathlib.Path(args.output_dir))
             prepare_data(sorted({c.dataset for c in todo}), data_dir, args.source_dir, env,
                          pathlib.Path(args.output_dir) / "prepare.log", args.vocab_size)
-            _, failures = run_grid(cells, recipe, args.output_dir, env, keep_going=args.keep_going)
+            _, failures = run_grid(cells, recipe, args.output_dir, env, args.keep_going,
+                                   shlex.split(args.train_prefix or ""))
         except (ValueError, CellFailed) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

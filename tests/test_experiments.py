@@ -223,3 +223,14 @@ def test_real_data_cell_runs_end_to_end(dss_data_dir, tmp_path, monkeypatch, cap
 
     assert experiments.main(argv) == 0
     assert "1 cells: 1 finished, 0 to run" in capsys.readouterr().out
+
+
+def test_dry_run_shows_the_train_command_under_its_launcher(tmp_path, capsys):
+    assert experiments.main(["--output_dir", str(tmp_path), "--preset", "ci", "--dry_run",
+                             "--train_prefix", "srun --ntasks-per-node=8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    name, command = lines[0].split(" :: ")
+    assert name == "svamp/t5_1_1_tiny/standard_ft/12.5pct/seed0"
+    assert command.startswith("srun --ntasks-per-node=8 ") and " -m sbs_jax.train " in command
+    assert "--gin.DATA_FRACTION=0.125" in command
