@@ -104,6 +104,22 @@ def teacher_command(args: argparse.Namespace, input_path: pathlib.Path, split: s
     return command
 
 
+def teacher_shortfall(stats_path: pathlib.Path, split: str) -> str | None:
+    """Why the teacher's records of `split` cannot be trained on, or None when they can.
+
+    The teacher job exits 0 even when examples failed (they are listed in stats.json); training
+    on a split with missing records would silently compare the methods on other data.
+    """
+    stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    split_stats = stats.get("splits", {}).get(split, stats)
+    missing = split_stats["examples"] - split_stats["records"]
+    if missing == 0:
+        return None
+    reasons = sorted({f["reason"] for f in stats.get("failures", [])})[:3]
+    return (f"the teacher wrote {split_stats['records']} of {split_stats['examples']} {split} "
+            f"records ({'; '.join(reasons) or 'see the log'}); details in {stats_path}")
+
+
 def comparison_table(records: dict[str, dict], train_examples: int, train_steps: int) -> str:
     """Markdown table of the two methods, plus the same-data-and-steps note."""
     lines = ["| method | test accuracy (%) | train examples | steps | train + eval time (s) |",
@@ -218,9 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[teacher] already done: {info_path}", flush=True)
     else:
         for split in sizes:
-            experiments.run_logged(
-                teacher_command(args, out / "inputs" / f"{split}.jsonl", split, info_path.parent),
-                out / "logs" / "teacher.log", f"[teacher {split}]", env)
+            try:
+                experiments.run_logged(
+                    teacher_command(args, out / "inputs" / f"{split}.jsonl", split,
+                                    info_path.parent),
+                    out / "logs" / "teacher.log", f"[teacher {split}]", env)
+            except experiments.CellFailed as e:
+                print(f"error: the teacher job on the {split} split failed: {e}. Records "
+                      "committed so far are kept; re-run the same command to resume.",
+                      file=sys.stderr)
+                return 1
+            problem = teacher_shortfall(info_path.parent / "stats.json", split)
+            if problem:
+                print(f"error: {problem}. Fix the teacher and re-run the same command: "
+                      "only the missing examples are asked again.", file=sys.stderr)
+                return 1
         # info.json (shard checksums) marks the folder complete, so the synthetic tasks read the
         # teacher's records instead of generating their own.
         records.write_info(str(info_path.parent), DATASET, {**data_settings,

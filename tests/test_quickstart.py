@@ -110,3 +110,19 @@ def test_help():
     proc = subprocess.run([sys.executable, "-m", "sbs_jax.quickstart", "--help"],
                           check=False, capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 0 and "--teacher_backend" in proc.stdout
+
+
+def test_http_teacher_shortfall_stops_before_training(tmp_path):
+    """A configured OpenAI-compatible teacher that leaves examples unlabeled: a clear error."""
+    from fake_teacher import FakeTeacher
+
+    with FakeTeacher(faults={"+": ["noanswer"] * 5}) as teacher:
+        proc = _run([*_command(tmp_path), "--teacher_backend", "openai", "--base_url",
+                     teacher.base_url, "--teacher_model", "fake-model"])
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert teacher.requests >= SIZES["train"]
+    assert f"the teacher wrote {SIZES['train'] - 5} of {SIZES['train']} train records" \
+        in proc.stderr
+    assert "stats.json" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "data" / "synthetic" / "info.json").exists()
