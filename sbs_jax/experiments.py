@@ -350,8 +350,8 @@ def _csv_list(kind: Callable[[str], object]) -> Callable[[str], list]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="sbs-experiments", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="sbs-experiments", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="grid folder: one subfolder per cell")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                         help="axes and recipe to start from; the flags below override them")

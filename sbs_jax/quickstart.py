@@ -176,15 +176,16 @@ def plot_comparison(records: dict[str, dict], model_dirs: dict[str, pathlib.Path
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="sbs-quickstart", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="sbs-quickstart", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="run folder (data, models, report)")
     parser.add_argument("--train_steps", type=int, default=1000,
-                        help="steps of each training run (the gap shows from ~2,000)")
-    parser.add_argument("--num_train", type=int, default=2000, help="training problems")
-    parser.add_argument("--num_valid", type=int, default=200, help="validation problems")
-    parser.add_argument("--num_test", type=int, default=500, help="held-out test problems")
-    parser.add_argument("--seed", type=int, default=0, help="data and training seed")
+                        help="steps of each training run (default 1000, to keep the demo short; the "
+                             "DESIGN.md prototype used 2000)")
+    parser.add_argument("--num_train", type=int, default=2000, help="training problems (default 2000)")
+    parser.add_argument("--num_valid", type=int, default=200, help="validation problems (default 200)")
+    parser.add_argument("--num_test", type=int, default=500, help="held-out test problems (default 500)")
+    parser.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
     parser.add_argument("--eval_period", type=int, default=0,
                         help="also decode the validation split every N steps (0: only the "
                              "final test evaluation)")
@@ -193,7 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gin_bindings", action="append", default=[],
                         help="extra gin bindings for both runs, e.g. BATCH_SIZE=32")
     parser.add_argument("--teacher_backend", choices=("rules", "openai", "local"),
-                        default="rules", help="who writes labels and rationales")
+                        default="rules", help="who writes labels and rationales (default: rules, offline)")
     parser.add_argument("--base_url", help="OpenAI-compatible server (openai backend)")
     parser.add_argument("--teacher_model", help="teacher model name or local checkpoint path")
     parser.add_argument("--api_key_env", help="environment variable holding the API key")
