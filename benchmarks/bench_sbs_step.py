@@ -12,8 +12,8 @@ weights (ours imported from the HF model), EOS disabled in both so each decodes 
 `--decode_len` tokens per row; the outputs are compared.
 
 MFU = model FLOPs per second (benchmarks/flops.py) / the device peak (benchmarks/peak.py: on a
-CPU the best fp32 large-matmul rate measured in this run, before and after the timings; on a
-GPU/TPU the published bf16 peak of its device kind). Rounds alternate ours and HF so load from
+CPU the best large-matmul rate in the compute dtype measured in this run, before and after the
+timings, the higher of the two; on a GPU/TPU the published bf16 peak of its device kind). Rounds alternate ours and HF so load from
 other processes hits both alike; medians are reported. Prints a markdown table, then JSON.
 Goals on CPU: train ratio >= 2, train MFU >= 60%, decode ratio >= 3. On a GPU (no HF peer):
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
                                remat_policy=args.remat_policy)
     device = jax.devices()[0]
     use_hf = not args.no_hf and device.platform == "cpu"
-    peak_before = peak.device_peak()
+    peak_before = peak.device_peak(dtype=args.dtype)
 
     rng = np.random.default_rng(0)
     batches = {"label": _view(rng, config.vocab_size, args.batch, args.input_len, args.label_len),
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                       ).numpy()[:, 1:]
             decode_fns["hf"] = hf_decode
     decode_s = _median_timings(decode_fns, args.rounds) if decode_fns else {}
-    peak_after = peak.device_peak()
+    peak_after = peak.device_peak(dtype=args.dtype)
     peak_flops = (max(peak_before["peak_flops_per_s"], peak_after["peak_flops_per_s"])
                   if peak_before["peak_flops_per_s"] else None)
 

@@ -52,8 +52,21 @@ def collectives(hlo_text: str) -> dict[str, list[dict]]:
             for kind, counter in found.items()}
 
 
+def _dims(shape: str) -> list[int]:
+    match = re.match(r"\(?\w+\[([\d,]*)\]", shape)
+    return [int(d) for d in match.group(1).split(",") if d] if match else []
+
+
+def batch_all_gathers(found: dict[str, list[dict]], global_batch: int) -> list[dict]:
+    """All-gathers of activations over the batch: rank >= 3 results whose leading dimension is
+    the global batch (every rank then holds every example's activations)."""
+    return [e for e in found["all-gather"]
+            if len(_dims(e["shape"])) >= 3 and _dims(e["shape"])[0] == global_batch]
+
+
 def compiled_step_text(config_name: str, layers: int, mesh_shape: tuple[int, int, int],
-                       batch: int, input_len: int, label_len: int, rationale_len: int) -> str:
+                       batch: int, input_len: int, label_len: int, rationale_len: int,
+                       **config_overrides) -> str:
     """HLO text of the compiled sbs step (AdamW, both views) on the given mesh."""
     import functools
 
@@ -63,7 +76,7 @@ def compiled_step_text(config_name: str, layers: int, mesh_shape: tuple[int, int
     from sbs_jax import models, optim, partitioning, trainer
 
     config = models.get_config(config_name, num_encoder_layers=layers,
-                               num_decoder_layers=layers)
+                               num_decoder_layers=layers, **config_overrides)
     mesh = partitioning.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     part = trainer.Partitioner(mesh, partitioning.logical_axis_rules(), config)
     schedule = optim.make_schedule("linear", 1e-4, total_steps=100)
@@ -122,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     found = collectives(text)
     result = {"mesh": list(args.mesh), "config": args.config, "layers": args.layers,
               "totals": {k: sum(e["count"] for e in v) for k, v in found.items()},
+              "batch_all_gathers": batch_all_gathers(found, args.batch),
               "collectives": found}
     print(json.dumps(result, indent=2))
     return result

@@ -1,9 +1,9 @@
 """Peak FLOP/s to divide by for MFU: measured on a CPU, published for GPUs and TPUs.
 
 A CPU has no meaningful datasheet figure (turbo, AVX-512 down-clocking, other tenants), so its
-peak is measured in the same run as the benchmark: the best of a few large fp32 matmuls through
-XLA (the engine our model runs on) and, when installed, PyTorch (oneDNN/MKL), whichever is
-faster. Accelerators use the published dense bf16 peak of their `jax.Device.device_kind`.
+peak is measured in the same run as the benchmark: the best of a few large matmuls in the
+compute dtype (fp32 by default) through XLA (the engine our model runs on) and, when installed,
+PyTorch (MKL / oneDNN, which uses AMX for bf16 where XLA:CPU does not), whichever is faster. Accelerators use the published dense bf16 peak of their `jax.Device.device_kind`.
 
     python benchmarks/peak.py [--size 2048] [--repeats 5]
 """
@@ -74,24 +74,24 @@ def jax_matmul_flops_per_s(size: int, repeats: int, dtype: str = "float32") -> f
     return 2 * size ** 3 / seconds
 
 
-def torch_matmul_flops_per_s(size: int, repeats: int) -> float | None:
-    """Best FLOP/s of a fp32 [size, size] matmul in PyTorch on the CPU, or None without torch."""
+def torch_matmul_flops_per_s(size: int, repeats: int, dtype: str = "float32") -> float | None:
+    """Best FLOP/s of a [size, size] matmul in PyTorch on the CPU, or None without torch."""
     try:
         import torch
     except ImportError:
         return None
     gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=gen) for _ in range(2))
+    a, b = (torch.randn(size, size, generator=gen).to(getattr(torch, dtype)) for _ in range(2))
     seconds = _best_seconds(lambda: torch.mm(a, b), repeats)
     return 2 * size ** 3 / seconds
 
 
-def device_peak(size: int = 2048, repeats: int = 5) -> dict[str, Any]:
+def device_peak(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> dict[str, Any]:
     """The peak FLOP/s to report MFU against, with how it was obtained.
 
-    CPU: measured fp32 matmul peak (max over XLA and PyTorch). GPU/TPU: published bf16 peak of
-    the device kind (`peak_flops_per_s` None when the kind is not in the table), plus the
-    measured bf16 matmul rate for reference.
+    CPU: measured matmul peak in `dtype` (max over XLA and PyTorch). GPU/TPU: published bf16
+    peak of the device kind (`peak_flops_per_s` None when the kind is not in the table), plus
+    the measured bf16 matmul rate for reference.
     """
     import jax
 
@@ -99,12 +99,13 @@ def device_peak(size: int = 2048, repeats: int = 5) -> dict[str, Any]:
     info: dict[str, Any] = {"platform": device.platform, "device_kind": device.device_kind,
                             "matmul_size": size}
     if device.platform == "cpu":
-        info["xla_fp32_matmul_flops_per_s"] = jax_matmul_flops_per_s(size, repeats)
-        info["torch_fp32_matmul_flops_per_s"] = torch_matmul_flops_per_s(size, repeats)
-        measured = [v for v in (info["xla_fp32_matmul_flops_per_s"],
-                                info["torch_fp32_matmul_flops_per_s"]) if v]
+        info["dtype"] = dtype
+        info["xla_matmul_flops_per_s"] = jax_matmul_flops_per_s(size, repeats, dtype)
+        info["torch_matmul_flops_per_s"] = torch_matmul_flops_per_s(size, repeats, dtype)
+        measured = [v for v in (info["xla_matmul_flops_per_s"],
+                                info["torch_matmul_flops_per_s"]) if v]
         info["peak_flops_per_s"] = max(measured)
-        info["peak_source"] = "measured fp32 matmul (best of XLA and PyTorch), this run"
+        info["peak_source"] = f"measured {dtype} matmul (best of XLA and PyTorch), this run"
     else:
         info["xla_bf16_matmul_flops_per_s"] = jax_matmul_flops_per_s(
             max(size, 8192), repeats, "bfloat16")
@@ -117,8 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=2048, help="matmul side length")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", help="CPU matmul dtype (float32, bfloat16)")
     args = parser.parse_args(argv)
-    info = device_peak(args.size, args.repeats)
+    info = device_peak(args.size, args.repeats, args.dtype)
     print(json.dumps(info, indent=2))
     return info
 
