@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_backend": args.teacher_backend,
         "methods": {m: {"accuracy": by_method[m]["accuracy"], "wall_s": by_method[m]["wall_s"],
                         "model_dir": str(model_dirs[m])} for m in METHODS},
-        "total_wall_s": round(progress.elapsed(), 1),
+        "this_run_wall_s": round(progress.elapsed(), 1),
     }
     experiments.write_json_atomic(out / "quickstart_results.json", summary)
 
