@@ -195,11 +195,14 @@ def loss_and_grads(
         sums = {v: sums[v] + mb_sums[v] for v in views}
         return (grads, sums), None
 
-    zero_sums = {v: losses.TokenLossSums(*(jnp.zeros((), jnp.float32),) * 3) for v in views}
-    zero_grads = jax.tree.map(jnp.zeros_like, params)
-    (grads, sums), _ = jax.lax.scan(
-        body, (zero_grads, zero_sums), jnp.arange(options.num_microbatches)
-    )
+    if options.num_microbatches == 1:  # no loop: keeps the common step's program simple
+        (_, sums), grads = grad_fn(params, 0)
+    else:
+        zero_sums = {v: losses.TokenLossSums(*(jnp.zeros((), jnp.float32),) * 3) for v in views}
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        (grads, sums), _ = jax.lax.scan(
+            body, (zero_grads, zero_sums), jnp.arange(options.num_microbatches)
+        )
     total, parts = losses.combine(sums["label"], sums.get("rationale"), options.alpha)
     metrics = {"loss": total, **parts}
     for view in views:
