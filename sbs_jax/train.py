@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         summary = train_loop.train(cfg, operative_gin=gin.config_str())
-    except ValueError as exc:  # configuration problems found during setup name their setting
+    except train_loop.SetupError as exc:  # each names its setting
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     except train_loop.NonFiniteLossError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

@@ -41,6 +41,11 @@ GIN_FILE = "config.gin"
 PREEMPTED_EXIT_CODE = 143
 
 
+class SetupError(ValueError):
+    """The configuration cannot run (unknown task, bad BATCH_SIZE, conflicting MODEL_DIR...);
+    the message names the setting. Raised before any training step."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/Inf; the message says which step and which checkpoint is kept."""
 
@@ -211,11 +216,14 @@ def _initial_config(cfg: run_config.RunConfig, vocab_size: int) -> models.T5Conf
 
 def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
     """Trains to TRAIN_STEPS (resuming if MODEL_DIR has a checkpoint); returns the summary."""
-    run_config.check_against_saved(cfg)
     is_lead = jax.process_index() == 0
     start_time = time.time()
-    resume_step = checkpoints.latest_step(cfg.model_dir)
-    setup, initial_params = _setup(cfg, from_checkpoint=resume_step is not None)
+    try:
+        run_config.check_against_saved(cfg)
+        resume_step = checkpoints.latest_step(cfg.model_dir)
+        setup, initial_params = _setup(cfg, from_checkpoint=resume_step is not None)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SetupError(str(exc)) from exc
     part = setup.partitioner
     evaluate_now = cfg.eval_period > 0
     checkpointer = checkpoints.Checkpointer(

@@ -268,29 +268,3 @@ def init_state(
             )
         params = jax.device_put(params, partitioner.params_shardings)
         return jax.jit(lambda p: make(None, p), out_shardings=shardings)(params)
-
-
-def make_eval_loss(
-    partitioner: Partitioner, model: nn.Module, options: StepOptions
-) -> Callable[[Any, Mapping[str, Batch]], dict[str, jax.Array]]:
-    """Jitted teacher-forced validation losses (no dropout) of paired batches, as token sums."""
-
-    def eval_sums(params, batches):
-        out = {}
-        for view in VIEWS:
-            if batches.get(view) is not None:
-                sums = _forward_sums(model, params, batches[view], None, options, train=False)
-                out[f"{view}_loss_sum"], out[f"{view}_tokens"] = sums.loss, sums.num_tokens
-        return out
-
-    jitted = jax.jit(
-        eval_sums,
-        in_shardings=(partitioner.params_shardings, partitioner.batch_sharding),
-        out_shardings=partitioner.replicated,
-    )
-
-    def run(params, batches):
-        with partitioner.context():
-            return jitted(params, batches)
-
-    return run
