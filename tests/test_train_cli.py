@@ -136,3 +136,33 @@ def test_gin_files_may_bind_the_task_data_folder():
     gin_utils.parse_gin(["gin/quickstart.gin"], ["tasks.data_config.data_dir = '/data/sbs'"])
     assert gin_utils.macro_value("TRAIN_STEPS") == 300
     assert gin_utils.macro_value("NOT_A_MACRO", default="absent") == "absent"
+
+
+@pytest.mark.parametrize("size", ["small", "base", "large", "xl", "xxl"])
+def test_sbs_configs_hold_the_papers_recipe(size, tmp_path):
+    from sbs_jax import run_config
+
+    gin_utils.parse_gin([f"gin/sbs_{size}.gin"], [f"MODEL_DIR = '{tmp_path}'"])
+    cfg = run_config.from_gin()
+    assert cfg.model_name == f"t5_1_1_{size}"
+    assert (cfg.optimizer, cfg.schedule, cfg.learning_rate, cfg.warmup_steps) == (
+        "adamw", "linear", 5e-5, 0)
+    assert (cfg.weight_decay, cfg.clip_norm, cfg.alpha, cfg.max_decode_len) == (0.0, 1.0, 0.5, 64)
+    assert cfg.task_feature_lengths == {"inputs": 1024, "targets": 256}
+    assert cfg.rationale_mixture_name.endswith("_rationale_mixture")
+    want = (32, 4000) if size == "xxl" else (64, 10000)
+    assert (cfg.batch_size, cfg.train_steps) == want
+    assert cfg.eval_period == 250
+    assert cfg.mesh_shape == ((1, -1, 1) if size in ("xl", "xxl") else (-1, 1, 1))
+
+
+def test_overlay_configs_switch_mode_and_optimizer(tmp_path):
+    from sbs_jax import run_config
+
+    gin_utils.parse_gin(["gin/sbs_base.gin", "gin/standard_distill.gin", "gin/adafactor.gin",
+                         "gin/partitioning/data_model_2d.gin"], [f"MODEL_DIR = '{tmp_path}'"])
+    cfg = run_config.from_gin()
+    assert cfg.rationale_mixture_name is None and cfg.alpha == 1.0
+    assert cfg.mixture_or_task_name.endswith("_standard_llm")
+    assert (cfg.optimizer, cfg.schedule, cfg.clip_norm) == ("adafactor", "warmup_rsqrt", None)
+    assert cfg.mesh_shape == (-1, 1, 4) and cfg.fsdp is False
