@@ -231,16 +231,13 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
         best_metric=cfg.best_metric if evaluate_now else None,
         async_save=cfg.async_checkpointing)
     if resume_step is not None:
-        target = trainer.init_state(part, setup.model_config, setup.tx, cfg.random_seed)
         params, opt_state, data_state = checkpointer.restore(
-            resume_step, checkpoints.abstract_like(target.params),
-            checkpoints.abstract_like(target.opt_state))
+            resume_step, part.abstract_params, part.abstract_opt_state(setup.tx))
         state = trainer.TrainState(
             step=jax.device_put(np.int32(resume_step), part.replicated),
             params=params, opt_state=opt_state)
         if data_state:  # a step written by `sbs-convert --to=ours` has no data position yet
             setup.batches.restore(data_state)
-        del target
     else:
         if initial_params is not None:
             _check_params_match(initial_params, part, cfg.initial_checkpoint_path)

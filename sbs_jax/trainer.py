@@ -97,6 +97,13 @@ class Partitioner:
             transform_non_params=lambda _: self.replicated,
         )
 
+    def abstract_opt_state(self, tx: optax.GradientTransformation) -> Any:
+        """Shapes, dtypes and shardings of the optimizer state, allocating nothing (the
+        restore target when resuming)."""
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(tx.init, self.abstract_params), self.opt_state_shardings(tx))
+
     def state_shardings(self, tx: optax.GradientTransformation) -> TrainState:
         return TrainState(
             step=self.replicated,
