@@ -83,3 +83,26 @@ def test_latest_step_is_read_only_and_ignores_unfinished_steps(tmp_path):
         checkpoints.load_params(str(tmp_path), step=9)
     with pytest.raises(FileNotFoundError, match="no finalised checkpoint"):
         checkpoints.load_params(str(missing))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_train_state_restores_onto_its_abstract_shardings(tmp_path, optimizer):
+    from sbs_jax import models, optim, partitioning, trainer
+
+    config = models.get_config("t5_1_1_tiny", vocab_size=128)
+    part = trainer.Partitioner(partitioning.make_mesh((2, 2, 2)),
+                               partitioning.logical_axis_rules(), config)
+    tx = optim.make_optimizer(optim.make_schedule("constant", 1e-3, 10), name=optimizer)
+    state = trainer.init_state(part, config, tx, seed=1)
+    ckpt = checkpoints.Checkpointer(str(tmp_path))
+    ckpt.save(1, state.params, state.opt_state, {"position": 64})
+    ckpt.close()
+    reader = checkpoints.Checkpointer(str(tmp_path))
+    params, opt_state, data = reader.restore(1, part.abstract_params, part.abstract_opt_state(tx))
+    reader.close()
+    assert data == {"position": 64}
+    assert jax.tree.structure(opt_state) == jax.tree.structure(state.opt_state)
+    for want, got in zip(jax.tree.leaves((state.params, state.opt_state)),
+                         jax.tree.leaves((params, opt_state))):
+        assert got.sharding == want.sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
