@@ -108,7 +108,12 @@ class Embed(nn.Module):
             (cfg.vocab_size, cfg.emb_dim), _dtype(cfg.param_dtype))
 
     def __call__(self, tokens: Array) -> Array:
-        x = jnp.take(self.embedding.astype(_dtype(self.config.dtype)), tokens, axis=0)
+        # Look up in a table whole along embed (one fsdp all-gather of it, as for every kernel):
+        # from the [vocab/model, embed/fsdp] table XLA's SPMD gather instead all-gathered the
+        # looked-up activations (and their cotangents) over the global batch.
+        table = nn.with_logical_constraint(self.embedding.astype(_dtype(self.config.dtype)),
+                                           ("vocab", None))
+        x = jnp.take(table, tokens, axis=0)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     def attend(self, x: Array) -> Array:
@@ -171,6 +176,12 @@ class Attention(nn.Module):
         key = project("key", inputs_kv)
         value = project("value", inputs_kv)
 
+        kv_spec = "bkhd"
+        if self.decode:
+            # The cache keeps keys/values head-major [batch, heads, length, head_dim], the layout
+            # the per-step attention dots read in place; a [batch, length, heads, head_dim] cache
+            # was transposed in full at every step (attention 4x slower while decoding).
+            key, value, kv_spec = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3), "bhkd"
         if self.decode and self.cross:
             # Encoder keys/values never change while decoding: project them once.
             is_init = self.has_variable("cache", "cross_key")
@@ -180,20 +191,20 @@ class Attention(nn.Module):
                 key, value = cached_key.value, cached_value.value
         elif self.decode:
             is_init = self.has_variable("cache", "cached_key")
-            shape = key.shape[:1] + (self.max_decode_length,) + key.shape[2:]
+            shape = key.shape[:2] + (self.max_decode_length,) + key.shape[3:]
             cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
             cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
             if is_init:
-                start = (0, position, 0, 0)
+                start = (0, 0, position, 0)
                 cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
                 cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value,
                                                                   start)
                 key, value = cached_key.value, cached_value.value
 
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) + bias
+        logits = jnp.einsum(f"bqhd,{kv_spec}->bhqk", query, key).astype(jnp.float32) + bias
         weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)
         weights = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(weights)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        out = jnp.einsum(f"bhqk,{kv_spec}->bqhd", weights, value)
         out = nn.with_logical_constraint(out, axes)
         out = out.reshape(out.shape[:-2] + (inner,))
         out = Dense(cfg, cfg.emb_dim, ("joined_kv", "embed"), name="out")(out)
