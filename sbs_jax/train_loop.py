@@ -305,8 +305,11 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
                     first_step, tokens_since, time_since = step, 0, time.time()
                     timing_started = True
                 final = step == cfg.train_steps
+                # Read the SIGTERM flag once a step: a signal landing between the save decision
+                # and the exit check must not exit without saving this step.
+                stop_requested = preemption.requested
                 eval_due = evaluate_now and (step % cfg.eval_period == 0 or final)
-                save_due = (step % cfg.checkpoint_period == 0 or final or preemption.requested
+                save_due = (step % cfg.checkpoint_period == 0 or final or stop_requested
                             or (eval_due and cfg.best_metric is not None))
                 log_due = step % cfg.log_period == 0 or final or save_due
                 if log_due:
@@ -343,7 +346,7 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
                                       metrics=eval_metrics if eval_due else None)
                 if log_due and step > first_step:
                     time_since, tokens_since = time.time(), 0
-                if preemption.requested and not final:
+                if stop_requested and not final:
                     checkpointer.wait()
                     if is_lead:
                         print(f"SIGTERM: checkpoint of step {step} saved; exiting", flush=True)
