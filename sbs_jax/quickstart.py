@@ -165,13 +165,8 @@ def plot_comparison(records: dict[str, dict], model_dirs: dict[str, pathlib.Path
                 loss_ax.plot(*zip(*curve), style, color=colors[method],
                              label=f"{title}: {tag.replace('_', ' ')}")
     loss_ax.set_yscale("log")
-    loss_ax.set_xlabel("training step (same examples, same steps)")
-    loss_ax.set_ylabel("training loss")
-    loss_ax.grid(alpha=0.3)
-    loss_ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.finish_axis(loss_ax, "training step (same examples, same steps)", "training loss")
+    report.save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -212,13 +212,8 @@ def plot_accuracy_vs_fraction(rows: Sequence[dict], path: str | os.PathLike) -> 
         ax.set_xticks([r * 100 for r in sorted({r["fraction"] for r in panel})])
         ax.set_xticklabels([_fraction_title(f) for f in sorted({r["fraction"] for r in panel})])
         ax.set_title(f"{dataset}, {model}")
-        ax.set_xlabel("training data used")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        finish_axis(ax, "training data used", "accuracy (%)")
+    save_figure(fig, path)
 
 
 def plot_accuracy_vs_model_size(rows: Sequence[dict], path: str | os.PathLike) -> None:
@@ -240,13 +235,23 @@ def plot_accuracy_vs_model_size(rows: Sequence[dict], path: str | os.PathLike) -
         ax.set_xticks(range(len(models)))
         ax.set_xticklabels(models, rotation=20, fontsize=8)
         ax.set_title(f"{dataset}, {_fraction_title(fraction)} of the data")
-        ax.set_xlabel("model")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_axis(ax, "model", "accuracy (%)")
+    save_figure(fig, path)
+
+
+def finish_axis(ax, xlabel: str, ylabel: str) -> None:
+    """The labels, grid and legend every plot of ours shares."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Writes a PNG and frees the figure (plots are made in loops over cells)."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def write_report(grid_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None
