@@ -53,8 +53,8 @@ def train_vocab(texts: Iterable[str], output_prefix: str, vocab_size: int = 512)
         hard_vocab_limit=False,
         character_coverage=1.0,
         max_sentence_length=1 << 16,
-        # One piece per digit: multi-digit pieces ("12") hide the digit structure that
-        # arithmetic rationales teach (the quickstart's step-by-step result needs it).
+        # One piece per digit, so arithmetic rationales and labels share digit tokens instead
+        # of multi-digit pieces ("12") that hide the digit structure.
         split_digits=True,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
