@@ -47,7 +47,12 @@ class SetupError(ValueError):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/Inf; the message says which step and which checkpoint is kept."""
+    """The loss or the update became NaN/Inf; the message says which step and which checkpoint
+    is kept."""
+
+
+# Step metrics checked before any save: a bad value means the new parameters must not be kept.
+_MUST_BE_FINITE = ("loss", "grad_norm", "update_norm")
 
 
 def check_task(name: str, setting: str) -> seqio.Task | seqio.Mixture:
@@ -278,13 +283,15 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
         pending = []
         first = at_step - len(fetched) + 1
         for offset, values in enumerate(fetched):
-            if not math.isfinite(float(values["loss"])):
+            bad = [k for k in _MUST_BE_FINITE if k in values and not math.isfinite(float(values[k]))]
+            if bad:
                 kept = checkpoints.latest_step(cfg.model_dir)
+                where = checkpoints.checkpoint_dir(cfg.model_dir)
+                saved = (f"The last good checkpoint (step {kept}) is kept in {where}"
+                         if kept is not None else f"No checkpoint was saved in {where}")
                 raise NonFiniteLossError(
-                    f"loss is {float(values['loss'])} at step {first + offset}; stopping. "
-                    f"The last good checkpoint (step {kept}) is kept in "
-                    f"{checkpoints.checkpoint_dir(cfg.model_dir)}; lower LEARNING_RATE or "
-                    "check the data before resuming.")
+                    f"{bad[0]} is {float(values[bad[0]])} at step {first + offset}; stopping. "
+                    f"{saved}; lower LEARNING_RATE or check the data before resuming.")
         if not fetched:
             return {}
         return {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1]}

@@ -230,6 +230,9 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
+    # A finite loss with a non-finite update (e.g. an overflowing learning rate) still ruins the
+    # parameters, so the loop checks this too before it saves them.
+    metrics["update_norm"] = optax.global_norm(updates)
     metrics["learning_rate"] = schedule(state.step)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

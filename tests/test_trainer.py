@@ -31,16 +31,26 @@ def _config(model_dir, **overrides):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
-    # An absurd learning rate blows the parameters up after the first update.
-    cfg = _config(tmp_path, learning_rate=1e30, checkpoint_period=1, clip_norm=None)
+    # Warmup from 0 makes update 1 zero; update 2 (lr 5e29) overflows the update norm in fp32 on
+    # any backend. The loop must stop at step 2 before saving it, and keep step 1.
+    cfg = _config(tmp_path, learning_rate=1e30, warmup_steps=2, checkpoint_period=1,
+                  clip_norm=None)
     with pytest.raises(train_loop.NonFiniteLossError) as error:
         train_loop.train(cfg)
     message = str(error.value)
-    assert "at step 2" in message and "last good checkpoint (step 1)" in message
+    assert "update_norm is inf at step 2" in message
+    assert "last good checkpoint (step 1)" in message
     assert checkpoints.all_steps(str(tmp_path)) == [1]
     params = checkpoints.load_params(str(tmp_path), 1)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
     assert not (tmp_path / train_loop.SUMMARY_FILE).exists()
+
+
+def test_a_nan_first_update_saves_nothing(tmp_path):
+    cfg = _config(tmp_path, learning_rate=float("nan"), checkpoint_period=1)
+    with pytest.raises(train_loop.NonFiniteLossError, match="update_norm is nan at step 1; .*No checkpoint was saved"):
+        train_loop.train(cfg)
+    assert checkpoints.all_steps(str(tmp_path)) == []
 
 
 def test_standard_mode_trains_labels_only_and_evaluates(tmp_path):
