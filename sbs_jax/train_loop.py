@@ -18,6 +18,12 @@ from typing import Any
 
 import jax
 import numpy as np
+
+# isort: split
+# First, so TF loads quietly and with GPUs hidden before seqio imports it.
+from sbs_jax.tf_setup import tf  # noqa: F401
+
+# isort: split
 import seqio
 from etils import epath
 
@@ -33,7 +39,6 @@ from sbs_jax import (
     trainer,
 )
 from sbs_jax.data import pipeline
-from sbs_jax.tf_setup import tf  # noqa: F401  (before clu/seqio import TF: keep it off GPUs)
 from sbs_jax.vocab import padded_vocab_size
 
 SUMMARY_FILE = "run_summary.json"

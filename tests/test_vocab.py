@@ -1,5 +1,7 @@
-import sentencepiece as spm
+import random
+
 import pytest
+import sentencepiece as spm
 
 from sbs_jax.vocab import load_vocab, padded_vocab_size, train_vocab
 
@@ -45,3 +47,30 @@ def test_bad_arguments_are_named(tmp_path):
         train_vocab(["x"], str(tmp_path / "v"), vocab_size=100)
     with pytest.raises(FileNotFoundError, match="missing.model"):
         load_vocab(str(tmp_path / "missing.model"))
+
+
+def test_encoding_equals_identity_normalisation(tmp_path, tiny_vocab_path):
+    """Our one-rule table changes nothing but U+10FFFF: same pieces and ids as `identity`."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    with open(tiny_vocab_path, "rb") as model_file:
+        ours = sentencepiece_model_pb2.ModelProto.FromString(model_file.read())
+    assert ours.normalizer_spec.precompiled_charsmap, "a non-empty table keeps tf-text quiet"
+    identity = sentencepiece_model_pb2.ModelProto.FromString(ours.SerializeToString())
+    identity.normalizer_spec.name = "identity"
+    identity.normalizer_spec.precompiled_charsmap = b""
+    ours_sp = spm.SentencePieceProcessor(model_proto=ours.SerializeToString())
+    identity_sp = spm.SentencePieceProcessor(model_proto=identity.SerializeToString())
+    rng = random.Random(0)
+    code_points = [*range(127), *range(0x80, 0x3000), *range(0xFF00, 0xFFFE), 0x1F916, 0x10FFFE]
+    for _ in range(2000):
+        text = "".join(chr(rng.choice(code_points)) for _ in range(rng.randint(0, 24)))
+        assert ours_sp.encode(text) == identity_sp.encode(text), repr(text)
+    assert ours_sp.decode(ours_sp.encode("a\U0010ffffb")) == "a\ufffdb"
+
+
+def test_tensorflow_loads_our_vocabulary_without_logging(tiny_vocab_path, capfd):
+    vocab = load_vocab(tiny_vocab_path)
+    assert vocab.tf_tokenizer is not None  # builds the tf-text sentencepiece op
+    assert list(vocab.encode_tf("x + 1").numpy()) == vocab.encode("x + 1")
+    assert "precompiled_charsmap" not in capfd.readouterr().err

@@ -27,9 +27,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import seqio
 
-from sbs_jax.tf_setup import tf  # noqa: F401  (TF hidden from GPUs before seqio uses it)
+# isort: split
+# First, so TF loads quietly and with GPUs hidden before seqio imports it.
+from sbs_jax.tf_setup import tf  # noqa: F401
+
+# isort: split
+import seqio
 
 DEFAULT_BUCKETS = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 STATE_VERSION = 1
