@@ -6,11 +6,18 @@ A checkpoint step directory `MODEL_DIR/checkpoints/<step>/` holds three items:
 would have seen. Steps are finalised atomically by orbax (a step killed mid-write stays a
 temporary directory that `latest_step` ignores). Retention keeps the last K steps plus the best
 step by an eval metric. Works with local and gs:// paths (orbax / etils.epath).
+
+A finalised step folder can still be incomplete: keep-last-K deletion interrupted by a kill
+leaves e.g. only `_CHECKPOINT_METADATA` and `commit_success.txt`. Readers (`all_steps`,
+`latest_step`, `best_step`, `load_params`) treat such a step as not there and say so once on
+stderr; a `Checkpointer` (the writer) removes it when it opens the folder, so the step can be
+written again. `close()` waits for pending saves and deletions.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import jax
@@ -21,6 +28,14 @@ from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pre
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _ITEMS = ("params", "opt_state", "data")
+# The file each item writes first-class metadata into; an item folder without it is unreadable
+# (orbax then fails with "'NoneType' object has no attribute 'tree'").
+_ITEM_MARKERS = {"params": "_METADATA", "opt_state": "_METADATA", "data": "metadata"}
+_warned_incomplete: set[str] = set()
+
+
+class IncompleteCheckpointError(FileNotFoundError):
+    """A finalised step folder lacks some of its items; the message names folder and items."""
 
 
 def checkpoint_dir(model_dir: str) -> epath.Path:
@@ -34,12 +49,46 @@ def _resolve(path: str) -> epath.Path:
     return path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).exists() else path
 
 
-def all_steps(model_dir: str) -> list[int]:
-    """Finalised checkpoint steps, ascending; [] when there are none. Never writes anything."""
+def missing_items(step_dir: epath.Path) -> list[str]:
+    """The items of a step folder that are absent or lack their metadata file ([]: complete)."""
+    return [item for item, marker in _ITEM_MARKERS.items()
+            if not (step_dir / item / marker).exists()]
+
+
+def _finalised_steps(directory: epath.Path) -> list[int]:
+    return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.exists() else []
+
+
+def incomplete_steps(model_dir: str) -> dict[int, list[str]]:
+    """Finalised steps whose items are (partly) gone -> the missing items. Read-only."""
     directory = _resolve(model_dir)
-    if not directory.exists():
-        return []
-    return sorted(ocp.path.step.checkpoint_steps(directory))
+    found = {step: missing_items(directory / str(step)) for step in _finalised_steps(directory)}
+    return {step: missing for step, missing in found.items() if missing}
+
+
+def _warn_incomplete(step_dir: epath.Path, missing: list[str]) -> None:
+    """Says once per folder and process that a step is skipped, and why."""
+    if str(step_dir) in _warned_incomplete:
+        return
+    _warned_incomplete.add(str(step_dir))
+    print(f"sbs_jax.checkpoints: skipping incomplete checkpoint {step_dir} (missing "
+          f"{', '.join(missing)}: an interrupted deletion or write)", file=sys.stderr, flush=True)
+
+
+def all_steps(model_dir: str) -> list[int]:
+    """Complete finalised checkpoint steps, ascending; [] when there are none. Never writes.
+
+    A step whose items are missing (an interrupted deletion) is skipped with a note on stderr.
+    """
+    directory = _resolve(model_dir)
+    complete = []
+    for step in _finalised_steps(directory):
+        missing = missing_items(directory / str(step))
+        if missing:
+            _warn_incomplete(directory / str(step), missing)
+        else:
+            complete.append(step)
+    return complete
 
 
 def latest_step(model_dir: str) -> int | None:
@@ -76,21 +125,57 @@ def load_params(model_dir: str, step: int | None = None) -> Any:
         step = latest_step(model_dir)
         if step is None:
             raise FileNotFoundError(f"no finalised checkpoint under {directory}")
-    elif step not in all_steps(model_dir):
-        raise FileNotFoundError(
-            f"checkpoint step {step} not found under {directory}; have {all_steps(model_dir)}"
-        )
+    else:
+        _check_complete(directory, step)
     path = directory / str(step) / "params"
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(path).item_metadata.tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(path).item_metadata.tree
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                        metadata)
+            return checkpointer.restore(
+                path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as exc:  # orbax/tensorstore raise many types for a damaged folder
+        raise IncompleteCheckpointError(
+            f"checkpoint step {step} in {directory / str(step)} cannot be read ({exc}); "
+            f"complete steps: {all_steps(str(directory))}") from exc
+
+
+def _check_complete(directory: epath.Path, step: int) -> None:
+    """Raises (FileNotFoundError) unless `step` is a finalised step with all its items."""
+    step_dir = directory / str(step)
+    if step not in _finalised_steps(directory):
+        raise FileNotFoundError(
+            f"checkpoint step {step} not found under {directory}; have {all_steps(str(directory))}"
+        )
+    missing = missing_items(step_dir)
+    if missing:
+        raise IncompleteCheckpointError(
+            f"checkpoint step {step} in {step_dir} is incomplete: {', '.join(missing)} missing "
+            f"(an interrupted deletion or write); complete steps: {all_steps(str(directory))}")
+
+
+def remove_incomplete_steps(model_dir: str) -> list[int]:
+    """Deletes finalised step folders whose items are gone; returns their steps.
+
+    Only a writer of MODEL_DIR should call this (the Checkpointer does, on the lead process).
+    """
+    directory = _resolve(model_dir)
+    removed = []
+    for step, missing in sorted(incomplete_steps(str(directory)).items()):
+        print(f"sbs_jax.checkpoints: removing incomplete checkpoint {directory / str(step)} "
+              f"(missing {', '.join(missing)})", file=sys.stderr, flush=True)
+        (directory / str(step)).rmtree()
+        removed.append(step)
+    return removed
 
 
 class Checkpointer:
     """Saves and restores (params, opt_state, data state) for one MODEL_DIR.
 
-    Only the lead process writes metadata; orbax coordinates array writes across hosts.
+    Only the lead process writes metadata; orbax coordinates array writes across hosts. On
+    opening, the lead removes incomplete steps (see `remove_incomplete_steps`) before orbax
+    lists the folder, so they are neither restored nor mistaken for already-saved steps.
     """
 
     def __init__(
@@ -115,6 +200,12 @@ class Checkpointer:
             )
         self.best_metric = best_metric
         self.directory = checkpoint_dir(model_dir)
+        if jax.process_index() == 0:
+            remove_incomplete_steps(str(self.directory))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sbs_jax.checkpoints.remove_incomplete_steps")
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_names=_ITEMS,
@@ -123,6 +214,9 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 save_interval_steps=1,
                 cleanup_tmp_directories=True,
+                # Old steps are deleted in the save's finalize thread, which wait()/close() join:
+                # a clean exit never leaves a half-deleted step.
+                enable_background_delete=False,
                 # Only with a best_fn does orbax persist the metrics that best_step() reads.
                 best_fn=(lambda metrics: float(metrics[best_metric])) if best_metric else None,
                 best_mode=best_mode,
@@ -167,6 +261,7 @@ class Checkpointer:
         self, step: int, abstract_params: Any, abstract_opt_state: Any
     ) -> tuple[Any, Any, dict]:
         """Restores a step onto the shardings of the given abstract (ShapeDtypeStruct) trees."""
+        _check_complete(self.directory, step)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -182,6 +277,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending saves and their deletions of old steps, then releases orbax."""
         self._manager.wait_until_finished()
         self._manager.close()
 

@@ -1,6 +1,7 @@
 """Orbax checkpoints: round trip across meshes, retention (last K + best), read-only queries."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +107,79 @@ def test_train_state_restores_onto_its_abstract_shardings(tmp_path, optimizer):
                          jax.tree.leaves((params, opt_state))):
         assert got.sharding == want.sharding
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def _interrupted_deletion(step_dir, keep_folders=False):
+    """The state a kill during orbax's deletion of a step leaves: item folders gone (or, with
+    `keep_folders`, emptied of their files) and the step's own two marker files still there."""
+    for item in [p for p in step_dir.iterdir() if p.is_dir()]:
+        if keep_folders:
+            for path in [p for p in item.rglob("*") if p.is_file()]:
+                path.unlink()
+        else:
+            shutil.rmtree(item)
+
+
+@pytest.mark.parametrize("keep_folders", [False, True])
+def test_readers_skip_a_half_deleted_step_and_name_it(tmp_path, capsys, keep_folders):
+    params, opt_state = _state(_mesh((1, 1)))
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep_last=3, best_metric="accuracy")
+    for step, accuracy in [(1, 0.2), (2, 0.5), (3, 0.9)]:
+        ckpt.save(step, jax.tree.map(lambda x, s=step: x * s, params), opt_state, {"step": step},
+                  metrics={"accuracy": accuracy})
+    ckpt.close()
+    step_dir = tmp_path / "checkpoints" / "3"
+    _interrupted_deletion(step_dir, keep_folders)
+    assert checkpoints.all_steps(str(tmp_path)) == [1, 2]
+    assert checkpoints.latest_step(str(tmp_path)) == 2
+    assert checkpoints.best_step(str(tmp_path), "accuracy") == 2
+    assert checkpoints.incomplete_steps(str(tmp_path)) == {3: ["params", "opt_state", "data"]}
+    np.testing.assert_array_equal(checkpoints.load_params(str(tmp_path))["w"],
+                                  2 * np.asarray(params["w"]))
+    with pytest.raises(checkpoints.IncompleteCheckpointError,
+                       match=rf"step 3 in {step_dir} is incomplete: params, opt_state, data "
+                             r"missing .*complete steps: \[1, 2\]"):
+        checkpoints.load_params(str(tmp_path), step=3)
+    assert capsys.readouterr().err.count(f"skipping incomplete checkpoint {step_dir} ") == 1
+
+
+def test_a_writer_removes_a_half_deleted_step_and_can_save_it_again(tmp_path):
+    params, opt_state = _state(_mesh((1, 1)))
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep_last=3)
+    for step in (1, 2):
+        ckpt.save(step, params, opt_state, {"step": step})
+    ckpt.close()
+    _interrupted_deletion(tmp_path / "checkpoints" / "2")
+    writer = checkpoints.Checkpointer(str(tmp_path), keep_last=3)
+    assert not (tmp_path / "checkpoints" / "2").exists()
+    assert writer.all_steps() == [1]
+    with pytest.raises(FileNotFoundError, match="step 2 not found"):
+        writer.restore(2, checkpoints.abstract_like(params), checkpoints.abstract_like(opt_state))
+    writer.save(2, jax.tree.map(lambda x: x + 1, params), opt_state, {"step": 2})
+    writer.close()
+    assert checkpoints.all_steps(str(tmp_path)) == [1, 2]
+    np.testing.assert_array_equal(checkpoints.load_params(str(tmp_path), 2)["b"], np.full(4, 2.0))
+
+
+def test_close_leaves_no_step_half_deleted(tmp_path):
+    params, opt_state = _state(_mesh((1, 1)))
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep_last=1, async_save=True)
+    for step in range(1, 6):
+        ckpt.save(step, params, opt_state, {"step": step})
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
+    assert checkpoints.incomplete_steps(str(tmp_path)) == {}
+
+
+def test_a_damaged_params_item_is_a_clear_error(tmp_path):
+    params, opt_state = _state(_mesh((1, 1)))
+    ckpt = checkpoints.Checkpointer(str(tmp_path))
+    ckpt.save(1, params, opt_state, None)
+    ckpt.close()
+    item = tmp_path / "checkpoints" / "1" / "params"
+    for path in item.rglob("*"):
+        if path.is_file() and path.name != "_METADATA":
+            path.unlink()
+    with pytest.raises(checkpoints.IncompleteCheckpointError,
+                       match=rf"step 1 in {item.parent} cannot be read"):
+        checkpoints.load_params(str(tmp_path), 1)
