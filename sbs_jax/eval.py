@@ -32,10 +32,9 @@ def build_parser(prog: str = "sbs-eval", doc: str = __doc__) -> argparse.Argumen
     return parser
 
 
-def load(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """(RunConfig, step, T5Config, params, EvalSet of the label task) for the flags."""
+def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """(RunConfig, step, T5Config, params) for the flags; setup errors exit 2 naming them."""
     from sbs_jax import distributed, evaluation, train_loop
-    from sbs_jax.data import pipeline
 
     distributed.initialize_from_env()
     try:
@@ -43,6 +42,18 @@ def load(parser: argparse.ArgumentParser, args: argparse.Namespace):
         train_loop.check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
         step = evaluation.choose_step(cfg.model_dir, args.step, cfg.best_metric)
         config, params = evaluation.load_trained(cfg.model_dir, step)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return cfg, step, config, params
+
+
+def load(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """(RunConfig, step, T5Config, params, EvalSet of the label task's split) for the flags."""
+    from sbs_jax import evaluation
+    from sbs_jax.data import pipeline
+
+    cfg, step, config, params = load_model(parser, args)
+    try:
         examples = evaluation.subset(
             pipeline.eval_set(cfg.mixture_or_task_name, args.split,
                               cfg.task_feature_lengths["inputs"],

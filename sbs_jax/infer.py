@@ -1,11 +1,19 @@
-"""Write predictions JSONL for a split: `{"id", "input", "target", "prediction"[, "rationale"]}`.
+"""Write predictions JSONL for a task split or for your own inputs.
 
     python -m sbs_jax.infer --gin_file=gin/quickstart.gin --gin.MODEL_DIR="'/tmp/run'" \
         --split=test --output=/tmp/preds.jsonl --output_rationale
+    python -m sbs_jax.infer --gin_file=gin/quickstart.gin --gin.MODEL_DIR="'/tmp/run'" \
+        --input_file=questions.jsonl --output=/tmp/preds.jsonl
 
-The label is decoded from `predict:` inputs; `--output_rationale` also decodes the rationale from
-the rationale task's `explain:` inputs of the same ids (like the reference's --output_rationale).
-`input` is the record's text (never decoded tokens: NLI inputs hold EOS as a separator).
+Each line is `{"id", "input", "target", "prediction"[, "rationale"]}` (no `target` for
+--input_file). The label is decoded from `predict:` inputs; `--output_rationale` also decodes the
+rationale from the rationale task's `explain:` inputs of the same examples (like the reference's
+--output_rationale). `input` is the task's input text with its prefix (never decoded tokens: NLI
+inputs hold EOS as a separator). --input_file takes JSONL (`.jsonl`/`.json`/`.ndjson`: one object
+a line with `input`, or `premise` and `hypothesis` for NLI, and optionally `id`) or plain text
+(any other name: one input a line; blank lines skipped; ids are line numbers). The inputs go
+through the label task's own preprocessors (prefix, NLI separator, tokenizer, EOS), so they are
+formatted exactly as in training.
 """
 
 from __future__ import annotations
@@ -17,6 +25,12 @@ from collections.abc import Sequence
 from sbs_jax import eval as eval_cli
 from sbs_jax import gin_utils
 
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+class InputFileError(ValueError):
+    """A malformed --input_file record; the message names the file and line."""
+
 
 def rationale_task_for(label_task: str, rationale_mixture: str | None) -> str:
     """RATIONALE_MIXTURE_NAME, else the dataset's `{ds}_rationale` task."""
@@ -25,11 +39,108 @@ def rationale_task_for(label_task: str, rationale_mixture: str | None) -> str:
     return label_task.split("_")[0] + "_rationale"
 
 
+def _jsonl_input(path: str, line_no: int, line: str) -> tuple[str | None, str]:
+    """(id or None, record input text) of one JSONL line."""
+    from sbs_jax.data import dss
+
+    where = f"--input_file {path}:{line_no}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"{where}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(record, dict):
+        raise InputFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "input" in record:
+        text = record["input"]
+    elif "premise" in record and "hypothesis" in record:
+        if not all(isinstance(record[k], str) for k in ("premise", "hypothesis")):
+            raise InputFileError(f"{where}: 'premise' and 'hypothesis' must be strings")
+        text = dss.join_nli_input(record["premise"], record["hypothesis"])
+    else:
+        raise InputFileError(f"{where}: no 'input' field (or 'premise' and 'hypothesis'); "
+                             f"fields: {sorted(record)}")
+    if not isinstance(text, str) or not text.strip():
+        raise InputFileError(f"{where}: 'input' must be a non-empty string, got {text!r}")
+    example_id = record.get("id")
+    if example_id is not None and not isinstance(example_id, (str, int)):
+        raise InputFileError(f"{where}: 'id' must be a string or an integer, got {example_id!r}")
+    return (None if example_id is None else str(example_id)), text
+
+
+def read_inputs(path: str) -> list[tuple[str, str]]:
+    """(id, record input text) per input of a JSONL or plain-text file, in file order."""
+    from etils import epath
+
+    file = epath.Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"--input_file {path}: no such file")
+    is_jsonl = file.name.lower().endswith(JSONL_SUFFIXES)
+    inputs: list[tuple[str, str]] = []
+    first_line: dict[str, int] = {}
+    for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        example_id, text = _jsonl_input(path, line_no, line) if is_jsonl else (None, line)
+        example_id = str(line_no) if example_id is None else example_id
+        if example_id in first_line:
+            raise InputFileError(f"--input_file {path}:{line_no}: id {example_id!r} repeats "
+                                 f"line {first_line[example_id]}")
+        first_line[example_id] = line_no
+        inputs.append((example_id, text))
+    if not inputs:
+        raise InputFileError(f"--input_file {path}: no inputs in the file")
+    return inputs
+
+
+def input_set(task_name: str, inputs: Sequence[tuple[str, str]], input_cap: int,
+              target_cap: int = 8):
+    """An EvalSet of `inputs` (no targets) made by the task's own preprocessors, in order."""
+    import numpy as np
+
+    from sbs_jax.data import pipeline, records
+    from sbs_jax.tf_setup import tf
+
+    tasks = pipeline.task_list(task_name)
+    if len(tasks) != 1:
+        raise ValueError(f"infer needs one task; {task_name!r} has {len(tasks)}")
+    task = tasks[0]
+    columns = {name: [""] * len(inputs) for name in records.tf_feature_spec()}
+    columns.update(id=[i for i, _ in inputs], input=[t for _, t in inputs],
+                   source=["input_file"] * len(inputs), split=["test"] * len(inputs))
+    dataset = task.preprocess_postcache(
+        task.preprocess_precache(tf.data.Dataset.from_tensor_slices(columns)),
+        {"inputs": input_cap, "targets": target_cap})
+    examples = list(dataset.as_numpy_iterator())
+    return pipeline.EvalSet(
+        task_name=task.name, ids=[ex["id"].decode("utf-8") for ex in examples],
+        inputs=[np.asarray(ex["inputs"], np.int32) for ex in examples],
+        inputs_text=[ex["inputs_pretokenized"].decode("utf-8") for ex in examples],
+        targets=[""] * len(examples), vocabulary=task.output_features["targets"].vocabulary)
+
+
+def _split_rationale_set(task: str, split: str, examples, input_cap: int, target_cap: int):
+    """The rationale task's examples of `split` aligned row by row with `examples` by id."""
+    from sbs_jax import evaluation, train_loop
+    from sbs_jax.data import pipeline
+
+    train_loop.check_task(task, "RATIONALE_MIXTURE_NAME")
+    explain = pipeline.eval_set(task, split, input_cap, target_cap)
+    by_id = {example_id: row for row, example_id in enumerate(explain.ids)}
+    missing = [i for i in examples.ids if i not in by_id]
+    if missing:
+        raise ValueError(f"{task!r} lacks ids {missing[:3]} of {examples.task_name!r}")
+    return evaluation.subset_rows(explain, [by_id[i] for i in examples.ids])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = eval_cli.build_parser("sbs-infer", __doc__)
     parser.add_argument("--output", required=True, help="predictions JSONL path")
     parser.add_argument("--output_rationale", action="store_true",
                         help="also decode each input's rationale (explain: prefix)")
+    parser.add_argument("--input_file", default=None,
+                        help="predict these inputs instead of --split: JSONL (.jsonl/.json/"
+                             ".ndjson; 'input' or 'premise'+'hypothesis', optional 'id') or "
+                             "plain text, one input a line")
     args = gin_utils.parse_gin_flags(parser, argv)
     import jax
     from etils import epath
@@ -37,36 +148,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sbs_jax import evaluation, run_config, train_loop
     from sbs_jax.data import pipeline
 
-    cfg, step, config, params, examples = eval_cli.load(parser, args)
+    cfg, step, config, params = eval_cli.load_model(parser, args)
+    lengths = cfg.task_feature_lengths
+    rationale_len = lengths.get("rationale_targets", lengths["targets"])
+    rationale_task = rationale_task_for(cfg.mixture_or_task_name, cfg.rationale_mixture_name)
+    explain = None
+    try:
+        if args.input_file:
+            inputs = read_inputs(args.input_file)[: args.max_examples]
+            examples = input_set(cfg.mixture_or_task_name, inputs, lengths["inputs"])
+            if args.output_rationale:
+                train_loop.check_task(rationale_task, "RATIONALE_MIXTURE_NAME")
+                explain = input_set(rationale_task, inputs, lengths["inputs"])
+        else:
+            examples = evaluation.subset(
+                pipeline.eval_set(cfg.mixture_or_task_name, args.split, lengths["inputs"],
+                                  lengths["targets"]), args.max_examples)
+            if args.output_rationale:
+                explain = _split_rationale_set(rationale_task, args.split, examples,
+                                               lengths["inputs"], rationale_len)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     batch_size = args.batch_size or cfg.eval_batch_size
     predictions = evaluation.decode_texts(config, params, examples, batch_size,
                                           cfg.max_decode_len)
     rationales = None
-    if args.output_rationale:
-        task = rationale_task_for(cfg.mixture_or_task_name, cfg.rationale_mixture_name)
-        try:
-            train_loop.check_task(task, "RATIONALE_MIXTURE_NAME")
-            explain = pipeline.eval_set(
-                task, args.split, cfg.task_feature_lengths["inputs"],
-                cfg.task_feature_lengths.get("rationale_targets",
-                                             cfg.task_feature_lengths["targets"]))
-        except (ValueError, FileNotFoundError) as exc:
-            parser.exit(2, f"{parser.prog}: error: {exc}\n")
-        by_id = dict(zip(explain.ids, range(len(explain.ids))))
-        missing = [i for i in examples.ids if i not in by_id]
-        if missing:
-            parser.exit(2, f"{parser.prog}: error: {task!r} lacks ids {missing[:3]} of "
-                           f"{cfg.mixture_or_task_name!r}\n")
-        rows = [by_id[i] for i in examples.ids]
-        explain = evaluation.subset_rows(explain, rows)
-        rationales = evaluation.decode_texts(config, params, explain, batch_size,
-                                             cfg.task_feature_lengths.get(
-                                                 "rationale_targets",
-                                                 cfg.task_feature_lengths["targets"]))
+    if explain is not None:
+        rationales = evaluation.decode_texts(config, params, explain, batch_size, rationale_len)
     lines = []
     for row, example_id in enumerate(examples.ids):
-        record = {"id": example_id, "input": examples.inputs_text[row],
-                  "target": examples.targets[row], "prediction": predictions[row]}
+        record = {"id": example_id, "input": examples.inputs_text[row]}
+        if not args.input_file:
+            record["target"] = examples.targets[row]
+        record["prediction"] = predictions[row]
         if rationales is not None:
             record["rationale"] = rationales[row]
         lines.append(json.dumps(record, ensure_ascii=False))
