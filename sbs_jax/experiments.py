@@ -8,8 +8,11 @@
 `--output_dir` is a local or shared (NFS/Filestore) folder; machines given disjoint shards of
 the cells can share it, and `--report_only` then tables everything that has finished.
 
-Every cell trains through the public trainer CLI (`python -m sbs_jax.train`, gin flags) and is
-scored by `python -m sbs_jax.eval`; this module only decides *what* runs and collects results.
+Methods: standard_ft, standard_distill, single_task_gt, single_task (rationale and label in one
+target; gold / teacher labels), sbs_gt, sbs_llm. What each cell runs (methods, presets, gin
+flags) is defined in `sbs_jax.grid`. Every cell trains through the public trainer CLI
+(`python -m sbs_jax.train`, gin flags) and is scored by `python -m sbs_jax.eval`; this module
+runs the cells and collects their results.
 A cell is finished when `results.json` exists in its folder: re-running the same command skips
 finished cells and lets an interrupted cell resume from its last checkpoint (the trainer's exact
 resume). A finished cell whose recorded settings differ from the current ones is an error, so a
@@ -30,155 +33,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from sbs_jax import report
+from sbs_jax.grid import METHODS, PRESETS, Cell, Recipe, cell_settings, gin_flags, make_cells
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATASETS = ("esnli", "anli1", "cqa", "svamp", "synthetic")
-PAPER_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """Which SeqIO task trains the label and which (if any) the rationale; its gin file."""
-
-    label_task: str
-    rationale_task: str | None
-    gin_file: str | None = None
-
-    def tasks(self, dataset: str) -> tuple[str, str | None]:
-        rationale = self.rationale_task.format(ds=dataset) if self.rationale_task else None
-        return self.label_task.format(ds=dataset), rationale
-
-
-METHODS = {
-    "standard_ft": Method("{ds}_standard_gt", None, "gin/standard_finetune.gin"),
-    "standard_distill": Method("{ds}_standard_llm", None, "gin/standard_distill.gin"),
-    "sbs_gt": Method("{ds}_label_gt", "{ds}_rationale"),
-    "sbs_llm": Method("{ds}_label_llm", "{ds}_rationale"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One training run of the grid."""
-
-    dataset: str
-    method: str
-    fraction: float
-    model: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        """Folder of the cell, relative to the grid directory."""
-        return f"{self.dataset}/{self.model}/{self.method}/{self.fraction * 100:g}pct/seed{self.seed}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """How every cell of a grid trains.
-
-    Gin files and bindings may name `{model}`, `{size}` (the model name's last part, e.g.
-    `base`) and `{dataset}`, e.g. `gin/sbs_{size}.gin` or
-    `INITIAL_CHECKPOINT_PATH='/models/t5-v1_1-{size}'`. `train_steps` None keeps the gin files'
-    TRAIN_STEPS (the paper's XXL config trains 4,000 steps, the others 10,000).
-    """
-
-    gin_files: tuple[str, ...]
-    train_steps: int | None = None
-    gin_bindings: tuple[str, ...] = ()
-    model_gin_dir: str = "gin/models"
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    datasets: tuple[str, ...]
-    methods: tuple[str, ...]
-    fractions: tuple[float, ...]
-    models: tuple[str, ...]
-    seeds: tuple[int, ...]
-    recipe: Recipe
-
-
-PRESETS = {
-    # CI-sized: one real-data cell pair (10 steps, batch 16), proves the grid runs end to end on
-    # the released files; not a meaningful accuracy.
-    "ci": Preset(("svamp",), ("standard_ft", "sbs_llm"), (0.125,), ("t5_1_1_tiny",), (0,),
-                 Recipe(("gin/quickstart.gin",), train_steps=10, gin_bindings=(
-                     'TASK_FEATURE_LENGTHS = {"inputs": 128, "targets": 64}', "BATCH_SIZE = 16",
-                     "RunConfig.warmup_steps = 0", "EVAL_PERIOD = 0"))),
-    # Small scale on CPU: the synthetic dataset shows the gap in ~2,000 steps (DESIGN.md); 32
-    # cells, a few hours on 2 cores (a step-by-step step costs ~10 fine-tuning steps there).
-    "cpu": Preset(("synthetic",), tuple(METHODS), PAPER_FRACTIONS, ("t5_1_1_tiny",), (0, 1),
-                  Recipe(("gin/quickstart.gin",), train_steps=2000)),
-    # The paper's grid (T5 v1.1 small/base/large, 4 seeds, 10,000 steps); TPU/GPU scale.
-    "paper": Preset(("esnli", "anli1", "cqa", "svamp"), tuple(METHODS), PAPER_FRACTIONS,
-                    ("t5_1_1_small", "t5_1_1_base", "t5_1_1_large"), (0, 1, 2, 3),
-                    Recipe(("gin/sbs_{size}.gin",))),
-}
-
-
-def make_cells(datasets: Iterable[str], methods: Iterable[str], fractions: Iterable[float],
-               models: Iterable[str], seeds: Iterable[int]) -> list[Cell]:
-    """The cross product, validated; order: dataset, model, fraction, method, seed."""
-    datasets, methods = list(datasets), list(methods)
-    fractions, models, seeds = list(fractions), list(models), list(seeds)
-    for name, values, known in (("dataset", datasets, DATASETS), ("method", methods, METHODS)):
-        unknown = [v for v in values if v not in known]
-        if unknown:
-            raise ValueError(f"unknown {name}(s) {unknown}; choose from {sorted(known)}")
-    bad = [f for f in fractions if not 0.0 < f <= 1.0]
-    if bad:
-        raise ValueError(f"data fractions must be in (0, 1]: {bad}")
-    if not (datasets and methods and fractions and models and seeds):
-        raise ValueError("the grid is empty: every axis needs at least one value")
-    return [Cell(d, m, f, s_model, seed)
-            for d in datasets for s_model in models for f in fractions for m in methods
-            for seed in seeds]
-
-
-def _fill(text: str, fields: dict[str, str]) -> str:
-    """Replaces `{name}` placeholders only (gin values such as dicts keep their braces)."""
-    for name, value in fields.items():
-        text = text.replace("{" + name + "}", value)
-    return text
-
-
-def cell_settings(cell: Cell, recipe: Recipe) -> dict:
-    """What determines a cell's result besides its coordinates; recorded in results.json."""
-    method = METHODS[cell.method]
-    label_task, rationale_task = method.tasks(cell.dataset)
-    fields = {"model": cell.model, "size": cell.model.rsplit("_", 1)[-1],
-              "dataset": cell.dataset}
-    gin_files = [_fill(f, fields) for f in recipe.gin_files]
-    gin_files.append(f"{recipe.model_gin_dir}/{cell.model}.gin")
-    if method.gin_file:
-        gin_files.append(method.gin_file)
-    return {
-        "gin_files": gin_files,
-        "gin_bindings": [_fill(b, fields) for b in recipe.gin_bindings],
-        "train_steps": recipe.train_steps,
-        "label_task": label_task,
-        "rationale_task": rationale_task,
-    }
-
-
-def gin_flags(cell: Cell, recipe: Recipe, model_dir: str) -> list[str]:
-    """Trainer/eval flags for a cell: gin files (base, model, method), tasks, fraction, seed."""
-    settings = cell_settings(cell, recipe)
-    rationale = settings["rationale_task"]
-    flags = [f"--gin_file={f}" for f in settings["gin_files"]]
-    flags += [
-        f"--gin.MODEL_DIR={model_dir!r}",
-        f"--gin.MIXTURE_OR_TASK_NAME={settings['label_task']!r}",
-        f"--gin.RATIONALE_MIXTURE_NAME={rationale!r}" if rationale
-        else "--gin.RATIONALE_MIXTURE_NAME=None",
-        f"--gin.DATA_FRACTION={cell.fraction!r}",
-        f"--gin.RANDOM_SEED={cell.seed}",
-    ]
-    if recipe.train_steps is not None:
-        flags.append(f"--gin.TRAIN_STEPS={recipe.train_steps}")
-    flags += [f"--gin_bindings={b}" for b in settings["gin_bindings"]]
-    return flags
 
 
 # Start-up chatter of TF / XLA / SentencePiece / orbax on a CPU machine: kept in the logs only.

@@ -22,6 +22,8 @@ RESULTS_FILE = "results.json"
 METHOD_TITLES = {
     "standard_ft": "standard fine-tuning (gold labels)",
     "standard_distill": "standard distillation (teacher labels)",
+    "single_task_gt": "single task: rationale + label in one target (gold labels)",
+    "single_task": "single task: rationale + label in one target (teacher labels)",
     "sbs_gt": "step-by-step (gold labels)",
     "sbs_llm": "step-by-step (teacher labels)",
 }

@@ -43,6 +43,32 @@ def to_rationale_example(dataset: tf.data.Dataset, prefix: str):
     return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+# The single-task target: the rationale, then the label, in the completion format of the
+# rule-based teacher (`<rationale> So the answer is <label>.`), so that format's parser
+# (`sbs_jax.data.parse`, "synthetic") reads the label back out of a decoded prediction for every
+# dataset. The final "." is stripped by the parser, so a label that itself ends in "." survives.
+SINGLE_TASK_ANSWER_MARKER = "So the answer is"
+
+
+def to_single_task_example(dataset: tf.data.Dataset, prefix: str, teacher_labels: bool):
+    """inputs = prefix + input; targets = `<rationale> So the answer is <label>.` (one task).
+
+    The label is the gold one, or on train the teacher's (`teacher_labels`); the rationale is
+    always the teacher's. This is the paper's single-task baseline (rationale and label in one
+    target) against which multi-task step-by-step training is compared.
+    """
+
+    def fn(example):
+        label = example["label"]
+        if teacher_labels:
+            label = tf.where(tf.equal(example["split"], "train"), example["llm_label"], label)
+        target = tf.strings.strip(tf.strings.join(
+            [example["rationale"], f" {SINGLE_TASK_ANSWER_MARKER} ", label, "."]))
+        return _select(example, tf.strings.join([prefix, example["input"]]), target)
+
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _encode_with_separator(text: tf.Tensor, vocabulary: seqio.Vocabulary) -> tf.Tensor:
     """Tokens of each separator-delimited piece, joined by the EOS id (no trailing EOS)."""
     pieces = tf.strings.split(tf.reshape(text, [1]), sep=NLI_SEPARATOR).values

@@ -6,6 +6,9 @@ Per dataset `ds` (esnli, anli1, cqa, svamp, synthetic):
 - `{ds}_rationale`: `explain: <input>` -> the teacher's rationale.
 - `{ds}_standard_gt`, `{ds}_standard_llm`: `<input>` (no prefix) -> label, for standard
   fine-tuning / standard distillation.
+- `{ds}_single_task` (teacher labels on train) and `{ds}_single_task_gt` (gold labels):
+  `<input>` (no prefix) -> `<rationale> So the answer is <label>.`, the paper's single-task
+  baseline; the postprocessor extracts the label, so metrics compare it with the gold label.
 - `{ds}_label_mixture` (= `{ds}_label_gt`) and `{ds}_rationale_mixture` (= `{ds}_rationale`):
   separate mixtures, because the trainer builds each step's label and rationale batches from the
   same examples (sbs_jax.data.pipeline) instead of sampling one mixed stream. For step-by-step
@@ -20,7 +23,7 @@ import functools
 import seqio
 
 from sbs_jax import metrics
-from sbs_jax.data.parse import DATASETS
+from sbs_jax.data.parse import DATASETS, parse_completion
 from tasks import config, preprocessors
 from tasks.sources import RecordSource
 
@@ -37,6 +40,21 @@ def round_trip_targets(output: str, example=None, is_target: bool = False, *, vo
     return output
 
 
+def extract_single_task_label(output: str, example=None, is_target: bool = False, *,
+                              vocabulary) -> str:
+    """The label of a single-task text `<rationale> So the answer is <label>.` ("" if none).
+
+    Read with the parser of that completion format (the rule-based teacher's), whatever the
+    dataset. Targets are round-tripped through the tokenizer first, as for the label tasks; a
+    target without the answer marker is an error (every target is built with it), a prediction
+    without a label scores as wrong.
+    """
+    text = round_trip_targets(output, example, is_target, vocabulary=vocabulary)
+    if is_target and preprocessors.SINGLE_TASK_ANSWER_MARKER not in text:
+        raise ValueError(f"single-task target without '... So the answer is <label>.': {text!r}")
+    return parse_completion("synthetic", text).label or ""
+
+
 def _output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
     return {
         "inputs": seqio.Feature(vocabulary, add_eos=True, required=True),
@@ -44,7 +62,8 @@ def _output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
     }
 
 
-def _add_task(name: str, source, first_step, vocabulary, metric_fns) -> None:
+def _add_task(name: str, source, first_step, vocabulary, metric_fns,
+              postprocess_fn=round_trip_targets) -> None:
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
@@ -53,7 +72,7 @@ def _add_task(name: str, source, first_step, vocabulary, metric_fns) -> None:
         preprocessors=[first_step, preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
                        seqio.preprocessors.append_eos_after_trim],
         output_features=_output_features(vocabulary),
-        postprocess_fn=functools.partial(round_trip_targets, vocabulary=vocabulary)
+        postprocess_fn=functools.partial(postprocess_fn, vocabulary=vocabulary)
         if metric_fns else None,
         metric_fns=metric_fns,
     )
@@ -79,6 +98,11 @@ def register_dataset(dataset: str) -> None:
                   functools.partial(preprocessors.to_label_example, prefix="",
                                     teacher_labels=teacher_labels),
                   vocabulary, [label_metric])
+    for suffix, teacher_labels in (("", True), ("_gt", False)):
+        _add_task(f"{dataset}_single_task{suffix}", source,
+                  functools.partial(preprocessors.to_single_task_example, prefix="",
+                                    teacher_labels=teacher_labels),
+                  vocabulary, [label_metric], extract_single_task_label)
     _add_task(f"{dataset}_rationale", source,
               functools.partial(preprocessors.to_rationale_example, prefix=RATIONALE_PREFIX),
               vocabulary, [])

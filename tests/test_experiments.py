@@ -13,8 +13,8 @@ import statistics
 import matplotlib.image
 import pytest
 
-from sbs_jax import experiments, report
-from sbs_jax.experiments import Cell, Recipe
+from sbs_jax import experiments, grid, report
+from sbs_jax.grid import Cell, Recipe
 
 RECIPE = Recipe(gin_files=("gin/quickstart.gin",), train_steps=7)
 
@@ -28,16 +28,15 @@ def _write_finished(grid_dir, cells, recipe, rng):
         accuracy = rng.uniform(0, 100)
         accuracies[cell] = accuracy
         record = {**vars(cell), "accuracy": accuracy, "metrics": {"accuracy": accuracy},
-                  "settings": experiments.cell_settings(cell, recipe), "wall_s": 1.0}
+                  "settings": grid.cell_settings(cell, recipe), "wall_s": 1.0}
         experiments.write_json_atomic(cell_dir / report.RESULTS_FILE, record)
     return accuracies
 
 
 def test_grid_is_the_cross_product_with_unique_folders():
-    cells = experiments.make_cells(["svamp", "cqa"], list(experiments.METHODS),
-                                   experiments.PAPER_FRACTIONS, ["t5_1_1_small", "t5_1_1_base"],
-                                   [0, 1, 2, 3])
-    assert len(cells) == 2 * 4 * 4 * 2 * 4
+    cells = grid.make_cells(["svamp", "cqa"], list(grid.METHODS), grid.PAPER_FRACTIONS,
+                            ["t5_1_1_small", "t5_1_1_base"], [0, 1, 2, 3])
+    assert len(cells) == 2 * 6 * 4 * 2 * 4
     assert len({c.name for c in cells}) == len(cells)
     assert Cell("svamp", "sbs_llm", 0.125, "t5_1_1_base", 3).name == \
         "svamp/t5_1_1_base/sbs_llm/12.5pct/seed3"
@@ -51,26 +50,36 @@ def test_grid_is_the_cross_product_with_unique_folders():
 ])
 def test_bad_grid_axes_are_named(axes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        experiments.make_cells(*axes)
+        grid.make_cells(*axes)
 
 
 def test_methods_pick_label_and_rationale_tasks():
-    flags = experiments.gin_flags(Cell("cqa", "sbs_gt", 0.5, "t5_1_1_tiny", 2), RECIPE, "/m")
+    flags = grid.gin_flags(Cell("cqa", "sbs_gt", 0.5, "t5_1_1_tiny", 2), RECIPE, "/m")
     assert "--gin.MIXTURE_OR_TASK_NAME='cqa_label_gt'" in flags
     assert "--gin.RATIONALE_MIXTURE_NAME='cqa_rationale'" in flags
     assert "--gin.RANDOM_SEED=2" in flags and "--gin.TRAIN_STEPS=7" in flags
-    flags = experiments.gin_flags(Cell("cqa", "standard_distill", 1.0, "t5_1_1_tiny", 0),
-                                  RECIPE, "/m")
+    flags = grid.gin_flags(Cell("cqa", "standard_distill", 1.0, "t5_1_1_tiny", 0),
+                           RECIPE, "/m")
     assert "--gin.MIXTURE_OR_TASK_NAME='cqa_standard_llm'" in flags
     assert "--gin.RATIONALE_MIXTURE_NAME=None" in flags
     assert flags[:3] == ["--gin_file=gin/quickstart.gin", "--gin_file=gin/models/t5_1_1_tiny.gin",
                          "--gin_file=gin/standard_distill.gin"]
+    # The single-task baseline: one task (rationale then label), its own gin file, recipe
+    # bindings after it (so they may still override its target cap).
+    recipe = Recipe(gin_files=("gin/quickstart.gin",), gin_bindings=("BATCH_SIZE = 8",))
+    for method, task in (("single_task", "cqa_single_task"),
+                         ("single_task_gt", "cqa_single_task_gt")):
+        flags = grid.gin_flags(Cell("cqa", method, 1.0, "t5_1_1_tiny", 0), recipe, "/m")
+        assert f"--gin.MIXTURE_OR_TASK_NAME={task!r}" in flags
+        assert "--gin.RATIONALE_MIXTURE_NAME=None" in flags
+        assert flags.index("--gin_file=gin/single_task.gin") < flags.index(
+            "--gin_bindings=BATCH_SIZE = 8")
 
 
 def test_recipe_placeholders_follow_the_model():
     recipe = Recipe(gin_files=("gin/sbs_{size}.gin",),
                     gin_bindings=("INITIAL_CHECKPOINT_PATH='/ckpt/{model}'",))
-    flags = experiments.gin_flags(Cell("svamp", "sbs_llm", 1.0, "t5_1_1_large", 0), recipe, "/m")
+    flags = grid.gin_flags(Cell("svamp", "sbs_llm", 1.0, "t5_1_1_large", 0), recipe, "/m")
     assert flags[:2] == ["--gin_file=gin/sbs_large.gin", "--gin_file=gin/models/t5_1_1_large.gin"]
     assert "--gin_bindings=INITIAL_CHECKPOINT_PATH='/ckpt/t5_1_1_large'" in flags
     assert not any(f.startswith("--gin.TRAIN_STEPS") for f in flags)
@@ -86,7 +95,7 @@ def test_mean_and_stderr_match_statistics():
 
 @pytest.fixture()
 def finished_grid(tmp_path):
-    cells = experiments.make_cells(["svamp", "synthetic"], ["standard_ft", "sbs_llm"],
+    cells = grid.make_cells(["svamp", "synthetic"], ["standard_ft", "sbs_llm"],
                                    [0.25, 1.0], ["t5_1_1_tiny", "t5_1_1_small"], [0, 1, 2])
     accuracies = _write_finished(tmp_path, cells, RECIPE, random.Random(0))
     return tmp_path, cells, accuracies
@@ -173,7 +182,7 @@ def test_cli_help_dry_run_and_bad_flags(tmp_path, capsys):
     assert experiments.main(["--output_dir", str(tmp_path), "--preset", "paper",
                              "--dry_run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 * 4 * 4 * 3 * 4
+    assert len(lines) == 4 * 6 * 4 * 3 * 4
     assert experiments.main(["--output_dir", str(tmp_path), "--methods", "sbs"]) == 2
     assert "unknown method(s) ['sbs']" in capsys.readouterr().err
 
@@ -184,8 +193,8 @@ def test_shards_split_the_grid_disjointly(tmp_path, capsys):
         assert experiments.main(["--output_dir", str(tmp_path), "--preset", "paper", "--dry_run",
                                  "--num_shards", "3", "--shard_index", str(index)]) == 0
         names.append([line.split(" ::")[0] for line in capsys.readouterr().out.splitlines()])
-    assert sum(len(n) for n in names) == 4 * 4 * 4 * 3 * 4
-    assert len(set().union(*names)) == 4 * 4 * 4 * 3 * 4
+    assert sum(len(n) for n in names) == 4 * 6 * 4 * 3 * 4
+    assert len(set().union(*names)) == 4 * 6 * 4 * 3 * 4
     assert experiments.main(["--output_dir", str(tmp_path), "--num_shards", "2",
                              "--shard_index", "2"]) == 2
     assert "--shard_index=2 is not in [0, --num_shards=2)" in capsys.readouterr().err
