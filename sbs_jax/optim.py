@@ -9,9 +9,10 @@ which optax.MultiSteps (a mean of per-micro-batch means) would not reproduce.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("constant", "warmup_rsqrt", "linear", "cosine")
+SCHEDULES = ("constant", "warmup_rsqrt", "rsqrt_decay", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adafactor")
 
 
@@ -27,12 +28,21 @@ def make_schedule(
     - `constant`: `learning_rate` (after an optional linear warmup from 0).
     - `warmup_rsqrt`: linear warmup, then `learning_rate * sqrt(warmup_steps / step)` (T5's
       inverse square root decay, continuous at the end of warmup).
+    - `rsqrt_decay`: `learning_rate / sqrt(max(step, warmup_steps))`, T5X's
+      `constant * rsqrt_decay` (its pretrain default with learning_rate 1.0 and warmup_steps
+      10,000: a constant 0.01 for 10k steps, no linear warmup, then 1/sqrt(step)). Here
+      warmup_steps is the plateau and may exceed total_steps.
     - `linear`: linear warmup, then linear decay to `end_value` at `total_steps` (HF's
       `get_linear_schedule_with_warmup`, the reference's schedule).
     - `cosine`: linear warmup, then cosine decay to `end_value` at `total_steps`.
     """
     if name not in SCHEDULES:
         raise ValueError(f"make_schedule.name={name!r} is not one of {SCHEDULES}")
+    if name == "rsqrt_decay":
+        if warmup_steps <= 0:
+            raise ValueError("make_schedule.name='rsqrt_decay' needs warmup_steps > 0 "
+                             "(the steps of constant learning_rate / sqrt(warmup_steps))")
+        return lambda count: learning_rate / jnp.sqrt(jnp.maximum(count, warmup_steps))
     if warmup_steps < 0 or total_steps <= 0 or warmup_steps > total_steps:
         raise ValueError(
             f"make_schedule needs 0 <= warmup_steps <= total_steps and total_steps > 0; "
@@ -74,8 +84,11 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """AdamW (torch/HF defaults: betas 0.9/0.999, eps 1e-8) or Adafactor (T5X defaults).
 
-    `clip_norm` clips the global gradient norm before the optimizer (None: no clipping).
-    Adafactor additionally clips its own update RMS at `adafactor_clipping_threshold`, as T5X.
+    `clip_norm` clips the global gradient norm before the optimizer (None: no clipping; T5X's
+    Adafactor has none). Adafactor as `t5x.adafactor.Adafactor()`: second moments decayed with
+    1 - (step + 1)^-0.8, factored over the two largest dims when the smaller is >= 128,
+    epsilon1 1e-30 added to the squared gradient, each update's RMS clipped at 1.0, step size
+    relative to the parameter's RMS (at least 1e-3), no momentum, no weight decay by default.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"make_optimizer.name={name!r} is not one of {OPTIMIZERS}")

@@ -38,6 +38,79 @@ def test_other_schedules_follow_their_definitions():
     assert float(cos(110)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_rsqrt_decay_is_t5xs_default_schedule():
+    # T5X: constant 1.0 * rsqrt_decay with warmup_steps 10k = 1 / sqrt(max(step, 10k)).
+    t5x = optim.make_schedule("rsqrt_decay", 1.0, total_steps=4000, warmup_steps=10_000)
+    for step, want in [(0, 0.01), (1, 0.01), (9_999, 0.01), (10_000, 0.01), (40_000, 0.005),
+                       (250_000, 0.002)]:
+        assert float(t5x(step)) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="rsqrt_decay' needs warmup_steps > 0"):
+        optim.make_schedule("rsqrt_decay", 1.0, total_steps=10)
+
+
+def _t5x_adafactor_reference(params, grads_per_step, lr_fn):
+    """Adafactor as T5X defines it (numpy, float64): relative step, factored second moments,
+    update clipping, no momentum. Written from the paper / T5X's documented defaults."""
+    params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    moments: dict = {}
+    for step, grads in enumerate(grads_per_step):
+        beta2 = 1.0 - (step + 1.0) ** -0.8
+        for name, p in params.items():
+            g = np.asarray(grads[name], np.float64)
+            g2 = g * g + 1e-30
+            dims = np.argsort(p.shape)
+            factored = p.ndim >= 2 and p.shape[dims[-2]] >= 128
+            if factored:
+                col_axis, row_axis = dims[-1], dims[-2]  # reduce over these to get row / col
+                row, col = moments.get(name, (0.0, 0.0))
+                row = beta2 * row + (1 - beta2) * g2.mean(axis=col_axis)
+                col = beta2 * col + (1 - beta2) * g2.mean(axis=row_axis)
+                moments[name] = (row, col)
+                v = (np.expand_dims(row / row.mean(), col_axis)
+                     * np.expand_dims(col, row_axis))
+            else:
+                v = moments[name] = beta2 * moments.get(name, 0.0) + (1 - beta2) * g2
+            update = g / np.sqrt(v)
+            update /= max(1.0, np.sqrt(np.mean(update * update)) / 1.0)
+            scale = max(np.sqrt(np.mean(p * p)), 1e-3)
+            params[name] = p - lr_fn(step) * scale * update
+    return params
+
+
+def test_adafactor_gin_gives_t5xs_adafactor(tmp_path):
+    from sbs_jax import gin_utils, run_config
+
+    gin_utils.parse_gin(["gin/sbs_base.gin", "gin/adafactor.gin"], [f"MODEL_DIR = '{tmp_path}'"])
+    cfg = run_config.from_gin()
+    assert (cfg.optimizer, cfg.schedule, cfg.learning_rate, cfg.warmup_steps, cfg.clip_norm,
+            cfg.weight_decay) == ("adafactor", "rsqrt_decay", 1.0, 10_000, None, 0.0)
+    schedule = optim.make_schedule(cfg.schedule, cfg.learning_rate, cfg.train_steps,
+                                   cfg.warmup_steps)
+    tx = optim.make_optimizer(schedule, cfg.optimizer, cfg.weight_decay, cfg.clip_norm)
+    rng = np.random.default_rng(0)
+    # factored (256 x 128), unfactored matrix (8 x 300: second dim < 128), vector, tiny params
+    # (RMS below 1e-3: the parameter-scale floor).
+    params = {"w": rng.normal(size=(256, 128)), "m": rng.normal(size=(8, 300)) * 0.05,
+              "b": rng.normal(size=(16,)), "s": np.full((4,), 1e-5)}
+    grads = [{k: rng.normal(size=v.shape) * (10.0 if step == 1 else 1.0)
+              for k, v in params.items()} for step in range(4)]
+    want = _t5x_adafactor_reference(params, grads, lambda step: float(schedule(step)))
+    ours = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    state = tx.init(ours)
+    update = jax.jit(tx.update)
+    for g in grads:
+        updates, state = update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()},
+                                state, ours)
+        ours = optax.apply_updates(ours, updates)
+    for name, start in params.items():
+        # Compared as total updates (float32 rounding of the parameters themselves aside).
+        np.testing.assert_allclose(np.asarray(ours[name], np.float64) - start,
+                                   want[name] - start, rtol=1e-4,
+                                   atol=1e-6 * np.abs(start).max(), err_msg=name)
+    # The updates really moved every parameter (the comparison is not of unchanged values).
+    assert all(np.abs(want[k] - params[k]).max() > 1e-8 for k in params)
+
+
 def test_adamw_with_clipping_matches_torch_adamw_without_weight_decay():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)

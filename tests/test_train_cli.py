@@ -164,5 +164,5 @@ def test_overlay_configs_switch_mode_and_optimizer(tmp_path):
     cfg = run_config.from_gin()
     assert cfg.rationale_mixture_name is None and cfg.alpha == 1.0
     assert cfg.mixture_or_task_name.endswith("_standard_llm")
-    assert (cfg.optimizer, cfg.schedule, cfg.clip_norm) == ("adafactor", "warmup_rsqrt", None)
+    assert (cfg.optimizer, cfg.schedule, cfg.clip_norm) == ("adafactor", "rsqrt_decay", None)
     assert cfg.mesh_shape == (-1, 1, 4) and cfg.fsdp is False
