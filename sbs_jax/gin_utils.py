@@ -3,8 +3,10 @@
 Flags: repeated `--gin_file=PATH`, repeated `--gin_bindings='name.param = value'`,
 `--gin.NAME=VALUE` (shorthand for the binding `NAME = VALUE`: mostly the macros such as
 `--gin.MODEL_DIR="'/tmp/run'"`), and `--gin_search_paths=a,b` (where `--gin_file` and
-`include` look; the repository root is always searched, so `gin/sbs_base.gin` works from any
-directory). Mistakes fail before any work starts, with the file, binding or macro named:
+`include` look). The folder holding the shipped `gin/` is always searched first, so
+`gin/sbs_base.gin` works from any directory, in a checkout and in an installed sbs-jax alike
+(as T5X puts its own configs on gin's search path): `sbs_jax/gin` is a link to the
+repository's `gin/` that the wheel stores as package data. Mistakes fail before any work starts, with the file, binding or macro named:
 gin's own errors for unknown configurables/parameters are re-raised with their source, and a
 `--gin.NAME` macro that no gin file defines (a typo such as `TRAIN_STEP`) is refused instead of
 silently defining a new, unused macro.
@@ -20,6 +22,8 @@ from collections.abc import Sequence
 import gin
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Holds gin/: sbs_jax/gin is the installed package data, or in a checkout a link to REPO_ROOT/gin.
+CONFIG_ROOT = os.path.dirname(os.path.abspath(__file__))
 _MACRO = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
@@ -72,6 +76,15 @@ def _macro_names() -> set[str]:
     return names
 
 
+def search_path_list(search_paths: Sequence[str] = ()) -> list[str]:
+    """Where gin files and includes are looked up, in order: the shipped configs' root, the
+    repository root (a checkout), the working directory, then --gin_search_paths entries."""
+    paths = [CONFIG_ROOT, REPO_ROOT, os.getcwd()]
+    for entry in search_paths:
+        paths.extend(p for p in entry.split(",") if p)
+    return list(dict.fromkeys(paths))
+
+
 def parse_gin(
     files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
     shorthand_bindings: Sequence[str] = (),
@@ -81,9 +94,7 @@ def parse_gin(
     from sbs_jax import run_config  # noqa: F401  (registers RunConfig)
 
     gin.clear_config(clear_constants=False)
-    paths = [REPO_ROOT, os.getcwd()]
-    for entry in search_paths:
-        paths.extend(p for p in entry.split(",") if p)
+    paths = search_path_list(search_paths)
     for path in paths:
         gin.add_config_file_search_path(path)
     for path in files:

@@ -1,0 +1,33 @@
+"""The shipped gin configs resolve from any directory and every one of them is package data, so
+an installed (non-editable) sbs-jax finds `gin/sbs_base.gin` and its includes too."""
+
+import os
+import pathlib
+import tomllib
+
+from sbs_jax import gin_utils
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_search_path_starts_with_the_shipped_configs_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = gin_utils.search_path_list(["/a,/b", "/a"])
+    assert paths[0] == gin_utils.CONFIG_ROOT
+    assert paths[-2:] == ["/a", "/b"] and str(tmp_path) in paths
+    config_gin = pathlib.Path(gin_utils.CONFIG_ROOT) / "gin"
+    # In a checkout sbs_jax/gin is the repository's gin/ (a link, not a copy that could drift).
+    assert config_gin.resolve() == REPO_ROOT / "gin"
+    gin_utils.parse_gin(["gin/sbs_base.gin", "gin/adafactor.gin"], ["MODEL_DIR = '/tmp/x'"])
+    assert gin_utils.macro_value("LEARNING_RATE") == 1.0
+
+
+def test_every_gin_file_is_package_data_of_sbs_jax():
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["sbs_jax"]
+    package = REPO_ROOT / "sbs_jax"
+    shipped = {path for pattern in patterns for path in package.glob(pattern)}
+    on_disk = {package / "gin" / path.relative_to(REPO_ROOT / "gin")
+               for path in (REPO_ROOT / "gin").rglob("*.gin")}
+    assert on_disk and shipped == on_disk, sorted(map(str, on_disk - shipped))
+    assert os.path.islink(package / "gin")
