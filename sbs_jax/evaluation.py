@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
 from sbs_jax import checkpoints, convert, decoding
 from sbs_jax.data.pipeline import EvalSet
@@ -22,17 +25,40 @@ from sbs_jax.models import T5Config
 def decode_texts(
     config: T5Config, params: Any, eval_set: EvalSet, batch_size: int, max_decode_len: int = 64,
     input_cap: int | None = None, method: str = "greedy",
+    batch_sharding: NamedSharding | None = None,
 ) -> list[str]:
-    """Decoded strings for every example of `eval_set`, in its order."""
+    """Decoded strings for every example of `eval_set`, in its order.
+
+    With `batch_sharding` (the trainer's, over the data axes) each device decodes its share of
+    the rows, as in training; without it every device would decode the whole batch. Every
+    process must pass the same `eval_set` (they do: eval sets are read whole on each host).
+    """
+    rows_per_batch = batch_size
+    if batch_sharding is not None:
+        shards = _batch_shards(batch_sharding)
+        rows_per_batch = -(-batch_size // shards) * shards
     texts: list[str] = [""] * len(eval_set.ids)
     for rows, tokens in eval_set.batches(batch_size, input_cap=input_cap):
-        padded = np.zeros((batch_size, tokens.shape[1]), np.int32)
+        padded = np.zeros((rows_per_batch, tokens.shape[1]), np.int32)
         padded[: len(rows)] = tokens
-        decoded = np.asarray(
-            decoding.generate(config, params, padded, max_decode_len, method=method))
+        if batch_sharding is None:
+            decoded = np.asarray(
+                decoding.generate(config, params, padded, max_decode_len, method=method))
+        else:
+            placed = jax.make_array_from_callback(
+                padded.shape, batch_sharding, lambda index, rows=padded: rows[index])
+            decoded = np.asarray(multihost_utils.process_allgather(
+                decoding.generate(config, params, placed, max_decode_len, method=method),
+                tiled=True))
         for row, ids in zip(rows, decoded[: len(rows)]):
             texts[row] = eval_set.vocabulary.decode([int(t) for t in ids if t != 0])
     return texts
+
+
+def _batch_shards(sharding: NamedSharding) -> int:
+    """How many pieces the batch dimension is cut into by `sharding`."""
+    rows = sharding.mesh.size  # divisible by any product of mesh axes
+    return rows // sharding.shard_shape((rows, 1))[0]
 
 
 def subset(eval_set: EvalSet, max_examples: int | None) -> EvalSet:
@@ -52,10 +78,11 @@ def subset_rows(eval_set: EvalSet, rows: list[int]) -> EvalSet:
 
 def evaluate(
     config: T5Config, params: Any, eval_set: EvalSet, batch_size: int, max_decode_len: int = 64,
-    input_cap: int | None = None,
+    input_cap: int | None = None, batch_sharding: NamedSharding | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """(metrics from the task's metric_fns, raw decoded predictions)."""
-    predictions = decode_texts(config, params, eval_set, batch_size, max_decode_len, input_cap)
+    predictions = decode_texts(config, params, eval_set, batch_size, max_decode_len, input_cap,
+                               batch_sharding=batch_sharding)
     metrics = {k: float(v) for k, v in eval_set.score(predictions).items()}
     metrics["num_examples"] = float(len(predictions))
     return metrics, predictions

@@ -347,7 +347,7 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
                             cfg.eval_max_examples)
                     eval_metrics, _ = evaluation.evaluate(
                         setup.model_config, state.params, eval_examples, cfg.eval_batch_size,
-                        cfg.max_decode_len)
+                        cfg.max_decode_len, batch_sharding=part.batch_sharding)
                     writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
                     if is_lead:
                         print(f"eval step {step} ({cfg.eval_split}): "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -258,7 +259,11 @@ def test_unreachable_coordinator_is_a_clear_bounded_error():
 
 TRAIN_FLAGS = [
     "--gin_file=gin/quickstart.gin", "--gin.BATCH_SIZE=16", "--gin.CHECKPOINT_PERIOD=2",
-    "--gin.EVAL_PERIOD=0", "--gin.RunConfig.log_period=1",
+    "--gin.RunConfig.log_period=1",
+    # evaluation at the last step: decoding sharded over both processes' devices, 12 rows
+    # padded to 16 for the 8 batch shards
+    "--gin.EVAL_PERIOD=4", "--gin.RunConfig.eval_max_examples=12",
+    "--gin.RunConfig.eval_batch_size=12", "--gin.RunConfig.max_decode_len=4",
     # a schedule that does not depend on TRAIN_STEPS, so a run stopped at step 2 and resumed to
     # step 4 follows the same path as one that ran straight to step 4
     "--gin.RunConfig.schedule='constant'", "--gin.RunConfig.warmup_steps=0",
@@ -323,6 +328,9 @@ def test_two_processes_train_resume_and_match_one_process(training_runs):
     for step in single:
         # progress lines print 4 decimals; cross-process reductions differ only in rounding
         assert multi[step] == pytest.approx(single[step], abs=2e-3), step
+    # both end with the same evaluation of the same 12 examples
+    eval_line = re.compile(r"eval step 4 \(valid\): accuracy [0-9.]+, num_examples 12")
+    assert eval_line.search(single_log).group() == eval_line.search(resumed_phase).group()
     summary = json.loads((multi_dir / "run_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["num_devices"] == 8
     assert summary["resumed_from"] == 2 and summary["step"] == 4
