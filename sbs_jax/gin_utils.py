@@ -15,6 +15,7 @@ silently defining a new, unused macro.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -76,6 +77,14 @@ def _macro_names() -> set[str]:
     return names
 
 
+def _quiet_package_lookups(record: logging.LogRecord) -> bool:
+    """Drops gin's "Path not found: gin/models/x.gin" ERROR: before our search paths, gin tries
+    each include as a resource of a Python package `gin.models`, our folder name being also
+    gin-config's package; the include is then found on the search path all the same."""
+    return not (record.getMessage().startswith("Path not found: ")
+                and record.pathname.endswith("resource_reader.py"))
+
+
 def search_path_list(search_paths: Sequence[str] = ()) -> list[str]:
     """Where gin files and includes are looked up, in order: the shipped configs' root, the
     repository root (a checkout), the working directory, then --gin_search_paths entries."""
@@ -96,16 +105,21 @@ def parse_gin(
     gin.clear_config(clear_constants=False)
     paths = search_path_list(search_paths)
     for path in paths:
-        gin.add_config_file_search_path(path)
+        if path not in gin.config._LOCATION_PREFIXES:
+            gin.add_config_file_search_path(path)
     for path in files:
         if not any(os.path.exists(os.path.join(root, path)) for root in paths) and not (
             os.path.isabs(path) and os.path.exists(path)
         ):
             raise GinConfigError(f"--gin_file={path}: file not found (searched {paths})")
+    root_logger = logging.getLogger()
+    root_logger.addFilter(_quiet_package_lookups)
     try:
         gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
     except (OSError, ValueError, KeyError, SyntaxError) as exc:
         raise GinConfigError(f"invalid gin configuration: {exc}") from exc
+    finally:
+        root_logger.removeFilter(_quiet_package_lookups)
     known = _macro_names()
     for binding in shorthand_bindings:
         name = binding.split("=", 1)[0].strip()

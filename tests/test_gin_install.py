@@ -10,7 +10,7 @@ from sbs_jax import gin_utils
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_search_path_starts_with_the_shipped_configs_root(tmp_path, monkeypatch):
+def test_search_path_starts_with_the_shipped_configs_root(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     paths = gin_utils.search_path_list(["/a,/b", "/a"])
     assert paths[0] == gin_utils.CONFIG_ROOT
@@ -20,6 +20,8 @@ def test_search_path_starts_with_the_shipped_configs_root(tmp_path, monkeypatch)
     assert config_gin.resolve() == REPO_ROOT / "gin"
     gin_utils.parse_gin(["gin/sbs_base.gin", "gin/adafactor.gin"], ["MODEL_DIR = '/tmp/x'"])
     assert gin_utils.macro_value("LEARNING_RATE") == 1.0
+    # gin's package-resource probe of 'gin/models/...' (gin-config is also `gin`) stays quiet.
+    assert "Path not found" not in caplog.text
 
 
 def test_every_gin_file_is_package_data_of_sbs_jax():
