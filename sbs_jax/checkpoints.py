@@ -129,8 +129,14 @@ def load_params(model_dir: str, step: int | None = None) -> Any:
         _check_complete(directory, step)
     path = directory / str(step) / "params"
     try:
+        # The item handler's metadata: the checkpointer's would also look for step metadata
+        # inside the item folder and warn that it is missing.
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            metadata = handler.metadata(path).tree
+        finally:
+            handler.close()
         with ocp.PyTreeCheckpointer() as checkpointer:
-            metadata = checkpointer.metadata(path).item_metadata.tree
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                         metadata)
             return checkpointer.restore(
