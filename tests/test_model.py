@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 
 from sbs_jax.models import T5, abstract_params, get_config, init_params, stack_layers
-from sbs_jax.models.t5 import unstack_layers
+from sbs_jax.models.t5 import matmul, unstack_layers
 
 VOCAB = 512
 ENC = np.array([[5, 6, 7, 8, 1, 0, 0], [9, 3, 1, 0, 0, 0, 0]], np.int32)
@@ -133,3 +133,17 @@ def test_bf16_compute_with_fp32_params(model_and_params):
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
     base = logits_of(config, params)
     assert np.abs(np.asarray(out, np.float32) - base).max() < 0.1 * np.abs(base).max()
+
+
+def test_matmul_has_the_gradients_of_jnp_dot():
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(keys[0], (2, 5, 6))
+    kernel = jax.random.normal(keys[1], (6, 4))
+    weights = jax.random.normal(keys[2], (2, 5, 4))
+    ours = jax.value_and_grad(lambda a, b: jnp.sum(jnp.tanh(matmul(a, b)) * weights), (0, 1))
+    ref = jax.value_and_grad(lambda a, b: jnp.sum(jnp.tanh(jnp.dot(a, b)) * weights), (0, 1))
+    (value, grads), (ref_value, ref_grads) = ours(x, kernel), ref(x, kernel)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
