@@ -28,10 +28,11 @@ class Method:
         return self.label_task.format(ds=dataset), rationale
 
 
-# The single-task baseline trains one target, rationale then label (the teacher's rationale
-# always; teacher labels on train for `single_task`, gold ones for `single_task_gt`, the setting
-# of the paper's comparison with standard fine-tuning and step-by-step). Its gin file sets what
-# that target needs: label-only training, the 256-token target cap and max_decode_len.
+# The single-task baseline trains one target, rationale then label: the teacher's rationale
+# always; teacher labels on train for `single_task` (the teacher's whole chain of thought),
+# gold ones for `single_task_gt` (our reading of the paper's Table 6, whose other rows are
+# gold-label fine-tuning and step-by-step; the reference code has no single-task mode). Its gin
+# file sets what that target needs: label-only training, the 256-token cap and max_decode_len.
 METHODS = {
     "standard_ft": Method("{ds}_standard_gt", None, "gin/standard_finetune.gin"),
     "standard_distill": Method("{ds}_standard_llm", None, "gin/standard_distill.gin"),
