@@ -28,8 +28,8 @@ from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pre
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _ITEMS = ("params", "opt_state", "data")
-# The file each item writes first-class metadata into; an item folder without it is unreadable
-# (orbax then fails with "'NoneType' object has no attribute 'tree'").
+# The metadata file each item writes; an item folder without it cannot be read (orbax then
+# fails with "'NoneType' object has no attribute 'tree'").
 _ITEM_MARKERS = {"params": "_METADATA", "opt_state": "_METADATA", "data": "metadata"}
 _warned_incomplete: set[str] = set()
 
@@ -59,11 +59,14 @@ def _finalised_steps(directory: epath.Path) -> list[int]:
     return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.exists() else []
 
 
+def _scan(directory: epath.Path) -> list[tuple[int, list[str]]]:
+    """(step, missing items) of every finalised step, ascending."""
+    return [(step, missing_items(directory / str(step))) for step in _finalised_steps(directory)]
+
+
 def incomplete_steps(model_dir: str) -> dict[int, list[str]]:
     """Finalised steps whose items are (partly) gone -> the missing items. Read-only."""
-    directory = _resolve(model_dir)
-    found = {step: missing_items(directory / str(step)) for step in _finalised_steps(directory)}
-    return {step: missing for step, missing in found.items() if missing}
+    return {step: missing for step, missing in _scan(_resolve(model_dir)) if missing}
 
 
 def _warn_incomplete(step_dir: epath.Path, missing: list[str]) -> None:
@@ -82,8 +85,7 @@ def all_steps(model_dir: str) -> list[int]:
     """
     directory = _resolve(model_dir)
     complete = []
-    for step in _finalised_steps(directory):
-        missing = missing_items(directory / str(step))
+    for step, missing in _scan(directory):
         if missing:
             _warn_incomplete(directory / str(step), missing)
         else:
