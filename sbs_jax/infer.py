@@ -5,8 +5,9 @@
     python -m sbs_jax.infer --gin_file=gin/quickstart.gin --gin.MODEL_DIR="'/tmp/run'" \
         --input_file=questions.jsonl --output=/tmp/preds.jsonl
 
-Each line is `{"id", "input", "target", "prediction"[, "rationale"]}` (no `target` for
---input_file). The label is decoded from `predict:` inputs; `--output_rationale` also decodes the
+Each line is `{"id", "input", "target", "prediction", "answer"[, "rationale"]}` (no `target`
+for --input_file): `prediction` is the decoded text, `answer` what the task's metric compares
+after its postprocessor (the label at the end of a single-task output, for instance). The label is decoded from `predict:` inputs; `--output_rationale` also decodes the
 rationale from the rationale task's `explain:` inputs of the same examples (like the reference's
 --output_rationale). `input` is the task's input text with its prefix (never decoded tokens: NLI
 inputs hold EOS as a separator). --input_file takes JSONL (`.jsonl`/`.json`/`.ndjson`: one object
@@ -115,7 +116,8 @@ def input_set(task_name: str, inputs: Sequence[tuple[str, str]], input_cap: int,
         task_name=task.name, ids=[ex["id"].decode("utf-8") for ex in examples],
         inputs=[np.asarray(ex["inputs"], np.int32) for ex in examples],
         inputs_text=[ex["inputs_pretokenized"].decode("utf-8") for ex in examples],
-        targets=[""] * len(examples), vocabulary=task.output_features["targets"].vocabulary)
+        targets=[""] * len(examples), vocabulary=task.output_features["targets"].vocabulary,
+        postprocess_fn=task.postprocess_fn)
 
 
 def _split_rationale_set(task: str, split: str, examples, input_cap: int, target_cap: int):
@@ -175,12 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rationales = None
     if explain is not None:
         rationales = evaluation.decode_texts(config, params, explain, batch_size, rationale_len)
+    answers = examples.answers(predictions)
     lines = []
     for row, example_id in enumerate(examples.ids):
         record = {"id": example_id, "input": examples.inputs_text[row]}
         if not args.input_file:
             record["target"] = examples.targets[row]
         record["prediction"] = predictions[row]
+        record["answer"] = answers[row]
         if rationales is not None:
             record["rationale"] = rationales[row]
         lines.append(json.dumps(record, ensure_ascii=False))

@@ -64,7 +64,9 @@ def test_plain_text_inputs_predict_like_the_task_split(trained_run, tmp_path, ca
     assert [r["id"] for r in text_rows] == ["1", "2", "3", "4"]
     assert [r["input"] for r in text_rows] == [r["input"] for r in split_rows]
     assert [r["prediction"] for r in text_rows] == [r["prediction"] for r in split_rows]
-    assert all(set(r) == {"id", "input", "prediction"} for r in text_rows)
+    assert all(set(r) == {"id", "input", "prediction", "answer"} for r in text_rows)
+    # a label task's postprocessor leaves predictions as decoded (it round-trips targets only)
+    assert [r["answer"] for r in split_rows] == [r["prediction"] for r in split_rows]
     assert "4 predictions (step 4)" in capsys.readouterr().out
 
 
@@ -81,7 +83,7 @@ def test_jsonl_inputs_keep_ids_order_and_decode_rationales(trained_run, tmp_path
     assert [r["id"] for r in rows] == ["q-b", "2", "7"]
     assert [r["input"] for r in rows] == ["predict: 1 2 3 + 4 5 6", "predict: 7 + 8",
                                           "predict: A man sleeps.</s>A person rests."]
-    assert all(set(r) == {"id", "input", "prediction", "rationale"} for r in rows)
+    assert all(set(r) == {"id", "input", "prediction", "answer", "rationale"} for r in rows)
     assert all(isinstance(r["rationale"], str) for r in rows)
 
 

@@ -299,14 +299,19 @@ class EvalSet:
                 tokens[row, : len(x)] = x
             yield rows, tokens
 
+    def answers(self, predictions: Sequence[str]) -> list:
+        """Decoded predictions postprocessed as the task does: what its metrics compare (the
+        label a single-task output ends with, for instance)."""
+        if self.postprocess_fn is None:
+            return list(predictions)
+        return [self.postprocess_fn(p, example=None, is_target=False) for p in predictions]
+
     def score(self, predictions: Sequence[str]) -> dict[str, float]:
         """The task's metrics of decoded predictions (postprocessed as the task does)."""
-        if self.postprocess_fn is not None:
-            predictions = [self.postprocess_fn(p, example=None, is_target=False)
-                           for p in predictions]
+        answers = self.answers(predictions)
         results: dict[str, float] = {}
         for metric_fn in self.metric_fns:
-            results.update(metric_fn(self.targets, list(predictions)))
+            results.update(metric_fn(self.targets, answers))
         return results
 
 
