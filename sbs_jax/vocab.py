@@ -66,9 +66,10 @@ def train_vocab(texts: Iterable[str], output_prefix: str, vocab_size: int = 512)
             hard_vocab_limit=False,
             character_coverage=1.0,
             max_sentence_length=1 << 16,
-            # One piece per digit, so arithmetic rationales and labels share digit tokens instead
-            # of multi-digit pieces ("12") that hide the digit structure.
-            split_digits=True,
+            # Digits are not split (as T5's spiece): split, each digit of a spaced number
+            # (`3 4 7`) is two tokens (`▁`, `3`), which doubles the synthetic inputs and labels
+            # and the cost of a step; every good quickstart run (issue 9) had whole `▁3` pieces.
+            split_digits=False,
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
