@@ -33,7 +33,8 @@ def build_parser(prog: str = "sbs-eval", doc: str = __doc__) -> argparse.Argumen
 
 
 def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """(RunConfig, step, T5Config, params) for the flags; setup errors exit 2 naming them."""
+    """(RunConfig, step, T5Config, params on the run's mesh, batch sharding) for the flags;
+    setup errors exit 2 naming them."""
     from sbs_jax import distributed, evaluation, train_loop
 
     distributed.initialize_from_env()
@@ -42,17 +43,19 @@ def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
         train_loop.check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
         step = evaluation.choose_step(cfg.model_dir, args.step, cfg.best_metric)
         config, params = evaluation.load_trained(cfg.model_dir, step)
+        params, batch_sharding = evaluation.place_on_mesh(config, params, cfg.mesh_shape,
+                                                          cfg.fsdp)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    return cfg, step, config, params
+    return cfg, step, config, params, batch_sharding
 
 
 def load(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """(RunConfig, step, T5Config, params, EvalSet of the label task's split) for the flags."""
+    """`load_model`'s tuple plus the EvalSet of the label task's split, for the flags."""
     from sbs_jax import evaluation
     from sbs_jax.data import pipeline
 
-    cfg, step, config, params = load_model(parser, args)
+    cfg, step, config, params, batch_sharding = load_model(parser, args)
     try:
         examples = evaluation.subset(
             pipeline.eval_set(cfg.mixture_or_task_name, args.split,
@@ -61,7 +64,7 @@ def load(parser: argparse.ArgumentParser, args: argparse.Namespace):
             args.max_examples)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    return cfg, step, config, params, examples
+    return cfg, step, config, params, batch_sharding, examples
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,9 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from sbs_jax import evaluation
 
-    cfg, step, config, params, examples = load(parser, args)
+    cfg, step, config, params, batch_sharding, examples = load(parser, args)
     metrics, _ = evaluation.evaluate(config, params, examples,
-                                     args.batch_size or cfg.eval_batch_size, cfg.max_decode_len)
+                                     args.batch_size or cfg.eval_batch_size, cfg.max_decode_len,
+                                     batch_sharding=batch_sharding)
     result = {**metrics, "step": step, "split": args.split, "task": examples.task_name}
     output = args.output or f"{cfg.model_dir}/eval_{args.split}_step{step}.json"
     if jax.process_index() == 0:

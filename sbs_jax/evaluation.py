@@ -10,6 +10,7 @@ NLI inputs use as the premise/hypothesis separator.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -102,6 +103,21 @@ def choose_step(model_dir: str, step: str | int, best_metric: str | None = "accu
     if chosen is None:
         raise FileNotFoundError(f"MODEL_DIR={model_dir} has no finalised checkpoint")
     return chosen
+
+
+def place_on_mesh(config: T5Config, params: Any, mesh_shape: Sequence[int], fsdp: bool
+                  ) -> tuple[Any, NamedSharding]:
+    """Host params sharded over the run's mesh the way the trainer shards them, and the batch
+    sharding to decode with: a model that needed a mesh to train is also evaluated on one."""
+    from sbs_jax import partitioning, trainer
+
+    part = trainer.Partitioner(partitioning.make_mesh(mesh_shape),
+                               partitioning.logical_axis_rules(fsdp), config)
+    placed = jax.tree.map(
+        lambda x, sharding: jax.make_array_from_callback(
+            x.shape, sharding, lambda index, x=x: x[index]),
+        params, part.params_shardings)
+    return placed, part.batch_sharding
 
 
 def load_trained(model_dir: str, step: int) -> tuple[T5Config, Any]:

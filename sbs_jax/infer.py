@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sbs_jax import evaluation, run_config, train_loop
     from sbs_jax.data import pipeline
 
-    cfg, step, config, params = eval_cli.load_model(parser, args)
+    cfg, step, config, params, batch_sharding = eval_cli.load_model(parser, args)
     lengths = cfg.task_feature_lengths
     rationale_len = lengths.get("rationale_targets", lengths["targets"])
     rationale_task = rationale_task_for(cfg.mixture_or_task_name, cfg.rationale_mixture_name)
@@ -173,10 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     batch_size = args.batch_size or cfg.eval_batch_size
     predictions = evaluation.decode_texts(config, params, examples, batch_size,
-                                          cfg.max_decode_len)
+                                          cfg.max_decode_len, batch_sharding=batch_sharding)
     rationales = None
     if explain is not None:
-        rationales = evaluation.decode_texts(config, params, explain, batch_size, rationale_len)
+        rationales = evaluation.decode_texts(config, params, explain, batch_size, rationale_len,
+                                             batch_sharding=batch_sharding)
     answers = examples.answers(predictions)
     lines = []
     for row, example_id in enumerate(examples.ids):

@@ -81,8 +81,16 @@ def test_eval_and_infer_read_the_run(quickstart_dir, cli_env, tmp_path, monkeypa
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 8 and len({r["id"] for r in rows}) == 8
     assert all(r["input"].startswith("predict: ") for r in rows)
-    assert all(set(r) == {"id", "input", "target", "prediction", "rationale"} for r in rows)
+    assert all(set(r) == {"id", "input", "target", "prediction", "answer", "rationale"}
+               for r in rows)
     assert "8 predictions (step 12)" in capsys.readouterr().out
+    # Params and rows are sharded over the run's mesh: other meshes decode the same.
+    for mesh, name in (("(2, 2, 2)", "mesh.jsonl"), ("(4, 1, 2)", "model.jsonl")):
+        assert infer_cli.main([*flags, f"--gin.MESH_SHAPE={mesh}", "--batch_size=6",
+                               f"--output={tmp_path / name}"]) == 0
+    on_2x2x2, on_4x1x2 = ([json.loads(line)["prediction"] for line in (tmp_path / name).open()]
+                       for name in ("mesh.jsonl", "model.jsonl"))
+    assert on_2x2x2 == on_4x1x2 == [r["prediction"] for r in rows]
 
 
 @pytest.mark.parametrize("module", ["sbs_jax.train", "sbs_jax.eval", "sbs_jax.infer"])
@@ -133,8 +141,9 @@ def test_shorthand_flags_become_bindings():
 
 
 def test_gin_files_may_bind_the_task_data_folder():
-    gin_utils.parse_gin(["gin/quickstart.gin"], ["tasks.data_config.data_dir = '/data/sbs'"])
-    assert gin_utils.macro_value("TRAIN_STEPS") == 300
+    gin_utils.parse_gin(["gin/quickstart.gin"],
+                        ["tasks.data_config.data_dir = '/data/sbs'", "TRAIN_STEPS = 7"])
+    assert gin_utils.macro_value("TRAIN_STEPS") == 7
     assert gin_utils.macro_value("NOT_A_MACRO", default="absent") == "absent"
 
 
