@@ -400,7 +400,7 @@ class Decoder(nn.Module):
         kernel, and this projection is a quarter of a decoding step.
         """
         dtype = _dtype(self.config.dtype)
-        kernel = self.variables["params"]["logits_dense"]["kernel"]
+        kernel = nn.meta.unbox(self.variables["params"]["logits_dense"]["kernel"])
         kernel_t = self.variable("cache", "logits_kernel_t", lambda: kernel.T.astype(dtype))
         return jax.lax.dot_general(y.astype(dtype), kernel_t.value,
                                    (((y.ndim - 1,), (1,)), ((), ())))
