@@ -8,7 +8,8 @@ relative position buckets shared by all layers of a stack, no 1/sqrt(d) attentio
 Every parameter and the main activations carry logical axis names (batch, length, embed, mlp,
 heads, kv, joined_kv, vocab, relpos_buckets, layers) that `sbs_jax.partitioning` maps to mesh
 axes. Decoding uses T5X-style `encode` / `decode` methods with a flax "cache" collection holding
-the self-attention keys/values and the (computed once) cross-attention keys/values.
+the self-attention keys/values, the (computed once) cross-attention keys/values and, for an
+untied head, a vocab-major copy of the output kernel.
 """
 
 from __future__ import annotations
