@@ -17,7 +17,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from sbs_jax import losses
 from sbs_jax.models import T5, get_config, init_params
 from sbs_jax.models.hf import CheckpointError, load_hf, save_hf
-from sbs_jax.models.t5 import relative_position_bucket
+from sbs_jax.models.layers import relative_position_bucket
 
 VOCAB = 512
 

@@ -10,7 +10,8 @@ import pytest
 from flax import linen as nn
 
 from sbs_jax.models import T5, abstract_params, get_config, init_params, stack_layers
-from sbs_jax.models.t5 import matmul, unstack_layers
+from sbs_jax.models.layers import matmul
+from sbs_jax.models.t5 import unstack_layers
 
 VOCAB = 512
 ENC = np.array([[5, 6, 7, 8, 1, 0, 0], [9, 3, 1, 0, 0, 0, 0]], np.int32)

@@ -1,4 +1,5 @@
-"""The student model: T5 configs (config.py), the Flax module (t5.py), HF interop (hf.py)."""
+"""The student model: T5 configs (config.py), the Flax module (t5.py, built from layers.py), HF
+interop (hf.py)."""
 
 from sbs_jax.models.hf import CheckpointError, load_hf, save_hf
 from sbs_jax.models.t5 import (
