@@ -48,3 +48,15 @@ def tiny_vocab_path(tmp_path_factory) -> str:
 
     prefix = tmp_path_factory.mktemp("vocab") / "tiny"
     return train_vocab(_VOCAB_TEXTS, str(prefix), vocab_size=600)
+
+
+@pytest.fixture()
+def toy_dir(tmp_path, tiny_vocab_path):
+    """An empty task data folder for hand-written records, read with the tiny test vocabulary."""
+    import tasks
+
+    tasks.set_data_dir(str(tmp_path))
+    tasks.set_vocabulary_path(tiny_vocab_path)
+    yield tmp_path
+    tasks.set_data_dir(None)
+    tasks.set_vocabulary_path(None)

@@ -23,15 +23,6 @@ def _read(task_name, split):
     return list(task.get_dataset(LENGTHS, split=split, shuffle=False).as_numpy_iterator())
 
 
-@pytest.fixture()
-def toy_dir(tmp_path, tiny_vocab_path):
-    tasks.set_data_dir(str(tmp_path))
-    tasks.set_vocabulary_path(tiny_vocab_path)
-    yield tmp_path
-    tasks.set_data_dir(None)
-    tasks.set_vocabulary_path(None)
-
-
 def _write(data_dir, dataset, split, recs):
     records.write_split(recs, os.path.join(data_dir, dataset), split)
 

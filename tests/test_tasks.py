@@ -31,16 +31,6 @@ def synthetic_dir(tmp_path_factory):
     tasks.set_data_dir(None)
 
 
-@pytest.fixture()
-def toy_dir(tmp_path, tiny_vocab_path):
-    """Hand-written records for the released datasets, with our tiny test vocabulary."""
-    tasks.set_data_dir(str(tmp_path))
-    tasks.set_vocabulary_path(tiny_vocab_path)
-    yield tmp_path
-    tasks.set_data_dir(None)
-    tasks.set_vocabulary_path(None)
-
-
 def test_every_name_is_registered_and_registration_is_idempotent(tmp_path, monkeypatch):
     monkeypatch.setenv("SBS_DATA_DIR", str(tmp_path / "never_created"))
     tasks.register_all()
