@@ -12,9 +12,17 @@ from collections.abc import Mapping
 import seqio
 
 from sbs_jax.data.dss import NLI_SEPARATOR
+from sbs_jax.data.parse import ANSWER_MARKER
 from sbs_jax.tf_setup import tf
 
 PASSTHROUGH = ("id", "source")
+
+
+def _target_label(example: Mapping[str, tf.Tensor], teacher_labels: bool) -> tf.Tensor:
+    """The gold label, or with `teacher_labels` the teacher's label on the train split."""
+    if not teacher_labels:
+        return example["label"]
+    return tf.where(tf.equal(example["split"], "train"), example["llm_label"], example["label"])
 
 
 def _select(example: Mapping[str, tf.Tensor], inputs: tf.Tensor, targets: tf.Tensor) -> dict:
@@ -25,9 +33,7 @@ def to_label_example(dataset: tf.data.Dataset, prefix: str, teacher_labels: bool
     """inputs = prefix + input; targets = the gold label, or on train the teacher's label."""
 
     def fn(example):
-        label = example["label"]
-        if teacher_labels:
-            label = tf.where(tf.equal(example["split"], "train"), example["llm_label"], label)
+        label = _target_label(example, teacher_labels)
         return _select(example, tf.strings.join([prefix, example["input"]]), label)
 
     return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
@@ -47,9 +53,6 @@ def to_rationale_example(dataset: tf.data.Dataset, prefix: str):
 # rule-based teacher (`<rationale> So the answer is <label>.`), so that format's parser
 # (`sbs_jax.data.parse`, "synthetic") reads the label back out of a decoded prediction for every
 # dataset. The final "." is stripped by the parser, so a label that itself ends in "." survives.
-SINGLE_TASK_ANSWER_MARKER = "So the answer is"
-
-
 def to_single_task_example(dataset: tf.data.Dataset, prefix: str, teacher_labels: bool):
     """inputs = prefix + input; targets = `<rationale> So the answer is <label>.` (one task).
 
@@ -59,11 +62,9 @@ def to_single_task_example(dataset: tf.data.Dataset, prefix: str, teacher_labels
     """
 
     def fn(example):
-        label = example["label"]
-        if teacher_labels:
-            label = tf.where(tf.equal(example["split"], "train"), example["llm_label"], label)
+        label = _target_label(example, teacher_labels)
         target = tf.strings.strip(tf.strings.join(
-            [example["rationale"], f" {SINGLE_TASK_ANSWER_MARKER} ", label, "."]))
+            [example["rationale"], f" {ANSWER_MARKER} ", label, "."]))
         return _select(example, tf.strings.join([prefix, example["input"]]), target)
 
     return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)

@@ -23,7 +23,7 @@ import functools
 import seqio
 
 from sbs_jax import metrics
-from sbs_jax.data.parse import DATASETS, parse_completion
+from sbs_jax.data.parse import ANSWER_MARKER, DATASETS, parse_completion
 from tasks import config, preprocessors
 from tasks.sources import RecordSource
 
@@ -50,7 +50,7 @@ def extract_single_task_label(output: str, example=None, is_target: bool = False
     without a label scores as wrong.
     """
     text = round_trip_targets(output, example, is_target, vocabulary=vocabulary)
-    if is_target and preprocessors.SINGLE_TASK_ANSWER_MARKER not in text:
+    if is_target and ANSWER_MARKER not in text:
         raise ValueError(f"single-task target without '... So the answer is <label>.': {text!r}")
     return parse_completion("synthetic", text).label or ""
 

@@ -44,6 +44,8 @@ class ParsedCompletion:
 # Where the answer marker is missing (or repeated) nothing can be attributed to either part: the
 # reference then records an empty rationale, and so do we.
 _NO_PARSE = ParsedCompletion("", None)
+# The answer sentence of the cqa/anli1 teacher completions and of our own (synthetic) format.
+ANSWER_MARKER = "So the answer is"
 
 
 def _strip_final_period(text: str) -> str:
@@ -58,7 +60,7 @@ def _split_once(text: str, marker: str) -> tuple[str, str] | None:
 
 def _parse_cqa(completion: str) -> ParsedCompletion:
     body = completion.split("Q:")[0].rstrip()
-    split = _split_once(body, "So the answer is")
+    split = _split_once(body, ANSWER_MARKER)
     if split is None:
         return _NO_PARSE
     rationale, rest = split
@@ -90,7 +92,7 @@ def _parse_esnli(completion: str) -> ParsedCompletion:
 
 def _parse_anli1(completion: str) -> ParsedCompletion:
     body = completion.split("Premise:")[0].rstrip()
-    split = _split_once(body, "So the answer is")
+    split = _split_once(body, ANSWER_MARKER)
     if split is None:
         return _NO_PARSE
     rationale, rest = split
@@ -100,7 +102,7 @@ def _parse_anli1(completion: str) -> ParsedCompletion:
 
 def _parse_synthetic(completion: str) -> ParsedCompletion:
     body = re.split(r"\n\s*\n|Q:", completion, maxsplit=1)[0].strip()
-    head, marker, rest = body.rpartition("So the answer is")
+    head, marker, rest = body.rpartition(ANSWER_MARKER)
     if not marker:
         return _NO_PARSE
     label = _strip_final_period(rest.strip()).strip()

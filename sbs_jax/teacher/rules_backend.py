@@ -8,6 +8,7 @@ writing as a real teacher's: the quickstart exercises the whole teacher job offl
 from __future__ import annotations
 
 from sbs_jax.data import synthetic
+from sbs_jax.data.parse import ANSWER_MARKER
 from sbs_jax.teacher.http_backend import Generation, TeacherError
 
 
@@ -33,5 +34,5 @@ class RulesBackend:
             rationale, label = synthetic.solve(input_text)
         except ValueError as exc:
             raise TeacherError(f"rules teacher cannot solve it: {exc}", final=True) from None
-        completion = f" {rationale} So the answer is {label}."
+        completion = f" {rationale} {ANSWER_MARKER} {label}."
         return Generation([completion] * num_samples, 0, 0, 0)
