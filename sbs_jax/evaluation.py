@@ -113,11 +113,8 @@ def place_on_mesh(config: T5Config, params: Any, mesh_shape: Sequence[int], fsdp
 
     part = trainer.Partitioner(partitioning.make_mesh(mesh_shape),
                                partitioning.logical_axis_rules(fsdp), config)
-    placed = jax.tree.map(
-        lambda x, sharding: jax.make_array_from_callback(
-            x.shape, sharding, lambda index, x=x: x[index]),
-        params, part.params_shardings)
-    return placed, part.batch_sharding
+    # As trainer.init_state places host params (every process holds the same values).
+    return jax.device_put(params, part.params_shardings), part.batch_sharding
 
 
 def load_trained(model_dir: str, step: int) -> tuple[T5Config, Any]:
