@@ -6,7 +6,8 @@ Flags: repeated `--gin_file=PATH`, repeated `--gin_bindings='name.param = value'
 `include` look). The folder holding the shipped `gin/` is always searched first, so
 `gin/sbs_base.gin` works from any directory, in a checkout and in an installed sbs-jax alike
 (as T5X puts its own configs on gin's search path): `sbs_jax/gin` is a link to the
-repository's `gin/` that the wheel stores as package data. Mistakes fail before any work starts, with the file, binding or macro named:
+repository's `gin/` that the wheel stores as package data. Mistakes fail before any work starts,
+with the file, binding or macro named:
 gin's own errors for unknown configurables/parameters are re-raised with their source, and a
 `--gin.NAME` macro that no gin file defines (a typo such as `TRAIN_STEP`) is refused instead of
 silently defining a new, unused macro.

@@ -7,8 +7,9 @@
 
 Each line is `{"id", "input", "target", "prediction", "answer"[, "rationale"]}` (no `target`
 for --input_file): `prediction` is the decoded text, `answer` what the task's metric compares
-after its postprocessor (the label at the end of a single-task output, for instance). The label is decoded from `predict:` inputs; `--output_rationale` also decodes the
-rationale from the rationale task's `explain:` inputs of the same examples (like the reference's
+after its postprocessor (the label at the end of a single-task output, for instance). The label
+is decoded from `predict:` inputs; `--output_rationale` also decodes the rationale from the
+rationale task's `explain:` inputs of the same examples (like the reference's
 --output_rationale). `input` is the task's input text with its prefix (never decoded tokens: NLI
 inputs hold EOS as a separator). --input_file takes JSONL (`.jsonl`/`.json`/`.ndjson`: one object
 a line with `input`, or `premise` and `hypothesis` for NLI, and optionally `id`) or plain text

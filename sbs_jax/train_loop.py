@@ -288,7 +288,8 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
         pending = []
         first = at_step - len(fetched) + 1
         for offset, values in enumerate(fetched):
-            bad = [k for k in _MUST_BE_FINITE if k in values and not math.isfinite(float(values[k]))]
+            bad = [k for k in _MUST_BE_FINITE
+                   if k in values and not math.isfinite(float(values[k]))]
             if bad:
                 kept = checkpoints.latest_step(cfg.model_dir)
                 where = checkpoints.checkpoint_dir(cfg.model_dir)

@@ -8,7 +8,8 @@ The normalisation rule is not sentencepiece's built-in `identity` but a one-entr
 maps the noncharacter U+10FFFF (reserved, never in interchanged text) to U+FFFD. Every other string
 encodes exactly as under `identity`; the point is a non-empty compiled rule table, because the
 sentencepiece copy inside tf-text logs "precompiled_charsmap is empty" to stderr every time
-TensorFlow loads an identity-normalised model (once per dataset pipeline), with no way to silence it.
+TensorFlow loads an identity-normalised model (once per dataset pipeline), with no way to
+silence it.
 """
 
 from __future__ import annotations
