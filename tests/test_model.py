@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 
 from sbs_jax.models import T5, abstract_params, get_config, init_params, stack_layers
-from sbs_jax.models.layers import matmul
+from sbs_jax.models.layers import Dropout, dot_general, keep_mask, matmul
 from sbs_jax.models.t5 import unstack_layers
 
 VOCAB = 512
@@ -148,3 +148,52 @@ def test_matmul_has_the_gradients_of_jnp_dot():
     for got, want in zip(grads, ref_grads):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_dot_accumulates_in_fp32_and_keeps_the_dtype():
+    keys = jax.random.split(jax.random.PRNGKey(4), 2)
+    x = jax.random.normal(keys[0], (16, 512)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(keys[1], (512, 64)).astype(jnp.bfloat16)
+    dims = (((1,), (0,)), ((), ()))
+    exact = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
+    got = jax.jit(dot_general, static_argnums=2)(x, kernel, dims)
+    assert got.dtype == jnp.bfloat16
+    # One bf16 rounding of an fp32 sum: within bf16's half-ulp (2^-9) of the exact value.
+    np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2 ** -8, atol=1e-2)
+    grads = jax.grad(lambda a, b: jnp.sum(matmul(a, b).astype(jnp.float32)), (0, 1))(x, kernel)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def test_keep_mask_is_bernoulli_per_element_and_follows_the_seed():
+    shape = (4, 6, 128, 128)
+    mask = np.asarray(keep_mask(jnp.array([1, 2], jnp.uint32), shape, 0.9))
+    again = np.asarray(keep_mask(jnp.array([1, 2], jnp.uint32), shape, 0.9))
+    other = np.asarray(keep_mask(jnp.array([1, 3], jnp.uint32), shape, 0.9))
+    np.testing.assert_array_equal(mask, again)
+    n = mask.size
+    assert abs(mask.mean() - 0.9) < 4 * (0.09 / n) ** 0.5
+    # Independent of another seed's mask, of neighbouring columns, and of the next row.
+    assert abs((mask == other).mean() - 0.82) < 4 * (0.15 / n) ** 0.5
+    rows = mask.reshape(-1, shape[-1]).astype(np.float64)
+    assert abs(np.corrcoef(rows[:, :-1].ravel(), rows[:, 1:].ravel())[0, 1]) < 0.01
+    assert abs(np.corrcoef(rows[:-1].ravel(), rows[1:].ravel())[0, 1]) < 0.01
+    assert np.asarray(keep_mask(jnp.array([5, 6], jnp.uint32), shape, 1.0)).all()
+
+
+def test_keep_mask_does_not_depend_on_the_mesh():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    shape, seed = (8, 4, 16, 32), jnp.array([7, 9], jnp.uint32)
+    whole = np.asarray(jax.jit(lambda s: keep_mask(s, shape, 0.5))(seed))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("a", "b", "c"))
+    sharded = jax.jit(lambda s: keep_mask(s, shape, 0.5),
+                      out_shardings=NamedSharding(mesh, PartitionSpec("a", "b", None, "c")))
+    np.testing.assert_array_equal(np.asarray(sharded(seed)), whole)
+
+
+def test_dropout_scales_kept_values_and_is_identity_when_off():
+    x = jnp.ones((64, 256), jnp.float32)
+    on = Dropout(0.25, deterministic=False).apply({}, x, rngs={"dropout": jax.random.PRNGKey(0)})
+    np.testing.assert_allclose(np.unique(np.asarray(on)), [0.0, 1.0 / 0.75], rtol=1e-6)
+    assert abs(float(jnp.mean(on)) - 1.0) < 0.05
+    np.testing.assert_array_equal(Dropout(0.25, deterministic=True).apply({}, x), x)

@@ -35,9 +35,11 @@ from sbs_jax.models.layers import (
     NEG_INF,
     Attention,
     Dense,
+    Dropout,
     Embed,
     RelativePositionBias,
     RMSNorm,
+    dot_general,
 )
 
 Array = jax.Array
@@ -50,7 +52,7 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, bias: Array) -> tuple[Array, None]:
         cfg = self.config
-        drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        drop = Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         h = RMSNorm(cfg, name="pre_attention_layer_norm")(x)
         x = x + drop(Attention(cfg, self.deterministic, name="attention")(h, h, bias))
         h = RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
@@ -68,7 +70,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
                  position: Array | None) -> tuple[Array, None]:
         cfg = self.config
-        drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        drop = Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         h = RMSNorm(cfg, name="pre_self_attention_layer_norm")(x)
         attn = Attention(cfg, self.deterministic, self.decode, False, self.max_decode_length,
                          name="self_attention")
@@ -124,7 +126,7 @@ class Encoder(nn.Module):
         positions = np.arange(length)
         bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(
             positions, positions) + _key_mask_bias(encoder_input_tokens)
-        drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
+        drop = Dropout(cfg.dropout_rate, deterministic=deterministic)
         x = drop(self.shared_embedding(encoder_input_tokens))
         x = _stack(cfg, EncoderLayer, cfg.num_encoder_layers, 1,
                    deterministic=deterministic)(x, bias)
@@ -162,7 +164,7 @@ class Decoder(nn.Module):
                 positions[None, :] <= positions[:, None], 0.0, NEG_INF)[None, None]
         cross_bias = _key_mask_bias(encoder_input_tokens)
 
-        drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
+        drop = Dropout(cfg.dropout_rate, deterministic=deterministic)
         y = drop(self.shared_embedding(decoder_input_tokens))
         y = _stack(cfg, DecoderLayer, cfg.num_decoder_layers, 4, deterministic=deterministic,
                    decode=decode, max_decode_length=max_decode_length or 0)(
@@ -186,8 +188,7 @@ class Decoder(nn.Module):
         dtype = jnp.dtype(self.config.dtype)
         kernel = nn.meta.unbox(self.variables["params"]["logits_dense"]["kernel"])
         kernel_t = self.variable("cache", "logits_kernel_t", lambda: kernel.T.astype(dtype))
-        return jax.lax.dot_general(y.astype(dtype), kernel_t.value,
-                                   (((y.ndim - 1,), (1,)), ((), ())))
+        return dot_general(y.astype(dtype), kernel_t.value, (((y.ndim - 1,), (1,)), ((), ())))
 
 
 class T5(nn.Module):
