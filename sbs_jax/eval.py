@@ -15,7 +15,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from sbs_jax import gin_utils, run_config
+from sbs_jax import gin_utils, malloc, run_config
 
 
 def build_parser(prog: str = "sbs-eval", doc: str = __doc__) -> argparse.ArgumentParser:
@@ -68,6 +68,8 @@ def load(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # from the command line: choose the C allocator before XLA loads
+        malloc.ensure_preloaded()
     parser = build_parser()
     parser.add_argument("--output", default=None,
                         help="metrics JSON path (default: MODEL_DIR/eval_<split>_step<N>.json)")

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from sbs_jax import eval as eval_cli
-from sbs_jax import gin_utils
+from sbs_jax import gin_utils, malloc
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -136,6 +136,8 @@ def _split_rationale_set(task: str, split: str, examples, input_cap: int, target
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # from the command line: choose the C allocator before XLA loads
+        malloc.ensure_preloaded()
     parser = eval_cli.build_parser("sbs-infer", __doc__)
     parser.add_argument("--output", required=True, help="predictions JSONL path")
     parser.add_argument("--output_rationale", action="store_true",

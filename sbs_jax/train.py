@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import gin
-from sbs_jax import gin_utils, run_config
+from sbs_jax import gin_utils, malloc, run_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,8 @@ def resolve_config(parser: argparse.ArgumentParser) -> run_config.RunConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # from the command line: choose the C allocator before XLA loads
+        malloc.ensure_preloaded()
     parser = build_parser()
     gin_utils.parse_gin_flags(parser, argv)
     from sbs_jax import distributed
