@@ -253,6 +253,10 @@ class Attention(nn.Module):
         # operands, and the decoding cache keeps this layout, which the per-step dots read in
         # place (a length-major cache was transposed in full at every step).
         query, key, value = (x.transpose(0, 2, 1, 3) for x in (query, key, value))
+        if self.decode and jax.default_backend() == "cpu":
+            # A decoding step's attention is a batch of matrix-vector products: XLA:CPU runs
+            # them 2.4x faster in float32 than in bf16, so the caches keep float32 there.
+            query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
         if self.decode and self.cross:
             # Encoder keys/values never change while decoding: project them once.
             is_init = self.has_variable("cache", "cross_key")
