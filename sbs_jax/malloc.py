@@ -8,7 +8,8 @@ An allocator has to be chosen before the process starts, so the entry points re-
 themselves once with it in LD_PRELOAD.
 
 SBS_MALLOC selects: `auto` (default: the first of `CANDIDATES` found in the usual library
-folders, else the system allocator), `system` (never preload), or a library's path.
+folders, else the system allocator), `system` (never preload), or a library's path. With
+tcmalloc, TCMALLOC_RELEASE_RATE defaults to 0: a training job's working set recurs every step.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def ensure_preloaded() -> None:
         return
     preload = os.environ.get("LD_PRELOAD", "")
     env = dict(os.environ, LD_PRELOAD=":".join(p for p in (library, preload) if p))
+    if "tcmalloc" in os.path.basename(library):
+        # Keep freed pages: by default tcmalloc hands them back to the kernel gradually, and
+        # once another allocator-heavy library (PyTorch) shares the process, every step faults
+        # its temporaries in again (2.5 -> 3.3 s a step measured).
+        env.setdefault("TCMALLOC_RELEASE_RATE", "0")
     env[_DONE_VAR] = library
     sys.stdout.flush()
     sys.stderr.flush()

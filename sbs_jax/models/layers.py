@@ -66,15 +66,18 @@ def dot_general(a: Array, b: Array, dimension_numbers: Any) -> Array:
 
 @jax.custom_vjp
 def matmul(x: Array, kernel: Array) -> Array:
-    """`x @ kernel` over the last axis of x, with a backward pass written for XLA:CPU.
+    """`x @ kernel` over the last axis of x, computed in x's dtype, with a backward pass written
+    for XLA:CPU.
 
-    Same values as `jnp.dot` both ways. JAX's own transpose rule asks for the kernel gradient as
-    a transposed dot whose cotangent XLA:CPU then materialises transposed ([features, tokens]),
-    in a loop fusion that recomputes the producing elementwise chain (GELU derivative, dropout
-    mask) with a power-of-two read stride: 5x slower than the dots themselves. Here the kernel
-    gradient contracts the token axis of both operands as stored, which needs no transpose.
+    Same values as `jnp.dot(x, kernel.astype(x.dtype))` both ways. JAX's own transpose rule asks
+    for the kernel gradient as a transposed dot whose cotangent XLA:CPU then materialises
+    transposed ([features, tokens]), in a loop fusion that recomputes the producing elementwise
+    chain (GELU derivative, dropout mask) with a power-of-two read stride: 5x slower than the
+    dots themselves. Here the kernel gradient contracts the token axis of both operands as
+    stored, which needs no transpose, and leaves the float32 accumulator in the kernel's own
+    dtype: float32 parameters under bf16 compute get an unrounded gradient and no cast pass.
     """
-    return dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def _matmul_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
@@ -83,10 +86,11 @@ def _matmul_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
 
 def _matmul_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
     x, kernel = residuals
-    grad_x = dot_general(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))
+    grad_x = dot_general(grad, kernel.astype(grad.dtype), (((grad.ndim - 1,), (1,)), ((), ())))
     flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-    grad_kernel = dot_general(flat_x, flat_grad, (((0,), (0,)), ((), ()))).astype(kernel.dtype)
-    return grad_x.astype(x.dtype), grad_kernel
+    grad_kernel = jax.lax.dot_general(flat_x, flat_grad, (((0,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+    return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -149,7 +153,7 @@ class Dense(nn.Module):
         init = nn.initializers.variance_scaling(self.stddev_scale ** 2, "fan_in", "normal")
         kernel = _param(self, "kernel", init, (x.shape[-1], self.features), self.kernel_axes)
         dtype = _dtype(self.config.dtype)
-        return matmul(x.astype(dtype), kernel.astype(dtype))
+        return matmul(x.astype(dtype), kernel)
 
 
 class RMSNorm(nn.Module):
@@ -190,7 +194,7 @@ class Embed(nn.Module):
 
     def attend(self, x: Array) -> Array:
         dtype = _dtype(self.config.dtype)
-        return matmul(x.astype(dtype), self.embedding.astype(dtype).T)
+        return matmul(x.astype(dtype), self.embedding.T)
 
 
 class RelativePositionBias(nn.Module):
