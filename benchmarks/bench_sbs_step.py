@@ -13,8 +13,11 @@ weights (ours imported from the HF model), EOS disabled in both so each decodes 
 
 MFU = model FLOPs per second (benchmarks/flops.py) / the device peak (benchmarks/peak.py: on a
 CPU the best large-matmul rate in the compute dtype measured in this run, before and after the
-timings, the higher of the two; on a GPU/TPU the published bf16 peak of its device kind). Rounds alternate ours and HF so load from
-other processes hits both alike; medians are reported. Prints a markdown table, then JSON.
+timings, the higher of the two; on a GPU/TPU the published bf16 peak of its device kind).
+With `--dtype bfloat16` on a CPU, HF also runs under bf16 autocast as a second peer (train and
+decode), and every row also gives its FLOP/s as a fraction of the fp32 peak (the goal's
+denominator). Rounds alternate ours and the peers so load from other processes hits all alike;
+medians are reported. Prints a markdown table, then JSON.
 Goals on CPU: train ratio >= 2, train MFU >= 60%, decode ratio >= 3. On a GPU (no HF peer):
 
     python benchmarks/bench_sbs_step.py --config t5_1_1_large --dtype bfloat16
