@@ -130,7 +130,7 @@ def test_bf16_compute_with_fp32_params(model_and_params):
     config, params = model_and_params
     cfg = dataclasses.replace(config, dtype="bfloat16")
     out = _forward(cfg, False)(params, ENC, DEC, jax.random.PRNGKey(0))
-    assert out.dtype == jnp.bfloat16
+    assert out.dtype == jnp.float32  # the output projection hands over its fp32 accumulator
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
     base = logits_of(config, params)
     assert np.abs(np.asarray(out, np.float32) - base).max() < 0.1 * np.abs(base).max()
@@ -162,6 +162,32 @@ def test_bf16_dot_accumulates_in_fp32_and_keeps_the_dtype():
     np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2 ** -8, atol=1e-2)
     grads = jax.grad(lambda a, b: jnp.sum(matmul(a, b).astype(jnp.float32)), (0, 1))(x, kernel)
     assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def test_matmul_returns_the_fp32_accumulator_on_request():
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    x = jax.random.normal(keys[0], (2, 8, 64)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(keys[1], (64, 32))  # float32 params, bf16 compute
+    weights = jax.random.normal(keys[2], (2, 8, 32))
+
+    def loss(dot):
+        return lambda a, b: jnp.sum(jnp.tanh(dot(a, b)) * weights)
+
+    def ref_dot(a, b):
+        return jnp.dot(a, b.astype(a.dtype), preferred_element_type=jnp.float32)
+
+    out = matmul(x, kernel, jnp.float32)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, ref_dot(x, kernel))
+    grads = jax.grad(loss(lambda a, b: matmul(a, b, jnp.float32)), (0, 1))(x, kernel)
+    ref_grads = jax.grad(loss(ref_dot), (0, 1))(x, kernel)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32]
+    # Both round the cotangent to bf16 for the dots; the kernel gradient of ours is summed in
+    # float32 and never rounded, JAX's own goes through a bf16 dot.
+    np.testing.assert_allclose(np.asarray(grads[0], np.float32),
+                               np.asarray(ref_grads[0], np.float32), rtol=2 ** -7, atol=1e-2)
+    np.testing.assert_allclose(grads[1], np.asarray(ref_grads[1], np.float32), rtol=2 ** -6,
+                               atol=2e-2)
 
 
 def test_keep_mask_is_bernoulli_per_element_and_follows_the_seed():

@@ -7,6 +7,7 @@ block uses, with a backward pass written for XLA:CPU.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -64,36 +65,48 @@ def dot_general(a: Array, b: Array, dimension_numbers: Any) -> Array:
     return out.astype(a.dtype)
 
 
-@jax.custom_vjp
-def matmul(x: Array, kernel: Array) -> Array:
-    """`x @ kernel` over the last axis of x, computed in x's dtype, with a backward pass written
-    for XLA:CPU.
+def matmul(x: Array, kernel: Array, out_dtype: DType | None = None) -> Array:
+    """`x @ kernel` over the last axis of x, computed in x's dtype and returned in `out_dtype`
+    (default x's), with a backward pass written for XLA:CPU.
 
-    Same values as `jnp.dot(x, kernel.astype(x.dtype))` both ways. JAX's own transpose rule asks
-    for the kernel gradient as a transposed dot whose cotangent XLA:CPU then materialises
-    transposed ([features, tokens]), in a loop fusion that recomputes the producing elementwise
-    chain (GELU derivative, dropout mask) with a power-of-two read stride: 5x slower than the
-    dots themselves. Here the kernel gradient contracts the token axis of both operands as
-    stored, which needs no transpose, and leaves the float32 accumulator in the kernel's own
-    dtype: float32 parameters under bf16 compute get an unrounded gradient and no cast pass.
+    Same values as `jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=float32)` cast
+    to `out_dtype`, both ways. JAX's own transpose rule asks for the kernel gradient as a
+    transposed dot whose cotangent XLA:CPU then materialises transposed ([features, tokens]), in
+    a loop fusion that recomputes the producing elementwise chain (GELU derivative, dropout
+    mask) with a power-of-two read stride: 5x slower than the dots themselves. Here the kernel
+    gradient contracts the token axis of both operands as stored, which needs no transpose, and
+    leaves the float32 accumulator in the kernel's own dtype: float32 parameters under bf16
+    compute get an unrounded gradient and no cast pass. A float32 `out_dtype` under bf16 compute
+    hands the accumulator itself to what follows (the GELU, the loss), which XLA:CPU computes
+    2x faster in float32 than in bf16, and saves a rounding.
     """
-    return dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    return _matmul(x, kernel, jnp.dtype(out_dtype or x.dtype).name)
 
 
-def _matmul_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
-    return matmul(x, kernel), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: Array, kernel: Array, out_dtype: str) -> Array:
+    out = jax.lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
 
 
-def _matmul_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
+def _matmul_fwd(x: Array, kernel: Array, out_dtype: str) -> tuple[Array, tuple[Array, Array]]:
+    return _matmul(x, kernel, out_dtype), (x, kernel)
+
+
+def _matmul_bwd(out_dtype: str, residuals: tuple[Array, Array],
+                grad: Array) -> tuple[Array, Array]:
+    del out_dtype
     x, kernel = residuals
+    grad = grad.astype(x.dtype)  # the dots run in the compute dtype (bf16: the fast kernels)
     grad_x = dot_general(grad, kernel.astype(grad.dtype), (((grad.ndim - 1,), (1,)), ((), ())))
-    flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-    grad_kernel = jax.lax.dot_general(flat_x, flat_grad, (((0,), (0,)), ((), ())),
+    lead = tuple(range(x.ndim - 1))
+    grad_kernel = jax.lax.dot_general(x, grad, ((lead, lead), ((), ())),
                                       preferred_element_type=jnp.float32)
     return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _mix32(x: Array) -> Array:
@@ -146,13 +159,14 @@ class Dense(nn.Module):
     features: int
     kernel_axes: tuple[str, str]
     stddev_scale: float = 1.0
+    out_dtype: str | None = None  # default: the compute dtype
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         init = nn.initializers.variance_scaling(self.stddev_scale ** 2, "fan_in", "normal")
         kernel = _param(self, "kernel", init, (x.shape[-1], self.features), self.kernel_axes)
         dtype = _dtype(self.config.dtype)
-        return matmul(x.astype(dtype), kernel)
+        return matmul(x.astype(dtype), kernel, self.out_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -166,8 +180,8 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.config.layer_norm_epsilon)
-        dtype = _dtype(self.config.dtype)
-        return y.astype(dtype) * scale.astype(dtype)
+        # Scaled in float32: the scale's gradient then sums its token products in float32.
+        return (y * scale.astype(jnp.float32)).astype(_dtype(self.config.dtype))
 
 
 class Embed(nn.Module):
@@ -186,14 +200,14 @@ class Embed(nn.Module):
         # Look up in a table whole along embed (one fsdp all-gather of it, as for every kernel):
         # from the [vocab/model, embed/fsdp] table XLA's SPMD gather instead all-gathered the
         # looked-up activations (and their cotangents) over the global batch.
-        table = nn.with_logical_constraint(self.embedding.astype(_dtype(self.config.dtype)),
-                                           ("vocab", None))
-        x = jnp.take(table, tokens, axis=0)
+        # The rows are cast after the lookup: no cast of the whole table each step, and the
+        # gradient is scattered into a float32 table (no bf16 sums of a token's cotangents).
+        table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(_dtype(self.config.dtype))
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     def attend(self, x: Array) -> Array:
-        dtype = _dtype(self.config.dtype)
-        return matmul(x.astype(dtype), self.embedding.T)
+        return matmul(x.astype(_dtype(self.config.dtype)), self.embedding.T, jnp.float32)
 
 
 class RelativePositionBias(nn.Module):
@@ -304,9 +318,12 @@ class MLP(nn.Module):
         acts = cfg.mlp_activations
         hidden = None
         for i, act in enumerate(acts):
+            # Activations and their product in float32 (the dots' accumulators), cast once.
             name = "wi" if len(acts) == 1 else f"wi_{i}"
-            h = ACTIVATIONS[act](Dense(cfg, cfg.mlp_dim, ("embed", "mlp"), name=name)(x))
+            h = Dense(cfg, cfg.mlp_dim, ("embed", "mlp"), out_dtype="float32", name=name)(x)
+            h = ACTIVATIONS[act](h)
             hidden = h if hidden is None else hidden * h
+        hidden = hidden.astype(_dtype(cfg.dtype))
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         hidden = Dropout(cfg.dropout_rate, deterministic=self.deterministic)(hidden)
         out = Dense(cfg, cfg.emb_dim, ("mlp", "embed"), name="wo")(hidden)

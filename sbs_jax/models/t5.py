@@ -39,7 +39,6 @@ from sbs_jax.models.layers import (
     Embed,
     RelativePositionBias,
     RMSNorm,
-    dot_general,
 )
 
 Array = jax.Array
@@ -175,7 +174,8 @@ class Decoder(nn.Module):
         elif decode:
             logits = self._decode_step_logits(y)
         else:
-            logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), name="logits_dense")(y)
+            logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), out_dtype="float32",
+                           name="logits_dense")(y)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
     def _decode_step_logits(self, y: Array) -> Array:
@@ -188,11 +188,13 @@ class Decoder(nn.Module):
         dtype = jnp.dtype(self.config.dtype)
         kernel = nn.meta.unbox(self.variables["params"]["logits_dense"]["kernel"])
         kernel_t = self.variable("cache", "logits_kernel_t", lambda: kernel.T.astype(dtype))
-        return dot_general(y.astype(dtype), kernel_t.value, (((y.ndim - 1,), (1,)), ((), ())))
+        return jax.lax.dot_general(y.astype(dtype), kernel_t.value,
+                                   (((y.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
 
 
 class T5(nn.Module):
-    """Encoder-decoder T5. `__call__` gives logits [batch, target_len, vocab] (compute dtype)."""
+    """Encoder-decoder T5. `__call__` gives float32 logits [batch, target_len, vocab]."""
 
     config: T5Config
 
