@@ -126,12 +126,22 @@ def _hf_decode(model, enc: np.ndarray, decode_len: int, bf16: bool, outputs: dic
     return run
 
 
-def _median_timings(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+def _median_timings(fns: dict[str, Callable[[], None]], rounds: int,
+                    settle_s: float) -> dict[str, float]:
+    """Median seconds of each function over `rounds`, the order reversed every other round.
+
+    Each timed call starts after `settle_s` of idle: the previous call's worker threads keep
+    spinning for a while after it returns (PyTorch's OpenMP pool), and on 2 cores that slowed
+    the next call by ~5% in a one-process A/B (ours after torch matmuls 3.84 s, after a 0.5 s
+    pause 3.62 s, alone 3.64 s).
+    """
     for fn in fns.values():  # warm-up / compile
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            fn = fns[name]
+            time.sleep(settle_s)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -179,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode_len", type=int, default=64, help="new tokens per row")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--settle_s", type=float, default=0.5,
+                        help="idle seconds before each timed call (lets spinning threads stop)")
     parser.add_argument("--no_hf", action="store_true",
                         help="skip the PyTorch peer (automatic off the CPU)")
     parser.add_argument("--no_decode", action="store_true", help="time the train step only")
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     if use_hf:
         for name, bf16 in hf_peers.items():
             train_fns[name] = _hf_train(hf_train_model, batches, args.alpha, bf16)
-    train_s = _median_timings(train_fns, args.rounds)
+    train_s = _median_timings(train_fns, args.rounds, args.settle_s)
 
     enc = batches["rationale"]["encoder_input_tokens"]
     decode_fns, outputs = {}, {}
@@ -226,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
         if use_hf:
             for name, bf16 in hf_peers.items():
                 decode_fns[name] = _hf_decode(hf_model, enc, args.decode_len, bf16, outputs, name)
-    decode_s = _median_timings(decode_fns, args.rounds) if decode_fns else {}
+    decode_s = (_median_timings(decode_fns, args.rounds, args.settle_s) if decode_fns
+                else {})
     peaks_after = {d: peak.device_peak(dtype=d) for d in peak_dtypes}
     peak_used = {d: max(peaks_before[d]["peak_flops_per_s"] or 0.0,
                         peaks_after[d]["peak_flops_per_s"] or 0.0) or None for d in peak_dtypes}
@@ -254,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": args.config, "dtype": args.dtype, "scan_layers": args.scan_layers,
         "remat_policy": args.remat_policy, "batch": args.batch, "input_len": args.input_len,
         "label_len": args.label_len, "rationale_len": args.rationale_len,
-        "decode_len": args.decode_len, "rounds": args.rounds,
+        "decode_len": args.decode_len, "rounds": args.rounds, "settle_s": args.settle_s,
         "device": {"platform": device.platform, "device_kind": device.device_kind,
                    "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "load_average": os.getloadavg(), "allocator": malloc.active_allocator(),
