@@ -74,11 +74,14 @@ def matmul(x: Array, kernel: Array, out_dtype: DType | None = None) -> Array:
     transposed dot whose cotangent XLA:CPU then materialises transposed ([features, tokens]), in
     a loop fusion that recomputes the producing elementwise chain (GELU derivative, dropout
     mask) with a power-of-two read stride: 5x slower than the dots themselves. Here the kernel
-    gradient contracts the token axis of both operands as stored, which needs no transpose, and
-    leaves the float32 accumulator in the kernel's own dtype: float32 parameters under bf16
-    compute get an unrounded gradient and no cast pass. A float32 `out_dtype` under bf16 compute
-    hands the accumulator itself to what follows (the GELU, the loss), which XLA:CPU computes
-    2x faster in float32 than in bf16, and saves a rounding.
+    gradient is one dot contracting the leading (batch, length) axes of x and the cotangent as
+    stored, which needs no transposed cotangent. Kept unflattened on purpose: with two
+    contracting axes XLA:CPU copies x to [in, tokens] and runs a plain bf16 dot on its library
+    kernels, where a flattened [tokens, in] contraction was upcast to float32 for Eigen (1.4-2x
+    slower). The float32 accumulator is left in the kernel's own dtype: float32 parameters under
+    bf16 compute get an unrounded gradient and no cast pass. A float32 `out_dtype` under bf16
+    compute hands the accumulator itself to what follows (the GELU, the loss), which XLA:CPU
+    computes 2x faster in float32 than in bf16, and saves a rounding.
     """
     return _matmul(x, kernel, jnp.dtype(out_dtype or x.dtype).name)
 
