@@ -53,8 +53,10 @@ def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
                         _dtype(cfg.param_dtype))
 
 
-def dot_general(a: Array, b: Array, dimension_numbers: Any) -> Array:
-    """`lax.dot_general` accumulated and returned in float32, then cast to `a`'s dtype.
+def dot_general(a: Array, b: Array, dimension_numbers: Any,
+                out_dtype: DType | None = None) -> Array:
+    """`lax.dot_general` accumulated and returned in float32, then cast to `out_dtype`
+    (default `a`'s dtype).
 
     For float32 operands this is the plain dot. For bfloat16 it rounds like a bfloat16 dot on
     TPU/GPU (which accumulate in float32 too), and on XLA:CPU it is what reaches the AMX bf16
@@ -62,7 +64,7 @@ def dot_general(a: Array, b: Array, dimension_numbers: Any) -> Array:
     (2048^3: 243 vs 1,449 GFLOP/s on this project's 2-core Xeon).
     """
     out = jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=jnp.float32)
-    return out.astype(a.dtype)
+    return out.astype(out_dtype or a.dtype)
 
 
 def matmul(x: Array, kernel: Array, out_dtype: DType | None = None) -> Array:
@@ -88,9 +90,7 @@ def matmul(x: Array, kernel: Array, out_dtype: DType | None = None) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul(x: Array, kernel: Array, out_dtype: str) -> Array:
-    out = jax.lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-    return out.astype(out_dtype)
+    return dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())), out_dtype)
 
 
 def _matmul_fwd(x: Array, kernel: Array, out_dtype: str) -> tuple[Array, tuple[Array, Array]]:
@@ -104,9 +104,8 @@ def _matmul_bwd(out_dtype: str, residuals: tuple[Array, Array],
     grad = grad.astype(x.dtype)  # the dots run in the compute dtype (bf16: the fast kernels)
     grad_x = dot_general(grad, kernel.astype(grad.dtype), (((grad.ndim - 1,), (1,)), ((), ())))
     lead = tuple(range(x.ndim - 1))
-    grad_kernel = jax.lax.dot_general(x, grad, ((lead, lead), ((), ())),
-                                      preferred_element_type=jnp.float32)
-    return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
+    grad_kernel = dot_general(x, grad, ((lead, lead), ((), ())), kernel.dtype)
+    return grad_x, grad_kernel
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -39,6 +39,7 @@ from sbs_jax.models.layers import (
     Embed,
     RelativePositionBias,
     RMSNorm,
+    dot_general,
 )
 
 Array = jax.Array
@@ -188,9 +189,8 @@ class Decoder(nn.Module):
         dtype = jnp.dtype(self.config.dtype)
         kernel = nn.meta.unbox(self.variables["params"]["logits_dense"]["kernel"])
         kernel_t = self.variable("cache", "logits_kernel_t", lambda: kernel.T.astype(dtype))
-        return jax.lax.dot_general(y.astype(dtype), kernel_t.value,
-                                   (((y.ndim - 1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
+        return dot_general(y.astype(dtype), kernel_t.value, (((y.ndim - 1,), (1,)), ((), ())),
+                           jnp.float32)
 
 
 class T5(nn.Module):
