@@ -22,7 +22,7 @@ CONFIG_FILE = "run_config.json"
 RESUMABLE_CHANGES = frozenset({
     "model_dir", "train_steps", "checkpoint_period", "eval_period", "log_period",
     "keep_checkpoints", "eval_split", "eval_batch_size", "eval_max_examples", "max_decode_len",
-    "async_checkpointing", "initial_checkpoint_path", "best_metric",
+    "async_checkpointing", "initial_checkpoint_path", "best_metric", "pack",
 })
 
 
@@ -45,6 +45,7 @@ class RunConfig:
     mesh_shape: tuple = (-1, 1, 1)
     fsdp: bool = True
     num_microbatches: int = 1
+    pack: bool = False  # seqio/T5X packing of each view's examples (same objective, fewer rows)
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     # Optimizer (sbs_jax.optim): the reference recipe by default.

@@ -209,10 +209,15 @@ def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, An
                                    cfg.warmup_steps)
     tx = optim.make_optimizer(schedule, cfg.optimizer, cfg.weight_decay, cfg.clip_norm)
     shard_id, num_shards = distributed.process_batch_shard(mesh)
+    # Packed steps have a varying number of rows: a multiple of what the mesh and the
+    # micro-batches split (and of BATCH_SIZE / 8, to keep the compiled shapes few).
+    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batches = pipeline.PairedBatches(
         cfg.mixture_or_task_name, cfg.rationale_mixture_name, "train", cfg.batch_size,
         cfg.task_feature_lengths, seed=cfg.random_seed, shard_id=shard_id,
-        num_shards=num_shards, data_fraction=cfg.data_fraction)
+        num_shards=num_shards, data_fraction=cfg.data_fraction, pack=cfg.pack,
+        pack_row_multiple=math.lcm(max(1, cfg.batch_size // 8),
+                                   data_shards * cfg.num_microbatches))
     return _Setup(model_config, partitioner, tx, schedule, batches, num_shards), initial_params
 
 
@@ -307,7 +312,9 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
             while step < cfg.train_steps:
                 local = next(setup.batches)
                 global_batches = {
-                    v: trainer.global_batch(local[v], part.batch_sharding, cfg.batch_size)
+                    v: trainer.global_batch(
+                        local[v], part.batch_sharding,
+                        len(local[v]["encoder_input_tokens"]) * setup.num_shards)
                     for v in trainer.VIEWS if v in local}
                 state, metrics = step_fn(state, global_batches)
                 step += 1

@@ -37,6 +37,12 @@ BATCH_KEYS = (
     "decoder_target_tokens",
     "decoder_loss_weights",
 )
+# Present in packed batches only (`PairedBatches(pack=True)`), as in T5X's packed features.
+SEGMENT_KEYS = ("encoder_segment_ids", "decoder_segment_ids")
+
+
+def _batch_keys(batch: Batch) -> tuple[str, ...]:
+    return BATCH_KEYS + tuple(k for k in SEGMENT_KEYS if k in batch)
 
 
 @flax.struct.dataclass
@@ -140,7 +146,7 @@ def global_batch(local: Batch, sharding: NamedSharding, global_rows: int) -> dic
     (`jax.make_array_from_process_local_data`; processes that share a batch block feed the
     same rows)."""
     out = {}
-    for key in BATCH_KEYS:
+    for key in _batch_keys(local):
         rows = np.asarray(local[key])
         out[key] = jax.make_array_from_process_local_data(
             sharding, rows, (global_rows, *rows.shape[1:]))
@@ -156,7 +162,7 @@ def _split_microbatches(batch: Batch, num_microbatches: int, sharding) -> dict:
         spec = PartitionSpec(None, *sharding.spec)
         return jax.lax.with_sharding_constraint(y, NamedSharding(sharding.mesh, spec))
 
-    return {k: split(batch[k]) for k in BATCH_KEYS}
+    return {k: split(batch[k]) for k in _batch_keys(batch)}
 
 
 def _forward_sums(model, params, batch, rng, options: StepOptions, train: bool):
@@ -165,6 +171,8 @@ def _forward_sums(model, params, batch, rng, options: StepOptions, train: bool):
         batch["encoder_input_tokens"],
         batch["decoder_input_tokens"],
         enable_dropout=train,
+        encoder_segment_ids=batch.get("encoder_segment_ids"),
+        decoder_segment_ids=batch.get("decoder_segment_ids"),
         rngs={"dropout": rng} if train else None,
     )
     return losses.token_loss_sums(logits, batch, options.label_smoothing, options.z_loss)
@@ -187,7 +195,7 @@ def loss_and_grads(
         sums = {}
         scaled = 0.0
         for i, view in enumerate(views):
-            batch = {k: micro[view][k][mb_index] for k in BATCH_KEYS}
+            batch = {k: v[mb_index] for k, v in micro[view].items()}
             key = jax.random.fold_in(jax.random.fold_in(rng, i), mb_index)
             sums[view] = _forward_sums(model, p, batch, key, options, train=True)
             scaled = scaled + weights[view] * sums[view].loss / jnp.maximum(totals[view], 1.0)

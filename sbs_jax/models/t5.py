@@ -114,18 +114,33 @@ def _key_mask_bias(tokens: Array) -> Array:
     return jnp.where(tokens > 0, 0.0, NEG_INF).astype(jnp.float32)[:, None, None, :]
 
 
+def _segment_bias(query_segments: Array | None, key_segments: Array | None) -> Array | float:
+    """Additive bias [batch, 1, queries, keys] that keeps packed examples apart: NEG_INF where
+    query and key belong to different segments (0 when the batch is not packed).
+
+    Relative position biases need no per-example positions: within a segment the offset
+    key - query is the same as in the example alone.
+    """
+    if query_segments is None or key_segments is None:
+        return 0.0
+    same = query_segments[:, :, None] == key_segments[:, None, :]
+    return jnp.where(same, 0.0, NEG_INF).astype(jnp.float32)[:, None]
+
+
 class Encoder(nn.Module):
     config: T5Config
     shared_embedding: nn.Module
 
     @nn.compact
-    def __call__(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
+    def __call__(self, encoder_input_tokens: Array, enable_dropout: bool = False,
+                 encoder_segment_ids: Array | None = None) -> Array:
         cfg = self.config
         deterministic = not enable_dropout
         length = encoder_input_tokens.shape[1]
         positions = np.arange(length)
-        bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(
+        bias = (RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(
             positions, positions) + _key_mask_bias(encoder_input_tokens)
+            + _segment_bias(encoder_segment_ids, encoder_segment_ids))
         drop = Dropout(cfg.dropout_rate, deterministic=deterministic)
         x = drop(self.shared_embedding(encoder_input_tokens))
         x = _stack(cfg, EncoderLayer, cfg.num_encoder_layers, 1,
@@ -141,7 +156,9 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
                  enable_dropout: bool = False, decode: bool = False,
-                 max_decode_length: int | None = None) -> Array:
+                 max_decode_length: int | None = None,
+                 encoder_segment_ids: Array | None = None,
+                 decoder_segment_ids: Array | None = None) -> Array:
         cfg = self.config
         deterministic = not enable_dropout
         length = decoder_input_tokens.shape[1]
@@ -162,7 +179,9 @@ class Decoder(nn.Module):
             positions = np.arange(length)
             self_bias = relpos(positions, positions) + np.where(
                 positions[None, :] <= positions[:, None], 0.0, NEG_INF)[None, None]
-        cross_bias = _key_mask_bias(encoder_input_tokens)
+            self_bias = self_bias + _segment_bias(decoder_segment_ids, decoder_segment_ids)
+        cross_bias = (_key_mask_bias(encoder_input_tokens)
+                      + _segment_bias(decoder_segment_ids, encoder_segment_ids))
 
         drop = Dropout(cfg.dropout_rate, deterministic=deterministic)
         y = drop(self.shared_embedding(decoder_input_tokens))
@@ -203,24 +222,34 @@ class T5(nn.Module):
         self.encoder = Encoder(self.config, self.token_embedder)
         self.decoder = Decoder(self.config, self.token_embedder)
 
-    def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
-        return self.encoder(encoder_input_tokens, enable_dropout)
+    def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False,
+               encoder_segment_ids: Array | None = None) -> Array:
+        return self.encoder(encoder_input_tokens, enable_dropout, encoder_segment_ids)
 
     def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
                enable_dropout: bool = False, decode: bool = False,
-               max_decode_length: int | None = None) -> Array:
+               max_decode_length: int | None = None, encoder_segment_ids: Array | None = None,
+               decoder_segment_ids: Array | None = None) -> Array:
         """Teacher-forced logits, or (decode=True, mutable "cache") one step with the KV cache.
 
         The first decode=True call with no cache creates it (sized max_decode_length) and fills
         the cross-attention keys/values from `encoded`; its output is not a decoding step.
+        Segment ids (T5X's packed features; teacher forcing only) keep packed examples apart.
         """
         return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout,
-                            decode, max_decode_length)
+                            decode, max_decode_length, encoder_segment_ids, decoder_segment_ids)
 
     def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
-                 enable_dropout: bool = False) -> Array:
-        encoded = self.encode(encoder_input_tokens, enable_dropout)
-        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout)
+                 enable_dropout: bool = False, encoder_segment_ids: Array | None = None,
+                 decoder_segment_ids: Array | None = None) -> Array:
+        """Logits of a batch, packed when segment ids are given (both or neither)."""
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError("T5: pass both encoder_segment_ids and decoder_segment_ids "
+                             "(a packed batch) or neither")
+        encoded = self.encode(encoder_input_tokens, enable_dropout, encoder_segment_ids)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout,
+                           encoder_segment_ids=encoder_segment_ids,
+                           decoder_segment_ids=decoder_segment_ids)
 
 
 def _dummy_inputs(batch: int = 1, length: int = 1) -> tuple[Array, Array]:
