@@ -26,17 +26,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {"inputs": 256, "targets": 16, "rationale_targets": 128}
 
 
-def _prepare(source_dir: str, work_dir: str, vocab: str | None) -> tuple[str, str]:
+def prepare(source_dir: str, work_dir: str, vocab: str | None,
+            dataset: str = "esnli") -> tuple[str, str]:
+    """Builds `dataset`'s records in `work_dir` (train split, else valid when the train inputs
+    are absent) and a vocabulary trained on them unless one is given: (split, vocab path)."""
     from sbs_jax.data import build, dss, records
     from sbs_jax.vocab import train_vocab
 
-    split = "train" if os.path.exists(dss.gold_path(source_dir, "esnli", "train")) else "valid"
-    build.build(source_dir, work_dir, "esnli", [split])
+    split = "train" if os.path.exists(dss.gold_path(source_dir, dataset, "train")) else "valid"
+    build.build(source_dir, work_dir, dataset, [split])
     if vocab is None:
         texts = []
-        for r in records.read_split(os.path.join(work_dir, "esnli"), split)[:20000]:
+        for r in records.read_split(os.path.join(work_dir, dataset), split)[:20000]:
             texts += [r.input.replace(dss.NLI_SEPARATOR, " "), r.rationale, r.label]
-        vocab = train_vocab(texts, os.path.join(work_dir, "spiece"), vocab_size=8000)
+        vocab = train_vocab(texts, os.path.join(work_dir, f"{dataset}_spiece"), vocab_size=8000)
     return split, vocab
 
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     from sbs_jax.data.pipeline import PairedBatches, PairedExamples
 
     with tempfile.TemporaryDirectory() as work_dir:
-        split, vocab = _prepare(args.source_dir, work_dir, args.vocab)
+        split, vocab = prepare(args.source_dir, work_dir, args.vocab)
         tasks.set_data_dir(work_dir)
         tasks.set_vocabulary_path(vocab)
         start = time.perf_counter()

@@ -53,7 +53,10 @@ def _view(rng: np.random.Generator, vocab: int, batch: int, input_len: int,
             "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
 
 
-def _ours_train(config, params, batches: dict, alpha: float) -> Callable[[], None]:
+def sbs_step(config, params, alpha: float) -> tuple[Callable, Callable]:
+    """Our sbs train step (`trainer.make_train_step`, AdamW) on one device, from `params`:
+    (to_device, run): `to_device({view: numpy batch})` places a batch, `run(placed)` steps the
+    state it keeps and returns the loss (not waited for)."""
     import jax
 
     from sbs_jax import models, optim, partitioning, trainer
@@ -65,13 +68,21 @@ def _ours_train(config, params, batches: dict, alpha: float) -> Callable[[], Non
     state = {"s": trainer.init_state(part, config, tx, seed=0, params=params)}
     step = trainer.make_train_step(part, models.T5(config), tx, schedule,
                                    trainer.StepOptions(alpha=alpha))
-    global_batches = {v: trainer.global_batch(b, part.batch_sharding, len(b[
-        "encoder_input_tokens"])) for v, b in batches.items()}
 
-    def run():
-        state["s"], metrics = step(state["s"], global_batches)
-        metrics["loss"].block_until_ready()
-    return run
+    def to_device(batches: dict) -> dict:
+        return {v: trainer.global_batch(b, part.batch_sharding, len(b["encoder_input_tokens"]))
+                for v, b in batches.items()}
+
+    def run(placed: dict):
+        state["s"], metrics = step(state["s"], placed)
+        return metrics["loss"]
+    return to_device, run
+
+
+def _ours_train(config, params, batches: dict, alpha: float) -> Callable[[], None]:
+    to_device, step = sbs_step(config, params, alpha)
+    placed = to_device(batches)
+    return lambda: step(placed).block_until_ready()
 
 
 def _hf_models(config, params) -> tuple[Any, Any]:
