@@ -7,7 +7,7 @@ all-reduce, reduce-scatter, all-to-all, collective-permute and copy with its sha
 and the JAX operation it came from, grouped and counted. Prints JSON. WORKSPACE.md records what
 was found for the 2x2x2 mesh.
 
-    python benchmarks/hlo_check.py [--mesh 2 2 2] [--config t5_1_1_small --layers 2]
+    python benchmarks/hlo_check.py [--mesh 2 2 2] [--config t5_1_1_small --layers 2] [--pack]
 """
 
 from __future__ import annotations
@@ -19,9 +19,16 @@ import os
 import re
 import sys
 
+import numpy as np
+
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-# `%name = f32[2,64]{1,0} all-gather(...)`, also the -start halves of async collectives.
-_OP = re.compile(r"=\s*(\S+)\s+(" + "|".join(COLLECTIVES) + r"|copy)(?:-start)?\(")
+# `%name = f32[2,64]{1,0} all-gather(...)` or a tuple `%name = (f32[2], /*index=5*/f32[]) ...`,
+# also the -start halves of async collectives.
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s+=\s+(.+?)\s+(" + "|".join(COLLECTIVES)
+                 + r"|copy)(?:-start)?\(")
+_LEAF = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+                "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _GROUPS = re.compile(r"replica_groups=(\S+?)(?:,\s*\w+=|\s*$|,\s*metadata)")
 
@@ -52,26 +59,35 @@ def collectives(hlo_text: str) -> dict[str, list[dict]]:
             for kind, counter in found.items()}
 
 
-def _dims(shape: str) -> list[int]:
-    match = re.match(r"\(?\w+\[([\d,]*)\]", shape)
-    return [int(d) for d in match.group(1).split(",") if d] if match else []
+def _leaves(shape: str) -> list[tuple[str, list[int]]]:
+    """(dtype, dims) of each array of an HLO result shape (one, or each of a tuple's)."""
+    return [(dtype, [int(d) for d in dims.split(",") if d])
+            for dtype, dims in _LEAF.findall(shape)]
+
+
+def result_bytes(found: dict[str, list[dict]]) -> dict[str, int]:
+    """Bytes of the results of each kind of instruction, summed over the step: what the
+    collectives deliver, independent of how XLA's combiners group them into tuples."""
+    return {kind: sum(e["count"] * _DTYPE_BYTES.get(dtype, 4) * int(np.prod(dims, dtype=np.int64))
+                      for e in entries for dtype, dims in _leaves(e["shape"]))
+            for kind, entries in found.items()}
 
 
 def batch_all_gathers(found: dict[str, list[dict]], global_batch: int) -> list[dict]:
     """All-gathers of activations over the batch: rank >= 3 results whose leading dimension is
     the global batch (every rank then holds every example's activations)."""
     return [e for e in found["all-gather"]
-            if len(_dims(e["shape"])) >= 3 and _dims(e["shape"])[0] == global_batch]
+            if any(len(dims) >= 3 and dims[0] == global_batch for _, dims in _leaves(e["shape"]))]
 
 
 def compiled_step_text(config_name: str, layers: int, mesh_shape: tuple[int, int, int],
                        batch: int, input_len: int, label_len: int, rationale_len: int,
-                       **config_overrides) -> str:
-    """HLO text of the compiled sbs step (AdamW, both views) on the given mesh."""
+                       packed: bool = False, **config_overrides) -> str:
+    """HLO text of the compiled sbs step (AdamW, both views) on the given mesh; `packed` adds
+    the segment ids of packed batches (`RunConfig.pack`)."""
     import functools
 
     import jax
-    import numpy as np
 
     from sbs_jax import models, optim, partitioning, trainer
 
@@ -96,10 +112,12 @@ def compiled_step_text(config_name: str, layers: int, mesh_shape: tuple[int, int
 
     def view(length):
         spec = jax.ShapeDtypeStruct((batch, length), np.int32, sharding=part.batch_sharding)
-        return {"encoder_input_tokens": jax.ShapeDtypeStruct(
-            (batch, input_len), np.int32, sharding=part.batch_sharding),
-            "decoder_input_tokens": spec, "decoder_target_tokens": spec,
-            "decoder_loss_weights": spec}
+        inputs = jax.ShapeDtypeStruct((batch, input_len), np.int32, sharding=part.batch_sharding)
+        features = {"encoder_input_tokens": inputs, "decoder_input_tokens": spec,
+                    "decoder_target_tokens": spec, "decoder_loss_weights": spec}
+        if packed:
+            features.update(encoder_segment_ids=inputs, decoder_segment_ids=spec)
+        return features
 
     with part.context():
         lowered = jitted.lower(abstract_state, {"label": view(label_len),
@@ -117,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--input_len", type=int, default=64)
     parser.add_argument("--label_len", type=int, default=8)
     parser.add_argument("--rationale_len", type=int, default=32)
+    parser.add_argument("--pack", action="store_true", help="packed batches (segment ids)")
     parser.add_argument("--hlo_out", help="also write the compiled HLO text here")
     args = parser.parse_args(argv)
 
@@ -128,13 +147,16 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     text = compiled_step_text(args.config, args.layers, tuple(args.mesh), args.batch,
-                              args.input_len, args.label_len, args.rationale_len)
+                              args.input_len, args.label_len, args.rationale_len,
+                              packed=args.pack)
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:
             f.write(text)
     found = collectives(text)
     result = {"mesh": list(args.mesh), "config": args.config, "layers": args.layers,
+              "packed": args.pack,
               "totals": {k: sum(e["count"] for e in v) for k, v in found.items()},
+              "result_bytes": result_bytes(found),
               "batch_all_gathers": batch_all_gathers(found, args.batch),
               "collectives": found}
     print(json.dumps(result, indent=2))

@@ -33,3 +33,30 @@ def test_step_gathers_kernels_over_fsdp_and_reduces_over_model(found):
 
 def test_no_activation_is_gathered_over_the_global_batch(found):
     assert hlo_check.batch_all_gathers(found, GLOBAL_BATCH) == []
+
+
+def test_packed_step_communicates_as_the_unpacked_one(found):
+    """Segment ids travel with their rows: packing adds no collective traffic (XLA may group
+    the gradient all-reduces into other tuples, so bytes are compared, not instructions; on
+    t5_1_1_small the packed step even all-reduces two relative-position-bias gradients less)."""
+    packed = hlo_check.collectives(hlo_check.compiled_step_text(
+        "t5_1_1_tiny", 1, (2, 2, 2), GLOBAL_BATCH, 12, 4, 6, packed=True, vocab_size=256))
+    assert hlo_check.batch_all_gathers(packed, GLOBAL_BATCH) == []
+    packed_bytes, unpacked_bytes = hlo_check.result_bytes(packed), hlo_check.result_bytes(found)
+    assert unpacked_bytes["all-gather"] > 0 and unpacked_bytes["all-reduce"] > 0
+    for kind in hlo_check.COLLECTIVES:
+        assert packed_bytes[kind] <= unpacked_bytes[kind], kind
+
+
+def test_every_result_shape_is_read_tuples_too():
+    text = """
+  %all-reduce.5 = (f32[2,64]{1,0}, bf16[3]{0}) all-reduce(%a, %b), replica_groups={{0,1}}
+  ROOT %all-gather-start.2 = f32[8,4,2]{2,1,0} all-gather-start(%c), dimensions={0}
+  %all-gather-done.2 = f32[8,4,2]{2,1,0} all-gather-done(%all-gather-start.2)
+  %copy.1 = s32[5]{0} copy(%d)
+"""
+    found = hlo_check.collectives(text)
+    assert hlo_check.result_bytes(found) == {
+        "all-reduce": 2 * 64 * 4 + 3 * 2, "all-gather": 8 * 4 * 2 * 4, "copy": 5 * 4,
+        "reduce-scatter": 0, "all-to-all": 0, "collective-permute": 0}
+    assert hlo_check.batch_all_gathers(found, 8) == found["all-gather"]
