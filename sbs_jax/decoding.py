@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sbs_jax.models import cpu_kernels
 from sbs_jax.models.t5 import T5, T5Config
 from sbs_jax.vocab import EOS_ID
 
@@ -50,9 +51,9 @@ def _sampling_filter(logits: jax.Array, temperature: jax.Array, top_k: int) -> j
 
 
 def _token_by_token(config: T5Config, max_len: int, sample: bool, top_k: int,
-                    eos_id: int) -> Callable:
+                    eos_id: int, rows_kernel: bool) -> Callable:
     """Greedy (argmax) or sampled decoding; sequences are 0 after their EOS."""
-    model = T5(config)
+    model = T5(config, rows_kernel)
 
     def run(params, tokens, temperature, rng):
         batch = tokens.shape[0]
@@ -101,9 +102,9 @@ def _reorder_cache(cache: Any, flat_indices: jax.Array, batch_axis: int) -> Any:
 
 
 def _beam_search(config: T5Config, max_len: int, num_beams: int, length_penalty: float,
-                 early_stopping: bool | str, eos_id: int) -> Callable:
+                 early_stopping: bool | str, eos_id: int, rows_kernel: bool) -> Callable:
     """HF's vectorised beam search (transformers >= 4.50) over a fixed-shape KV cache."""
-    model = T5(config)
+    model = T5(config, rows_kernel)
     keep = 2 * num_beams
     top_mask = jnp.arange(keep) < num_beams
     batch_axis = 1 if config.scan_layers else 0
@@ -189,11 +190,12 @@ def _beam_search(config: T5Config, max_len: int, num_beams: int, length_penalty:
 @functools.lru_cache(maxsize=64)
 def _compiled(config: T5Config, method: str, max_len: int, num_beams: int,
               length_penalty: float, early_stopping: bool | str, top_k: int,
-              eos_id: int) -> Callable:
+              eos_id: int, rows_kernel: bool) -> Callable:
     if method == "beam":
-        fn = _beam_search(config, max_len, num_beams, length_penalty, early_stopping, eos_id)
+        fn = _beam_search(config, max_len, num_beams, length_penalty, early_stopping, eos_id,
+                          rows_kernel)
     else:
-        fn = _token_by_token(config, max_len, method == "sample", top_k, eos_id)
+        fn = _token_by_token(config, max_len, method == "sample", top_k, eos_id, rows_kernel)
     return jax.jit(fn)
 
 
@@ -205,6 +207,8 @@ def generate(config: T5Config, params: Any, encoder_input_tokens: Any, max_decod
 
     greedy: argmax each step. beam: HF-equivalent beam search, best hypothesis returned.
     sample: temperature / top-k sampling from `rng` (required). The decoder starts from id 0.
+    bf16 decoding on one AVX-512 BF16 CPU device projects each step's rows with
+    `cpu_kernels.rows_matmul` (same products, float32 sums; SBS_JAX_ROWS_KERNEL=0 turns it off).
     """
     if method not in METHODS:
         raise ValueError(f"generate: unknown method {method!r}; use one of {METHODS}")
@@ -226,5 +230,6 @@ def generate(config: T5Config, params: Any, encoder_input_tokens: Any, max_decod
     fn = _compiled(config, method, int(max_decode_len), int(num_beams) if method == "beam" else 0,
                    float(length_penalty) if method == "beam" else 0.0,
                    early_stopping if method == "beam" else False,
-                   int(top_k) if method == "sample" else 0, int(eos_id))
+                   int(top_k) if method == "sample" else 0, int(eos_id),
+                   cpu_kernels.rows_kernel_usable(config.dtype, params, tokens))
     return fn(params, tokens, jnp.float32(temperature), rng)

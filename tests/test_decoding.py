@@ -118,7 +118,7 @@ def test_sampling(model):
 def test_compiled_once_per_shape(model):
     _, config, params, enc = model
     decoding.generate(config, params, enc, MAX_LEN)
-    fn = decoding._compiled(config, "greedy", MAX_LEN, 0, 0.0, False, 0, 1)
+    fn = decoding._compiled(config, "greedy", MAX_LEN, 0, 0.0, False, 0, 1, False)
     compiled = fn._cache_size()
     decoding.generate(config, params, enc[::-1].copy(), MAX_LEN)
     assert fn._cache_size() == compiled

@@ -40,6 +40,7 @@ from sbs_jax.models.layers import (
     RelativePositionBias,
     RMSNorm,
     dot_general,
+    packed_matmul,
 )
 
 Array = jax.Array
@@ -65,22 +66,24 @@ class DecoderLayer(nn.Module):
     deterministic: bool
     decode: bool = False
     max_decode_length: int = 0
+    rows_kernel: bool = False
 
     @nn.compact
     def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
                  position: Array | None) -> tuple[Array, None]:
         cfg = self.config
+        rows = self.decode and self.rows_kernel
         drop = Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         h = RMSNorm(cfg, name="pre_self_attention_layer_norm")(x)
         attn = Attention(cfg, self.deterministic, self.decode, False, self.max_decode_length,
-                         name="self_attention")
+                         rows, name="self_attention")
         x = x + drop(attn(h, h, self_bias, position))
         h = RMSNorm(cfg, name="pre_cross_attention_layer_norm")(x)
-        attn = Attention(cfg, self.deterministic, self.decode, True,
+        attn = Attention(cfg, self.deterministic, self.decode, True, rows_kernel=rows,
                          name="encoder_decoder_attention")
         x = x + drop(attn(h, encoded, cross_bias))
         h = RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
-        x = x + drop(MLP(cfg, self.deterministic, name="mlp")(h))
+        x = x + drop(MLP(cfg, self.deterministic, rows, name="mlp")(h))
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
@@ -152,6 +155,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     config: T5Config
     shared_embedding: nn.Module
+    rows_kernel: bool = False  # decoding steps project with cpu_kernels (see T5)
 
     @nn.compact
     def __call__(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
@@ -186,10 +190,13 @@ class Decoder(nn.Module):
         drop = Dropout(cfg.dropout_rate, deterministic=deterministic)
         y = drop(self.shared_embedding(decoder_input_tokens))
         y = _stack(cfg, DecoderLayer, cfg.num_decoder_layers, 4, deterministic=deterministic,
-                   decode=decode, max_decode_length=max_decode_length or 0)(
+                   decode=decode, max_decode_length=max_decode_length or 0,
+                   rows_kernel=self.rows_kernel)(
             y, encoded, self_bias.astype(jnp.float32), cross_bias, position)
         y = drop(RMSNorm(cfg, name="decoder_norm")(y))
-        if cfg.logits_via_embedding:
+        if decode and self.rows_kernel:
+            logits = self._rows_kernel_logits(y)
+        elif cfg.logits_via_embedding:
             logits = self.shared_embedding.attend(y * (cfg.emb_dim ** -0.5))
         elif decode:
             logits = self._decode_step_logits(y)
@@ -211,16 +218,30 @@ class Decoder(nn.Module):
         return dot_general(y.astype(dtype), kernel_t.value, (((y.ndim - 1,), (1,)), ((), ())),
                            jnp.float32)
 
+    def _rows_kernel_logits(self, y: Array) -> Array:
+        """The output projection of one decoding step by the rows kernel (tied or not)."""
+        cfg = self.config
+        if cfg.logits_via_embedding:
+            return packed_matmul(self, y * (cfg.emb_dim ** -0.5), self.shared_embedding.embedding.T)
+        kernel = self.variables["params"]["logits_dense"]["kernel"]
+        return packed_matmul(self, y, nn.meta.unbox(kernel))
+
 
 class T5(nn.Module):
-    """Encoder-decoder T5. `__call__` gives float32 logits [batch, target_len, vocab]."""
+    """Encoder-decoder T5. `__call__` gives float32 logits [batch, target_len, vocab].
+
+    `rows_kernel`: decoding steps (decode=True) multiply their rows by packed copies of the
+    decoder kernels and the LM head with `cpu_kernels.rows_matmul` (bf16 on AVX-512 BF16 CPUs;
+    `cpu_kernels.rows_kernel_usable` says when); the parameters are the same.
+    """
 
     config: T5Config
+    rows_kernel: bool = False
 
     def setup(self):
         self.token_embedder = Embed(self.config)
         self.encoder = Encoder(self.config, self.token_embedder)
-        self.decoder = Decoder(self.config, self.token_embedder)
+        self.decoder = Decoder(self.config, self.token_embedder, self.rows_kernel)
 
     def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False,
                encoder_segment_ids: Array | None = None) -> Array:

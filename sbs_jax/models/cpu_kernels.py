@@ -1,0 +1,132 @@
+"""A bf16 matmul for a few rows on AVX-512 BF16 CPUs: the projections of a decoding step.
+
+A greedy decoding step multiplies 8-32 rows by every decoder kernel and the LM head, so it is
+bound by how fast the weights stream through the dot. XLA:CPU's library dots stream 4-10 GB/s
+of bf16 weights at 8 rows; `csrc/rows_matmul.cc` streams 20-35 GB/s on the same 2-core EPYC
+(benchmarks/README.md) from weights laid out once per `generate` call as VDPBF16PS panels
+(`pack_rows_kernel`). Same products, float32 accumulation, as `jnp.dot(...,
+preferred_element_type=float32)`.
+
+The kernel is an XLA FFI custom call, compiled with the system C++ compiler on first use into
+`$SBS_JAX_KERNEL_CACHE` (default ~/.cache/sbs_jax/kernels), keyed by the source and the jaxlib
+headers. It is used only where it helps and is sure to run: the CPU backend, bf16 compute, a
+CPU with AVX-512 BF16, a compiler that built it, and arrays on one device. Anything else (or
+SBS_JAX_ROWS_KERNEL=0) keeps XLA's dot, with the reason logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+TARGET = "sbs_rows_matmul_bf16"
+PANEL = 32  # columns per panel (two 16-lane float32 accumulators per row)
+_SOURCE = pathlib.Path(__file__).parent / "csrc" / "rows_matmul.cc"
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512bf16")
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags and " avx512bw" in flags
+
+
+def _library_path(compiler: str) -> pathlib.Path:
+    include = jax.ffi.include_dir()
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest.update(" ".join((compiler, *_FLAGS, include, jax.__version__)).encode())
+    cache = pathlib.Path(os.environ.get("SBS_JAX_KERNEL_CACHE",
+                                        pathlib.Path.home() / ".cache" / "sbs_jax" / "kernels"))
+    return cache / f"rows_matmul_{digest.hexdigest()[:16]}.so"
+
+
+def build_library() -> pathlib.Path:
+    """The compiled kernel library, built now if this source and jaxlib have no cached build.
+
+    Raises RuntimeError naming the compiler and its message when the build fails.
+    """
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
+    path = _library_path(compiler)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = pathlib.Path(tmp) / path.name
+        command = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE),
+                   "-o", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"building {_SOURCE.name} failed: {' '.join(command)}\n"
+                               f"{done.stderr[-2000:]}")
+        os.replace(out, path)  # atomic: concurrent builders each install a whole library
+    return path
+
+
+@functools.cache
+def _registered() -> str | None:
+    """None once the FFI target is registered, else why the kernel cannot be used here."""
+    if jax.default_backend() != "cpu":
+        return f"backend is {jax.default_backend()}"
+    if not _cpu_has_avx512_bf16():
+        return "this CPU has no AVX-512 BF16"
+    try:
+        library = ctypes.CDLL(str(build_library()))
+    except (RuntimeError, OSError) as error:
+        return str(error)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.SbsRowsMatmulBf16),
+                                platform="cpu")
+    return None
+
+
+@functools.cache
+def _log_once(reason: str) -> None:
+    logging.getLogger(__name__).info("decoding uses XLA's dot, not the rows kernel: %s", reason)
+
+
+def rows_kernel_usable(dtype: str, *trees: object) -> bool:
+    """Whether decoding in `dtype` can use the rows kernel for these arrays (params, inputs)."""
+    if os.environ.get("SBS_JAX_ROWS_KERNEL", "1").lower() in ("0", "false", "off", "no"):
+        return False
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return False
+    for leaf in jax.tree_util.tree_leaves(trees):
+        if isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1:
+            return False  # the custom call has no partitioning rule: keep XLA's sharded dot
+    reason = _registered()
+    if reason is not None:
+        _log_once(reason)
+    return reason is None
+
+
+def pack_rows_kernel(kernel: Array) -> Array:
+    """[in, out] kernel -> bf16 panels [ceil(out / 32), in / 2, 32, 2] for `rows_matmul`
+    (`in` is padded to even, `out` to whole panels, with zeros)."""
+    fan_in, fan_out = kernel.shape
+    panels = -(-fan_out // PANEL)
+    kernel = jnp.pad(kernel.astype(jnp.bfloat16),
+                     ((0, fan_in % 2), (0, panels * PANEL - fan_out)))
+    return kernel.reshape(-1, 2, panels, PANEL).transpose(2, 0, 3, 1)
+
+
+def rows_matmul(x: Array, packed: Array, features: int) -> Array:
+    """float32 `x @ kernel` [..., features] for bf16 rows x [..., in] and the packed kernel."""
+    x = x.astype(jnp.bfloat16)
+    if x.shape[-1] % 2:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (features,), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x, packed)
