@@ -1,11 +1,13 @@
-"""A bf16 matmul for a few rows on AVX-512 BF16 CPUs: the projections of a decoding step.
+"""The dots of a bf16 decoding step on AVX-512 BF16 CPUs: projections of a few rows and the
+cross-attention of one query.
 
-A greedy decoding step multiplies 8-32 rows by every decoder kernel and the LM head, so it is
-bound by how fast the weights stream through the dot. XLA:CPU's library dots stream 4-10 GB/s
-of bf16 weights at 8 rows; `csrc/rows_matmul.cc` streams 20-35 GB/s on the same 2-core EPYC
-(benchmarks/README.md) from weights laid out once per `generate` call as VDPBF16PS panels
-(`pack_rows_kernel`). Same products, float32 accumulation, as `jnp.dot(...,
-preferred_element_type=float32)`.
+A greedy decoding step multiplies 8-32 rows by every decoder kernel and the LM head and reads
+every layer's cross-attention keys and values, so it is bound by how fast those stream through
+the dots. XLA:CPU's library dots stream 4-10 GB/s of bf16 weights at 8 rows and read float32
+caches; `csrc/decode_kernels.cc` streams 20-35 GB/s on the same 2-core EPYC
+(benchmarks/README.md) from operands laid out once per `generate` call for VDPBF16PS
+(`pack_rows_kernel`, `pack_keys`, `pack_values`): the same products as XLA's dots, summed in
+float32 in another order.
 
 The kernel is an XLA FFI custom call, compiled with the system C++ compiler on first use into
 `$SBS_JAX_KERNEL_CACHE` (default ~/.cache/sbs_jax/kernels), keyed by the source and the jaxlib
@@ -31,8 +33,11 @@ import jax.numpy as jnp
 
 Array = jax.Array
 TARGET = "sbs_rows_matmul_bf16"
+_TARGETS = {TARGET: "SbsRowsMatmulBf16", "sbs_attention_scores_bf16": "SbsAttentionScoresBf16",
+            "sbs_weighted_values_bf16": "SbsWeightedValuesBf16"}
 PANEL = 32  # columns per panel (two 16-lane float32 accumulators per row)
-_SOURCE = pathlib.Path(__file__).parent / "csrc" / "rows_matmul.cc"
+KEY_BLOCK = 128  # keys per pass of the scores kernel
+_SOURCE = pathlib.Path(__file__).parent / "csrc" / "decode_kernels.cc"
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512bf16")
 
 
@@ -50,7 +55,7 @@ def _library_path(compiler: str) -> pathlib.Path:
     digest.update(" ".join((compiler, *_FLAGS, include, jax.__version__)).encode())
     cache = pathlib.Path(os.environ.get("SBS_JAX_KERNEL_CACHE",
                                         pathlib.Path.home() / ".cache" / "sbs_jax" / "kernels"))
-    return cache / f"rows_matmul_{digest.hexdigest()[:16]}.so"
+    return cache / f"decode_kernels_{digest.hexdigest()[:16]}.so"
 
 
 def build_library() -> pathlib.Path:
@@ -88,9 +93,17 @@ def _registered() -> str | None:
         library = ctypes.CDLL(str(build_library()))
     except (RuntimeError, OSError) as error:
         return str(error)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.SbsRowsMatmulBf16),
-                                platform="cpu")
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
     return None
+
+
+def _call(target: str, out: jax.ShapeDtypeStruct, *operands: Array) -> Array:
+    reason = _registered()
+    if reason is not None:
+        raise RuntimeError(f"cpu_kernels: {target} cannot run here: {reason}")
+    return jax.ffi.ffi_call(target, out)(*operands)
 
 
 @functools.cache
@@ -129,4 +142,40 @@ def rows_matmul(x: Array, packed: Array, features: int) -> Array:
     if x.shape[-1] % 2:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (features,), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x, packed)
+    return _call(TARGET, out, x, packed)
+
+
+def _pad_to(x: Array, axis: int, multiple: int) -> Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, -x.shape[axis] % multiple)
+    return jnp.pad(x, widths)
+
+
+def pack_keys(keys: Array) -> Array:
+    """Cross-attention keys [B, H, L, D] -> bf16 [B, H, D/2, L, 2] (D padded to even, L to
+    whole passes of 128, with zeros) for `attention_scores`."""
+    keys = _pad_to(_pad_to(keys.astype(jnp.bfloat16), 3, 2), 2, KEY_BLOCK)
+    b, h, length, d = keys.shape
+    return keys.reshape(b, h, length, d // 2, 2).transpose(0, 1, 3, 2, 4)
+
+
+def attention_scores(query: Array, packed_keys: Array, length: int) -> Array:
+    """float32 q . k [B, H, length] of one bf16 query [B, H, D] per head against packed keys."""
+    query = _pad_to(query.astype(jnp.bfloat16), 2, 2)
+    b, h, _, padded, _ = packed_keys.shape
+    out = jax.ShapeDtypeStruct((b, h, padded), jnp.float32)
+    return _call("sbs_attention_scores_bf16", out, query, packed_keys)[..., :length]
+
+
+def pack_values(values: Array) -> Array:
+    """Cross-attention values [B, H, L, D] -> bf16, D padded to a multiple of 16 (<= 128)."""
+    if values.shape[-1] > 128:
+        raise ValueError(f"pack_values: head_dim {values.shape[-1]} > 128")
+    return _pad_to(values.astype(jnp.bfloat16), 3, 16)
+
+
+def weighted_values(weights: Array, packed_values: Array, head_dim: int) -> Array:
+    """float32 sum_l w[l] v[l] [B, H, head_dim] for float32 weights [B, H, L] and packed values."""
+    out = jax.ShapeDtypeStruct(packed_values.shape[:2] + packed_values.shape[3:], jnp.float32)
+    weights = weights.astype(jnp.float32)
+    return _call("sbs_weighted_values_bf16", out, weights, packed_values)[..., :head_dim]

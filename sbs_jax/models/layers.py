@@ -293,6 +293,21 @@ class Attention(nn.Module):
         # operands, and the decoding cache keeps this layout, which the per-step dots read in
         # place (a length-major cache was transposed in full at every step).
         query, key, value = (x.transpose(0, 2, 1, 3) for x in (query, key, value))
+        if step_rows and self.cross:
+            out = cross_attention_step(self, query, key, value, bias)
+        else:
+            out = self._attend(query, key, value, bias, position)
+        out = out.astype(query.dtype).transpose(0, 2, 1, 3)
+        out = nn.with_logical_constraint(out, axes)
+        out = out.reshape(out.shape[:-2] + (inner,))
+        out = Dense(cfg, cfg.emb_dim, ("joined_kv", "embed"), rows_kernel=step_rows,
+                    name="out")(out)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+    def _attend(self, query: Array, key: Array, value: Array, bias: Array,
+                position: Array | None) -> Array:
+        """float32 attention output [batch, heads, q, head_dim], through the decoding caches."""
+        cfg = self.config
         if self.decode and jax.default_backend() == "cpu":
             # A decoding step's attention is a batch of matrix-vector products: XLA:CPU runs
             # them 2.4x faster in float32 than in bf16, so the caches keep float32 there.
@@ -321,13 +336,24 @@ class Attention(nn.Module):
                             preferred_element_type=jnp.float32) + bias
         weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)
         weights = Dropout(cfg.dropout_rate, deterministic=self.deterministic)(weights)
-        out = jnp.einsum("bhqk,bhkd->bhqd", weights, value, preferred_element_type=jnp.float32)
-        out = out.astype(query.dtype).transpose(0, 2, 1, 3)
-        out = nn.with_logical_constraint(out, axes)
-        out = out.reshape(out.shape[:-2] + (inner,))
-        out = Dense(cfg, cfg.emb_dim, ("joined_kv", "embed"), rows_kernel=step_rows,
-                    name="out")(out)
-        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        return jnp.einsum("bhqk,bhkd->bhqd", weights, value, preferred_element_type=jnp.float32)
+
+
+def cross_attention_step(module: nn.Module, query: Array, key: Array, value: Array,
+                         bias: Array) -> Array:
+    """A decoding step's cross-attention [batch, heads, 1, head_dim] by the cpu_kernels dots.
+
+    The encoder keys/values are cached once, bf16 and laid out for the kernels (half the bytes
+    of XLA:CPU's float32 caches, which each step reads whole); the softmax stays in XLA.
+    """
+    if query.shape[2] != 1:
+        raise ValueError(f"cross_attention_step: one query per step, got {query.shape[2]}")
+    length, head_dim = key.shape[2], key.shape[3]
+    keys = module.variable("cache", "cross_key", lambda: cpu_kernels.pack_keys(key))
+    values = module.variable("cache", "cross_value", lambda: cpu_kernels.pack_values(value))
+    logits = cpu_kernels.attention_scores(query[:, :, 0], keys.value, length)[:, :, None] + bias
+    weights = jax.nn.softmax(logits, axis=-1)[:, :, 0]
+    return cpu_kernels.weighted_values(weights, values.value, head_dim)[:, :, None]
 
 
 class MLP(nn.Module):
