@@ -28,7 +28,8 @@ def test_every_gin_file_is_package_data_of_sbs_jax():
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["sbs_jax"]
     package = REPO_ROOT / "sbs_jax"
-    shipped = {path for pattern in patterns for path in package.glob(pattern)}
+    shipped = {path for pattern in patterns for path in package.glob(pattern)
+               if path.suffix == ".gin"}
     on_disk = {package / "gin" / path.relative_to(REPO_ROOT / "gin")
                for path in (REPO_ROOT / "gin").rglob("*.gin")}
     assert on_disk and shipped == on_disk, sorted(map(str, on_disk - shipped))

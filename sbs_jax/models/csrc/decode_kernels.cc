@@ -224,20 +224,17 @@ ffi::Error WeightedValuesCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SbsRowsMatmulBf16, RowsMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// (ctx, bf16 operand, bf16 operand) -> float32 result.
+auto BindBf16Bf16() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SbsAttentionScoresBf16, AttentionScores,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SbsRowsMatmulBf16, RowsMatmul, BindBf16Bf16());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SbsAttentionScoresBf16, AttentionScores, BindBf16Bf16());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SbsWeightedValuesBf16, WeightedValuesCall,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
