@@ -9,11 +9,12 @@ caches; `csrc/decode_kernels.cc` streams 20-35 GB/s on the same 2-core EPYC
 (`pack_rows_kernel`, `pack_keys`, `pack_values`): the same products as XLA's dots, summed in
 float32 in another order.
 
-The kernel is an XLA FFI custom call, compiled with the system C++ compiler on first use into
-`$SBS_JAX_KERNEL_CACHE` (default ~/.cache/sbs_jax/kernels), keyed by the source and the jaxlib
-headers. It is used only where it helps and is sure to run: the CPU backend, bf16 compute, a
-CPU with AVX-512 BF16, a compiler that built it, and arrays on one device. Anything else (or
-SBS_JAX_ROWS_KERNEL=0) keeps XLA's dot, with the reason logged once.
+The kernels are XLA FFI custom calls, compiled with the system C++ compiler on first use into
+`$SBS_JAX_KERNEL_CACHE` (default ~/.cache/sbs_jax/kernels), keyed by the source, the flags and
+the jax version. They run only where they help and are sure to run: the CPU backend, bf16
+compute, a CPU with AVX-512 BF16, a compiler that built them, and arrays on one device
+(cross-attention also needs head_dim <= 128). Anything else (or SBS_JAX_ROWS_KERNEL=0) keeps
+XLA's dots, with the reason logged once.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _TARGETS = {TARGET: "SbsRowsMatmulBf16", "sbs_attention_scores_bf16": "SbsAttent
             "sbs_weighted_values_bf16": "SbsWeightedValuesBf16"}
 PANEL = 32  # columns per panel (two 16-lane float32 accumulators per row)
 KEY_BLOCK = 128  # keys per pass of the scores kernel
+MAX_HEAD_DIM = 128  # the weighted-values kernel keeps a head's output in 8 registers
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "decode_kernels.cc"
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512bf16")
 
@@ -169,8 +171,8 @@ def attention_scores(query: Array, packed_keys: Array, length: int) -> Array:
 
 def pack_values(values: Array) -> Array:
     """Cross-attention values [B, H, L, D] -> bf16, D padded to a multiple of 16 (<= 128)."""
-    if values.shape[-1] > 128:
-        raise ValueError(f"pack_values: head_dim {values.shape[-1]} > 128")
+    if values.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"pack_values: head_dim {values.shape[-1]} > {MAX_HEAD_DIM}")
     return _pad_to(values.astype(jnp.bfloat16), 3, 16)
 
 

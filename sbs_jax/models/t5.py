@@ -10,7 +10,9 @@ Every parameter and the main activations carry logical axis names (batch, length
 heads, kv, joined_kv, vocab, relpos_buckets, layers) that `sbs_jax.partitioning` maps to mesh
 axes. Decoding uses T5X-style `encode` / `decode` methods with a flax "cache" collection holding
 the self-attention keys/values, the (computed once) cross-attention keys/values and, for an
-untied head, a vocab-major copy of the output kernel.
+untied head, a vocab-major copy of the output kernel (with `rows_kernel`: packed bf16 copies of
+every decoder kernel and the head, and bf16 cross-attention keys/values laid out for the
+kernels instead).
 """
 
 from __future__ import annotations
