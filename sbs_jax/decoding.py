@@ -207,8 +207,9 @@ def generate(config: T5Config, params: Any, encoder_input_tokens: Any, max_decod
 
     greedy: argmax each step. beam: HF-equivalent beam search, best hypothesis returned.
     sample: temperature / top-k sampling from `rng` (required). The decoder starts from id 0.
-    bf16 decoding on one AVX-512 BF16 CPU device projects each step's rows with
-    `cpu_kernels.rows_matmul` (same products, float32 sums; SBS_JAX_ROWS_KERNEL=0 turns it off).
+    bf16 decoding on one AVX-512 BF16 CPU device runs each step's projections and
+    cross-attention as `cpu_kernels` custom calls (same products, float32 sums in another order;
+    SBS_JAX_ROWS_KERNEL=0 turns them off).
     """
     if method not in METHODS:
         raise ValueError(f"generate: unknown method {method!r}; use one of {METHODS}")
