@@ -128,29 +128,25 @@ def rows_kernel_usable(dtype: str, *trees: object) -> bool:
     return reason is None
 
 
+def _pad_to(x: Array, axis: int, multiple: int) -> Array:
+    """x zero-padded at the end of `axis` to a multiple of `multiple`."""
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, -x.shape[axis] % multiple)
+    return jnp.pad(x, widths)
+
+
 def pack_rows_kernel(kernel: Array) -> Array:
     """[in, out] kernel -> bf16 panels [ceil(out / 32), in / 2, 32, 2] for `rows_matmul`
     (`in` is padded to even, `out` to whole panels, with zeros)."""
-    fan_in, fan_out = kernel.shape
-    panels = -(-fan_out // PANEL)
-    kernel = jnp.pad(kernel.astype(jnp.bfloat16),
-                     ((0, fan_in % 2), (0, panels * PANEL - fan_out)))
-    return kernel.reshape(-1, 2, panels, PANEL).transpose(2, 0, 3, 1)
+    kernel = _pad_to(_pad_to(kernel.astype(jnp.bfloat16), 0, 2), 1, PANEL)
+    return kernel.reshape(-1, 2, kernel.shape[1] // PANEL, PANEL).transpose(2, 0, 3, 1)
 
 
 def rows_matmul(x: Array, packed: Array, features: int) -> Array:
     """float32 `x @ kernel` [..., features] for bf16 rows x [..., in] and the packed kernel."""
-    x = x.astype(jnp.bfloat16)
-    if x.shape[-1] % 2:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
+    x = _pad_to(x.astype(jnp.bfloat16), x.ndim - 1, 2)
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (features,), jnp.float32)
     return _call(TARGET, out, x, packed)
-
-
-def _pad_to(x: Array, axis: int, multiple: int) -> Array:
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, -x.shape[axis] % multiple)
-    return jnp.pad(x, widths)
 
 
 def pack_keys(keys: Array) -> Array:
