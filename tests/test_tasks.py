@@ -127,7 +127,7 @@ def test_safe_arithmetic_evaluates_numbers_only():
 
     assert safe_arithmetic("( ( 17.0 + 15.0 ) + 2.0 )") == 34.0
     assert safe_arithmetic("-(3 - 5) / 4") == 0.5
-    for bad in ["__import__('os').system('true')", "(175, 5)", "2 ** 10", "1 / 0", "x + 1",
+    for bad in ["__import__('os').system('true')", "(175, 5)", "9 ** 9 ** 9", "1 / 0", "x + 1",
                 "", "(1 +", "1" * 600]:
         assert safe_arithmetic(bad) is None, bad
 
