@@ -152,10 +152,3 @@ def parse_gin_flags(
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return args
 
-
-def macro_value(name: str, default=None):
-    """The value of a gin macro in the parsed config (default when undefined)."""
-    try:
-        return gin.query_parameter(f"%{name}")
-    except ValueError:
-        return default

@@ -69,12 +69,6 @@ def params_shardings(abstract_params: Any, mesh: Mesh, rules: Sequence[tuple[str
     return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
 
 
-def logical_sharding(axes: Sequence[str | None], mesh: Mesh,
-                     rules: Sequence[tuple[str, Any]]) -> NamedSharding:
-    """NamedSharding for one array with the given logical axis names."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), list(rules)))
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of [batch, length] arrays: batch split over (data, fsdp), length whole."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))

@@ -5,6 +5,7 @@ import os
 import pathlib
 import tomllib
 
+import gin
 from sbs_jax import gin_utils
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ def test_search_path_starts_with_the_shipped_configs_root(tmp_path, monkeypatch,
     # In a checkout sbs_jax/gin is the repository's gin/ (a link, not a copy that could drift).
     assert config_gin.resolve() == REPO_ROOT / "gin"
     gin_utils.parse_gin(["gin/sbs_base.gin", "gin/adafactor.gin"], ["MODEL_DIR = '/tmp/x'"])
-    assert gin_utils.macro_value("LEARNING_RATE") == 1.0
+    assert gin.query_parameter("%LEARNING_RATE") == 1.0
     # gin's package-resource probe of 'gin/models/...' (gin-config is also `gin`) stays quiet.
     assert "Path not found" not in caplog.text
 

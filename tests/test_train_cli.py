@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import gin
 import numpy as np
 import pytest
 
@@ -143,8 +144,10 @@ def test_shorthand_flags_become_bindings():
 def test_gin_files_may_bind_the_task_data_folder():
     gin_utils.parse_gin(["gin/quickstart.gin"],
                         ["tasks.data_config.data_dir = '/data/sbs'", "TRAIN_STEPS = 7"])
-    assert gin_utils.macro_value("TRAIN_STEPS") == 7
-    assert gin_utils.macro_value("NOT_A_MACRO", default="absent") == "absent"
+    from tasks import config as task_config
+
+    assert task_config.data_dir() == "/data/sbs"
+    assert gin.query_parameter("%TRAIN_STEPS") == 7
 
 
 @pytest.mark.parametrize("size", ["small", "base", "large", "xl", "xxl"])
