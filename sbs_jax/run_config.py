@@ -18,12 +18,17 @@ from etils import epath
 import gin
 
 CONFIG_FILE = "run_config.json"
+# Every eval's metrics per split, one JSON object a line: {"step", "split", "accuracy", ...}.
+EVAL_HISTORY_FILE = "eval_history.jsonl"
 # Settings a restarted run may change without making its checkpoints mean something else.
 RESUMABLE_CHANGES = frozenset({
     "model_dir", "train_steps", "checkpoint_period", "eval_period", "log_period",
     "keep_checkpoints", "eval_split", "eval_batch_size", "eval_max_examples", "max_decode_len",
-    "async_checkpointing", "initial_checkpoint_path", "best_metric", "pack",
+    "async_checkpointing", "initial_checkpoint_path", "best_metric", "pack", "test_every_eval",
 })
+
+
+DATA_SUBSETS = ("per_seed", "nested")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,7 @@ class RunConfig:
         default_factory=lambda: {"inputs": 1024, "targets": 256})
     alpha: float = 0.5
     data_fraction: float = 1.0
+    data_subset: str = "nested"  # which examples a fraction keeps: pipeline.fraction_seed
     random_seed: int = 0
     mesh_shape: tuple = (-1, 1, 1)
     fsdp: bool = True
@@ -64,6 +70,7 @@ class RunConfig:
     eval_split: str = "valid"
     eval_batch_size: int = 64
     eval_max_examples: int | None = None
+    test_every_eval: bool = False  # also decode the whole test split at each eval (logged only)
     max_decode_len: int = 64
     best_metric: str | None = "accuracy"
     log_period: int = 10
@@ -77,6 +84,8 @@ class RunConfig:
                 raise ValueError(f"{name.upper()}={getattr(self, name)} must be positive")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"ALPHA={self.alpha} must be in [0, 1]")
+        if self.data_subset not in DATA_SUBSETS:
+            raise ValueError(f"DATA_SUBSET={self.data_subset!r} must be one of {DATA_SUBSETS}")
         missing = {"inputs", "targets"} - set(self.task_feature_lengths)
         if missing:
             raise ValueError(f"TASK_FEATURE_LENGTHS={self.task_feature_lengths} lacks {missing}")
@@ -103,7 +112,8 @@ def check_against_saved(config: RunConfig) -> None:
     path = epath.Path(config.model_dir) / CONFIG_FILE
     if not path.exists():
         return
-    saved = json.loads(path.read_text())
+    # A setting added after the run was saved had its default's effect.
+    saved = {**_field_defaults(), **json.loads(path.read_text())}
     current = json.loads(json.dumps(config.to_json()))
     conflicts = [
         f"{key.upper()}: saved {saved.get(key)!r}, now {current.get(key)!r}"
@@ -116,6 +126,11 @@ def check_against_saved(config: RunConfig) -> None:
             + "; ".join(conflicts)
             + ". Use a new MODEL_DIR, or restore the saved settings."
         )
+
+
+def _field_defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(RunConfig)
+            if f.default is not dataclasses.MISSING}
 
 
 def save(config: RunConfig) -> None:

@@ -215,10 +215,33 @@ def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, An
     batches = pipeline.PairedBatches(
         cfg.mixture_or_task_name, cfg.rationale_mixture_name, "train", cfg.batch_size,
         cfg.task_feature_lengths, seed=cfg.random_seed, shard_id=shard_id,
-        num_shards=num_shards, data_fraction=cfg.data_fraction, pack=cfg.pack,
+        num_shards=num_shards, data_fraction=cfg.data_fraction,
+        fraction_seed=pipeline.fraction_seed(cfg.data_subset, cfg.random_seed), pack=cfg.pack,
         pack_row_multiple=math.lcm(max(1, cfg.batch_size // 8),
                                    data_shards * cfg.num_microbatches))
     return _Setup(model_config, partitioner, tx, schedule, batches, num_shards), initial_params
+
+
+def _eval_sets(cfg: run_config.RunConfig) -> dict[str, pipeline.EvalSet]:
+    """The splits each eval decodes: EVAL_SPLIT (first EVAL_MAX_EXAMPLES; it picks the best
+    checkpoint) and, with `test_every_eval`, the whole test split, as the reference logs it."""
+    def read(split: str) -> pipeline.EvalSet:
+        return pipeline.eval_set(cfg.mixture_or_task_name, split,
+                                 cfg.task_feature_lengths["inputs"],
+                                 cfg.task_feature_lengths["targets"])
+
+    sets = {cfg.eval_split: evaluation.subset(read(cfg.eval_split), cfg.eval_max_examples)}
+    if cfg.test_every_eval and cfg.eval_split != "test":
+        sets["test"] = read("test")
+    return sets
+
+
+def _read_eval_history(model_dir: str) -> list[dict]:
+    """`{step, split, metrics...}` of every eval so far (a resumed run keeps those it reached)."""
+    path = epath.Path(model_dir) / run_config.EVAL_HISTORY_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _initial_config(cfg: run_config.RunConfig, vocab_size: int) -> models.T5Config:
@@ -278,6 +301,7 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
     timing_started = False
     logged: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
+    eval_history = [h for h in _read_eval_history(cfg.model_dir) if h["step"] <= step]
     pending: list[dict] = []
     tokens_since, time_since = 0, time.time()
     total_tokens, train_time = 0, 0.0
@@ -348,19 +372,26 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
                               flush=True)
                 if eval_due:
                     if eval_examples is None:
-                        eval_examples = evaluation.subset(
-                            pipeline.eval_set(cfg.mixture_or_task_name, cfg.eval_split,
-                                              cfg.task_feature_lengths["inputs"],
-                                              cfg.task_feature_lengths["targets"]),
-                            cfg.eval_max_examples)
-                    eval_metrics, _ = evaluation.evaluate(
-                        setup.model_config, state.params, eval_examples, cfg.eval_batch_size,
-                        cfg.max_decode_len, batch_sharding=part.batch_sharding)
-                    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                        eval_examples = _eval_sets(cfg)
+                    scores = {split: evaluation.evaluate(
+                        setup.model_config, state.params, examples, cfg.eval_batch_size,
+                        cfg.max_decode_len, batch_sharding=part.batch_sharding)[0]
+                        for split, examples in eval_examples.items()}
+                    eval_metrics = scores[cfg.eval_split]
+                    for split, values in scores.items():
+                        prefix = "eval" if split == cfg.eval_split else f"eval_{split}"
+                        writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in values.items()})
+                        if is_lead:
+                            print(f"eval step {step} ({split}): "
+                                  + ", ".join(f"{k} {v:.4g}" for k, v in values.items()),
+                                  flush=True)
+                    eval_history = [*(h for h in eval_history if h["step"] < step),
+                                    *({"step": step, "split": split, **values}
+                                      for split, values in scores.items())]
                     if is_lead:
-                        print(f"eval step {step} ({cfg.eval_split}): "
-                              + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()),
-                              flush=True)
+                        run_config.write_text(
+                            epath.Path(cfg.model_dir) / run_config.EVAL_HISTORY_FILE,
+                            "".join(json.dumps(h) + "\n" for h in eval_history))
                 if save_due:
                     checkpointer.save(step, state.params, state.opt_state, setup.batches.state(),
                                       metrics=eval_metrics if eval_due else None)

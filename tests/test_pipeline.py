@@ -139,6 +139,45 @@ def test_fractions_are_nested_and_shared_by_both_views(paired):
     assert seen == set(small.ids)
 
 
+def test_per_seed_subsets_follow_the_seed_and_nested_ones_are_shared(paired):
+    fractions = (0.125, 0.25, 0.5, 1.0)
+
+    def subsets(data_subset, seed):
+        return [set(_paired(paired, data_fraction=f, seed=seed,
+                            fraction_seed=pipeline.fraction_seed(data_subset, seed)).ids)
+                for f in fractions]
+
+    per_seed = [subsets("per_seed", seed) for seed in range(4)]
+    nested = [subsets("nested", seed) for seed in range(4)]
+    for chains in (per_seed, nested):
+        for chain in chains:  # within a seed, 12.5% <= 25% <= 50% <= 100%
+            assert chain[0] < chain[1] < chain[2] < chain[3] == set(paired.label)
+    for index in range(3):  # every seed draws its own subset of each fraction below 100%
+        assert len({frozenset(chain[index]) for chain in per_seed}) == 4
+        assert len({frozenset(chain[index]) for chain in nested}) == 1
+    assert per_seed[0] == nested[0]  # seed 0: the same subsets either way
+    with pytest.raises(ValueError, match="DATA_SUBSET='random'"):
+        pipeline.fraction_seed("random", 0)
+
+
+def test_the_run_config_picks_the_subset(paired, tmp_path):
+    from sbs_jax import run_config, train_loop
+
+    def run_ids(data_subset):
+        cfg = run_config.RunConfig(
+            model_dir=str(tmp_path / data_subset), mixture_or_task_name="synthetic_label_mixture",
+            rationale_mixture_name="synthetic_rationale_mixture", model_name="t5_1_1_tiny",
+            batch_size=8, task_feature_lengths=LENGTHS, data_fraction=0.25, random_seed=3,
+            data_subset=data_subset)
+        return train_loop._setup(cfg, from_checkpoint=False)[0].batches.ids
+
+    ids = list(paired.label)
+    assert run_ids("per_seed") == select_fraction(ids, 0.25, seed=3)
+    assert run_ids("nested") == select_fraction(ids, 0.25, seed=0)
+    with pytest.raises(ValueError, match="DATA_SUBSET='per_run' must be one of"):
+        run_config.RunConfig(model_dir="/m", mixture_or_task_name="t", data_subset="per_run")
+
+
 def test_lengths_use_the_smallest_bucket_and_caps_trim_with_eos(data_dir):
     capped = PairedBatches("synthetic_label_gt", None, "train", 8,
                            {"inputs": 64, "targets": 4}, length_buckets=(8, 16, 32))

@@ -159,7 +159,7 @@ def test_sbs_configs_hold_the_papers_recipe(size, tmp_path):
     assert cfg.model_name == f"t5_1_1_{size}"
     assert (cfg.optimizer, cfg.schedule, cfg.learning_rate, cfg.warmup_steps) == (
         "adamw", "linear", 5e-5, 0)
-    assert (cfg.weight_decay, cfg.clip_norm, cfg.alpha, cfg.max_decode_len) == (0.0, 1.0, 0.5, 64)
+    assert (cfg.weight_decay, cfg.clip_norm, cfg.alpha, cfg.max_decode_len) == (0.0, 1.0, 0.5, 63)
     assert cfg.task_feature_lengths == {"inputs": 1024, "targets": 256}
     assert cfg.rationale_mixture_name.endswith("_rationale_mixture")
     want = (32, 4000) if size == "xxl" else (64, 10000)

@@ -55,13 +55,20 @@ def test_a_nan_first_update_saves_nothing(tmp_path):
 
 def test_standard_mode_trains_labels_only_and_evaluates(tmp_path):
     cfg = _config(tmp_path, mixture_or_task_name="synthetic_standard_gt",
-                  rationale_mixture_name=None, alpha=1.0, eval_period=4, eval_max_examples=8,
-                  eval_batch_size=8, max_decode_len=12)
+                  rationale_mixture_name=None, alpha=1.0, eval_period=2, eval_max_examples=8,
+                  eval_batch_size=8, max_decode_len=12, test_every_eval=True)
     summary = train_loop.train(cfg)
     assert summary["step"] == 4
     assert "rationale_loss" not in summary["final_train_metrics"]
     assert summary["eval_metrics"]["num_examples"] == 8
-    assert summary["best_step"] == 4
+    # Each eval also scored the whole test split; only valid picks the best checkpoint.
+    history_file = tmp_path / run_config.EVAL_HISTORY_FILE
+    history = [json.loads(line) for line in history_file.read_text().splitlines()]
+    assert [(h["step"], h["split"], h["num_examples"]) for h in history] == [
+        (2, "valid", 8), (2, "test", 500), (4, "valid", 8), (4, "test", 500)]
+    assert history[2] == {"step": 4, "split": "valid", **summary["eval_metrics"]}
+    valid = {h["step"]: h["accuracy"] for h in history if h["split"] == "valid"}
+    assert valid[summary["best_step"]] == max(valid.values())
     saved = json.loads((tmp_path / train_loop.SUMMARY_FILE).read_text())
     assert saved["final_train_metrics"]["label_loss"] == pytest.approx(
         summary["final_train_metrics"]["label_loss"])
@@ -70,6 +77,7 @@ def test_standard_mode_trains_labels_only_and_evaluates(tmp_path):
     # Running again with the same settings finds the run finished and changes nothing.
     again = train_loop.train(cfg)
     assert again["resumed_from"] == 4 and checkpoints.all_steps(str(tmp_path)) == [2, 4]
+    assert [json.loads(line) for line in history_file.read_text().splitlines()] == history
 
 
 def test_initial_checkpoint_from_a_hf_folder_is_one_setting(tmp_path):

@@ -18,7 +18,10 @@ examples each step. Every host computes the same global batch and keeps its bloc
 
 Data fractions are nested: the subset for fraction f is the first round(f * n) ids of one
 seeded permutation of the sorted ids, so 12.5% lies inside 25% inside 50% (same `fraction_seed`),
-and label and rationale views always use the same ids.
+and label and rationale views always use the same ids. Which permutation a run uses is its
+DATA_SUBSET (`fraction_seed`): `per_seed` draws it from the run seed, as the reference draws a
+subset per run, so the spread over seeds includes which examples were kept; `nested` uses one
+permutation for every seed, so all seeds train on the same examples.
 """
 
 from __future__ import annotations
@@ -99,6 +102,16 @@ def select_fraction(ids: Sequence[str], fraction: float, seed: int = 0) -> list[
     order = np.random.default_rng(seed).permutation(len(ordered))
     keep = max(1, round(fraction * len(ordered)))
     return sorted(ordered[i] for i in order[:keep])
+
+
+def fraction_seed(data_subset: str, run_seed: int) -> int:
+    """The permutation seed of `select_fraction` for a DATA_SUBSET: `per_seed` -> the run seed,
+    `nested` -> 0 (one subset for every seed). Within one seed, fractions nest either way."""
+    if data_subset == "per_seed":
+        return int(run_seed)
+    if data_subset == "nested":
+        return 0
+    raise ValueError(f"DATA_SUBSET={data_subset!r} must be 'per_seed' or 'nested'")
 
 
 def bucket_length(length: int, buckets: Sequence[int], cap: int) -> int:
