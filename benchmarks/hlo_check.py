@@ -7,7 +7,12 @@ all-reduce, reduce-scatter, all-to-all, collective-permute and copy with its sha
 and the JAX operation it came from, grouped and counted. Prints JSON. WORKSPACE.md records what
 was found for the 2x2x2 mesh.
 
+With `--microbatches M` it also reports where the fsdp all-gathers of the parameters run: all
+inside the gradient-accumulation loop's body and no gathered parameter in its carry is what
+keeps one micro-batch's gathered kernels, not all of them, live at a time.
+
     python benchmarks/hlo_check.py [--mesh 2 2 2] [--config t5_1_1_small --layers 2] [--pack]
+        [--microbatches 2]
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ _LEAF = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
                 "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_FLOATS = ("f32", "bf16", "f16")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s")
+_CALLED = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|"
+                     r"called_computations)=(\{[^}]*\}|%[\w.\-]+)")
+_WHILE = re.compile(r"=\s+(\(.*?\))\s+while\(.*?body=%([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _GROUPS = re.compile(r"replica_groups=(\S+?)(?:,\s*\w+=|\s*$|,\s*metadata)")
 
 
@@ -80,49 +91,146 @@ def batch_all_gathers(found: dict[str, list[dict]], global_batch: int) -> list[d
             if any(len(dims) >= 3 and dims[0] == global_batch for _, dims in _leaves(e["shape"]))]
 
 
-def compiled_step_text(config_name: str, layers: int, mesh_shape: tuple[int, int, int],
-                       batch: int, input_len: int, label_len: int, rationale_len: int,
-                       packed: bool = False, **config_overrides) -> str:
-    """HLO text of the compiled sbs step (AdamW, both views) on the given mesh; `packed` adds
-    the segment ids of packed batches (`RunConfig.pack`)."""
-    import functools
+def computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    """The instruction lines of each computation of an HLO module text, and the entry's name."""
+    comps: dict[str, list[str]] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = header.group(2)
+            comps[current] = []
+            if header.group(1):
+                entry = current
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+    return comps, entry
 
+
+def reachable(comps: dict[str, list[str]], root: str) -> set[str]:
+    """`root` and every computation it calls, directly or not (loops, fusions, reductions)."""
+    seen, todo = set(), [root]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        for line in comps[name]:
+            for group in _CALLED.findall(line):
+                todo.extend(n.lstrip("%") for n in re.findall(r"%[\w.\-]+", group))
+    return seen
+
+
+def microbatch_loop(hlo_text: str, num_microbatches: int) -> dict:
+    """The gradient-accumulation loop: the entry computation's while loop that runs
+    `num_microbatches` times with the largest carry. Returns its carried arrays
+    ((dtype, dims) each) and its body's computations."""
+    comps, entry = computations(hlo_text)
+    loops = []
+    for line in comps[entry]:
+        match = _WHILE.search(line)
+        trips = _TRIP_COUNT.search(line)
+        if match and trips and int(trips.group(1)) == num_microbatches:
+            loops.append((_leaves(match.group(1)), match.group(2)))
+    if not loops:
+        raise ValueError(f"no while loop of {num_microbatches} trips in the entry computation")
+    carry, body = max(loops, key=lambda loop: len(loop[0]))
+    return {"carry": carry, "body": reachable(comps, body), "entry": reachable(comps, entry),
+            "computations": comps}
+
+
+def gathered_param_shapes(partitioner) -> set[tuple[int, ...]]:
+    """Per-device shapes of parameters gathered over the fsdp axis (still split over the
+    model axis), per layer too for scanned stacks; shapes that some parameter also has
+    as its own shard are left out, so finding one means a gathered copy."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def without_fsdp(spec):
+        def drop(axes):
+            if isinstance(axes, tuple):
+                kept = tuple(a for a in axes if a != "fsdp")
+                return kept or None
+            return None if axes == "fsdp" else axes
+        return PartitionSpec(*(drop(axes) for axes in spec))
+
+    from sbs_jax import models
+
+    params = jax.tree.leaves(partitioner.abstract_params)
+    names = [box.names for box in jax.tree.leaves(
+        models.abstract_params(partitioner.config), is_leaf=lambda x: hasattr(x, "names"))]
+    shards = {tuple(p.sharding.shard_shape(p.shape)) for p in params}
+    gathered = set()
+    for p, axes in zip(params, names, strict=True):
+        full = NamedSharding(partitioner.mesh, without_fsdp(p.sharding.spec))
+        shape = tuple(full.shard_shape(p.shape))
+        if shape != tuple(p.sharding.shard_shape(p.shape)):
+            gathered.add(shape)
+            if axes[0] == "layers":
+                gathered.add(shape[1:])
+    return gathered - shards
+
+
+def loop_report(hlo_text: str, num_microbatches: int,
+                gathered_shapes: set[tuple[int, ...]]) -> dict:
+    """Where the fsdp all-gathers of a micro-batched step run: gathered parameters carried
+    through the accumulation loop (live for all of it), and all-gathers of parameters inside
+    the loop body vs outside it."""
+    loop = microbatch_loop(hlo_text, num_microbatches)
+    comps = loop["computations"]
+
+    def gathers(names):
+        found = collectives("\n".join(line for n in names for line in comps[n]))
+        return [e for e in found["all-gather"]
+                if any(tuple(dims) in gathered_shapes for _, dims in _leaves(e["shape"]))]
+
+    return {
+        "carried_gathered_params": [f"{dtype}{list(dims)}" for dtype, dims in loop["carry"]
+                                    if dtype in _FLOATS and tuple(dims) in gathered_shapes],
+        "param_all_gathers_in_loop": sum(e["count"] for e in gathers(loop["body"])),
+        "param_all_gathers_outside_loop": gathers(loop["entry"] - loop["body"]),
+    }
+
+
+def _step_setup(config_name: str, layers: int, mesh_shape: tuple[int, int, int],
+                **config_overrides):
     import jax
 
-    from sbs_jax import models, optim, partitioning, trainer
+    from sbs_jax import models, partitioning, trainer
 
     config = models.get_config(config_name, num_encoder_layers=layers,
                                num_decoder_layers=layers, **config_overrides)
     mesh = partitioning.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
-    part = trainer.Partitioner(mesh, partitioning.logical_axis_rules(), config)
+    return config, trainer.Partitioner(mesh, partitioning.logical_axis_rules(), config)
+
+
+def compiled_step_text(config_name: str, layers: int, mesh_shape: tuple[int, int, int],
+                       batch: int, input_len: int, label_len: int, rationale_len: int,
+                       packed: bool = False, num_microbatches: int = 1,
+                       **config_overrides) -> str:
+    """HLO text of the compiled sbs step (`trainer.jit_train_step`, AdamW, both views) on the
+    given mesh; `packed` adds the segment ids of packed batches (`RunConfig.pack`)."""
+    from sbs_jax import models, optim, trainer
+
+    config, part = _step_setup(config_name, layers, mesh_shape, **config_overrides)
     schedule = optim.make_schedule("linear", 1e-4, total_steps=100)
     tx = optim.make_optimizer(schedule)
-    step = functools.partial(trainer.train_step, model=models.T5(config), tx=tx,
-                             schedule=schedule, options=trainer.StepOptions(),
-                             batch_sharding=part.batch_sharding)
-    shardings = part.state_shardings(tx)
-    jitted = jax.jit(step, in_shardings=(shardings, part.batch_sharding),
-                     out_shardings=(shardings, part.replicated), donate_argnums=(0,))
-    abstract_state = trainer.TrainState(
-        step=jax.ShapeDtypeStruct((), np.int32, sharding=part.replicated),
-        params=part.abstract_params,
-        opt_state=jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            jax.eval_shape(tx.init, part.abstract_params), shardings.opt_state))
-
-    def view(length):
-        spec = jax.ShapeDtypeStruct((batch, length), np.int32, sharding=part.batch_sharding)
-        inputs = jax.ShapeDtypeStruct((batch, input_len), np.int32, sharding=part.batch_sharding)
-        features = {"encoder_input_tokens": inputs, "decoder_input_tokens": spec,
-                    "decoder_target_tokens": spec, "decoder_loss_weights": spec}
-        if packed:
-            features.update(encoder_segment_ids=inputs, decoder_segment_ids=spec)
-        return features
-
+    jitted = trainer.jit_train_step(part, models.T5(config), tx, schedule,
+                                    trainer.StepOptions(num_microbatches=num_microbatches))
+    batches = {view: trainer.abstract_batch(part.batch_sharding, batch, input_len, length,
+                                            packed)
+               for view, length in (("label", label_len), ("rationale", rationale_len))}
     with part.context():
-        lowered = jitted.lower(abstract_state, {"label": view(label_len),
-                                                "rationale": view(rationale_len)})
-        return lowered.compile().as_text()
+        return jitted.lower(part.abstract_state(tx), batches).compile().as_text()
+
+
+def gathered_shapes_of(config_name: str, layers: int, mesh_shape: tuple[int, int, int],
+                       **config_overrides) -> set[tuple[int, ...]]:
+    """`gathered_param_shapes` of the step `compiled_step_text` compiles with these settings."""
+    return gathered_param_shapes(_step_setup(config_name, layers, mesh_shape,
+                                             **config_overrides)[1])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--label_len", type=int, default=8)
     parser.add_argument("--rationale_len", type=int, default=32)
     parser.add_argument("--pack", action="store_true", help="packed batches (segment ids)")
+    parser.add_argument("--microbatches", type=int, default=1,
+                        help="gradient accumulation steps; > 1 also reports where the fsdp "
+                             "all-gathers run relative to the accumulation loop")
     parser.add_argument("--hlo_out", help="also write the compiled HLO text here")
     args = parser.parse_args(argv)
 
@@ -148,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     text = compiled_step_text(args.config, args.layers, tuple(args.mesh), args.batch,
                               args.input_len, args.label_len, args.rationale_len,
-                              packed=args.pack)
+                              packed=args.pack, num_microbatches=args.microbatches)
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:
             f.write(text)
@@ -158,6 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
               "totals": {k: sum(e["count"] for e in v) for k, v in found.items()},
               "result_bytes": result_bytes(found),
               "batch_all_gathers": batch_all_gathers(found, args.batch),
+              "microbatch_loop": (loop_report(text, args.microbatches, gathered_shapes_of(
+                  args.config, args.layers, tuple(args.mesh))) if args.microbatches > 1
+                                  else None),
               "collectives": found}
     print(json.dumps(result, indent=2))
     return result

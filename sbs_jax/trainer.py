@@ -71,6 +71,7 @@ class Partitioner:
     def __init__(self, mesh: Mesh, rules: tuple, config: models.T5Config):
         self.mesh = mesh
         self.rules = rules
+        self.config = config
         boxed = models.abstract_params(config)
         self.params_shardings = partitioning.params_shardings(boxed, mesh, rules)
         self.abstract_params = jax.tree.map(
@@ -117,6 +118,13 @@ class Partitioner:
             opt_state=self.opt_state_shardings(tx),
         )
 
+    def abstract_state(self, tx: optax.GradientTransformation) -> TrainState:
+        """The train state as shapes with shardings: what `jit_train_step(...).lower` takes to
+        compile (or account the memory of) a step without allocating a parameter."""
+        return TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
+            params=self.abstract_params, opt_state=self.abstract_opt_state(tx))
+
     def context(self) -> contextlib.ExitStack:
         """Mesh + logical rules, active while tracing so activation constraints resolve."""
         stack = contextlib.ExitStack()
@@ -153,6 +161,21 @@ def global_batch(local: Batch, sharding: NamedSharding, global_rows: int) -> dic
     return out
 
 
+def abstract_batch(sharding: NamedSharding, rows: int, input_length: int, target_length: int,
+                   packed: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of one view's global batch (int32 features, `packed` adds the segment ids), to
+    lower a step for a given batch size and lengths without any data."""
+    def spec(length):
+        return jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
+
+    out = {"encoder_input_tokens": spec(input_length), "decoder_input_tokens": spec(target_length),
+           "decoder_target_tokens": spec(target_length),
+           "decoder_loss_weights": spec(target_length)}
+    if packed:
+        out.update(encoder_segment_ids=spec(input_length), decoder_segment_ids=spec(target_length))
+    return out
+
+
 def _split_microbatches(batch: Batch, num_microbatches: int, sharding) -> dict:
     """[B, L] -> [M, B/M, L], row r in micro-batch r % M so each device's rows stay local."""
 
@@ -180,7 +203,7 @@ def _forward_sums(model, params, batch, rng, options: StepOptions, train: bool):
 
 def loss_and_grads(
     model: nn.Module, params: Any, batches: Mapping[str, Batch], rng: jax.Array,
-    options: StepOptions, batch_sharding: NamedSharding,
+    options: StepOptions, batch_sharding: NamedSharding, params_shardings: Any = None,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradients of the sbs objective over all micro-batches, and its logged parts."""
     views = [v for v in VIEWS if batches.get(v) is not None]
@@ -203,20 +226,30 @@ def loss_and_grads(
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
+    def sharded(tree):
+        if params_shardings is None:
+            return tree
+        return jax.tree.map(jax.lax.with_sharding_constraint, tree, params_shardings)
+
     def body(carry, mb_index):
-        grads, sums = carry
-        (_, mb_sums), mb_grads = grad_fn(params, mb_index)
-        grads = jax.tree.map(jnp.add, grads, mb_grads)
+        # With fsdp, XLA would hoist the (loop-invariant) all-gathers of the parameters out of
+        # the loop, so every gathered kernel would stay live for the whole loop. The carried
+        # parameters stay at their shardings, and the barrier ties them to the loop index
+        # (an identity), so each micro-batch gathers the kernels it uses and frees them.
+        grads, sums, loop_params = carry
+        loop_params, _ = jax.lax.optimization_barrier((loop_params, mb_index))
+        (_, mb_sums), mb_grads = grad_fn(sharded(loop_params), mb_index)
+        grads = sharded(jax.tree.map(jnp.add, grads, mb_grads))
         sums = {v: sums[v] + mb_sums[v] for v in views}
-        return (grads, sums), None
+        return (grads, sums, loop_params), None
 
     if options.num_microbatches == 1:  # no loop: keeps the common step's program simple
         (_, sums), grads = grad_fn(params, 0)
     else:
         zero_sums = {v: losses.TokenLossSums(*(jnp.zeros((), jnp.float32),) * 3) for v in views}
-        zero_grads = jax.tree.map(jnp.zeros_like, params)
-        (grads, sums), _ = jax.lax.scan(
-            body, (zero_grads, zero_sums), jnp.arange(options.num_microbatches)
+        zero_grads = sharded(jax.tree.map(jnp.zeros_like, params))
+        (grads, sums, _), _ = jax.lax.scan(
+            body, (zero_grads, zero_sums, sharded(params)), jnp.arange(options.num_microbatches)
         )
     total, parts = losses.combine(sums["label"], sums.get("rationale"), options.alpha)
     metrics = {"loss": total, **parts}
@@ -230,11 +263,12 @@ def loss_and_grads(
 def train_step(
     state: TrainState, batches: Mapping[str, Batch], *, model: nn.Module,
     tx: optax.GradientTransformation, schedule: optax.Schedule, options: StepOptions,
-    batch_sharding: NamedSharding,
+    batch_sharding: NamedSharding, params_shardings: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the paired batches (pure; jit it with `make_train_step`)."""
     rng = jax.random.fold_in(jax.random.PRNGKey(options.seed), state.step)
-    grads, metrics = loss_and_grads(model, state.params, batches, rng, options, batch_sharding)
+    grads, metrics = loss_and_grads(model, state.params, batches, rng, options, batch_sharding,
+                                    params_shardings)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
@@ -245,21 +279,31 @@ def train_step(
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def make_train_step(
+def jit_train_step(
     partitioner: Partitioner, model: nn.Module, tx: optax.GradientTransformation,
     schedule: optax.Schedule, options: StepOptions,
-) -> Callable[[TrainState, Mapping[str, Batch]], tuple[TrainState, dict]]:
-    """The jitted step with explicit shardings; the incoming state's buffers are donated."""
+) -> Any:
+    """`train_step` jitted with explicit shardings, the incoming state's buffers donated.
+    Call or `.lower(...)` it inside `partitioner.context()` (`make_train_step` does that)."""
     step = functools.partial(
         train_step, model=model, tx=tx, schedule=schedule, options=options,
         batch_sharding=partitioner.batch_sharding,
+        params_shardings=partitioner.params_shardings,
     )
-    jitted = jax.jit(
+    return jax.jit(
         step,
         in_shardings=(partitioner.state_shardings(tx), partitioner.batch_sharding),
         out_shardings=(partitioner.state_shardings(tx), partitioner.replicated),
         donate_argnums=(0,),
     )
+
+
+def make_train_step(
+    partitioner: Partitioner, model: nn.Module, tx: optax.GradientTransformation,
+    schedule: optax.Schedule, options: StepOptions,
+) -> Callable[[TrainState, Mapping[str, Batch]], tuple[TrainState, dict]]:
+    """The jitted step (`jit_train_step`) run under the partitioner's mesh and rules."""
+    jitted = jit_train_step(partitioner, model, tx, schedule, options)
 
     def run(state, batches):
         with partitioner.context():

@@ -48,6 +48,24 @@ def test_packed_step_communicates_as_the_unpacked_one(found):
         assert packed_bytes[kind] <= unpacked_bytes[kind], kind
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_fsdp_kernels_are_gathered_inside_the_microbatch_loop(scan_layers):
+    """With micro-batches, every fsdp all-gather of a parameter runs in the accumulation loop's
+    body and no gathered parameter is carried through the loop (live for all of it). emb_dim
+    48 keeps gathered shapes (48 x ...) apart from every shard (24 x ...)."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs the 8 virtual CPU devices of tests/conftest.py")
+    settings = {"vocab_size": 256, "emb_dim": 48, "scan_layers": scan_layers}
+    text = hlo_check.compiled_step_text("t5_1_1_tiny", 1, (2, 2, 2), 16, 12, 4, 6,
+                                        num_microbatches=2, **settings)
+    gathered = hlo_check.gathered_shapes_of("t5_1_1_tiny", 1, (2, 2, 2), **settings)
+    assert {(48, 16), (16, 48), (48, 32), (32, 48), (128, 48)} <= gathered
+    report = hlo_check.loop_report(text, 2, gathered)
+    assert report["carried_gathered_params"] == []
+    assert report["param_all_gathers_outside_loop"] == []
+    assert report["param_all_gathers_in_loop"] > 0
+
+
 def test_every_result_shape_is_read_tuples_too():
     text = """
   %all-reduce.5 = (f32[2,64]{1,0}, bf16[3]{0}) all-reduce(%a, %b), replica_groups={{0,1}}
