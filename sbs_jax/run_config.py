@@ -25,6 +25,7 @@ RESUMABLE_CHANGES = frozenset({
     "model_dir", "train_steps", "checkpoint_period", "eval_period", "log_period",
     "keep_checkpoints", "eval_split", "eval_batch_size", "eval_max_examples", "max_decode_len",
     "async_checkpointing", "initial_checkpoint_path", "best_metric", "pack", "test_every_eval",
+    "fixed_batch_shapes",
 })
 
 
@@ -52,6 +53,9 @@ class RunConfig:
     fsdp: bool = True
     num_microbatches: int = 1
     pack: bool = False  # seqio/T5X packing of each view's examples (same objective, fewer rows)
+    # Every batch padded to TASK_FEATURE_LENGTHS (one shape per view): one compile, never a
+    # recompile, at the cost of the padding that length buckets save.
+    fixed_batch_shapes: bool = False
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     # Optimizer (sbs_jax.optim): the reference recipe by default.
@@ -86,6 +90,9 @@ class RunConfig:
             raise ValueError(f"ALPHA={self.alpha} must be in [0, 1]")
         if self.data_subset not in DATA_SUBSETS:
             raise ValueError(f"DATA_SUBSET={self.data_subset!r} must be one of {DATA_SUBSETS}")
+        if self.pack and self.fixed_batch_shapes:
+            raise ValueError("RunConfig.pack and RunConfig.fixed_batch_shapes exclude each other: "
+                             "packed steps vary their number of rows")
         missing = {"inputs", "targets"} - set(self.task_feature_lengths)
         if missing:
             raise ValueError(f"TASK_FEATURE_LENGTHS={self.task_feature_lengths} lacks {missing}")

@@ -217,6 +217,7 @@ def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, An
         cfg.task_feature_lengths, seed=cfg.random_seed, shard_id=shard_id,
         num_shards=num_shards, data_fraction=cfg.data_fraction,
         fraction_seed=pipeline.fraction_seed(cfg.data_subset, cfg.random_seed), pack=cfg.pack,
+        length_buckets=pipeline.length_buckets(cfg.task_feature_lengths, cfg.fixed_batch_shapes),
         pack_row_multiple=math.lcm(max(1, cfg.batch_size // 8),
                                    data_shards * cfg.num_microbatches))
     return _Setup(model_config, partitioner, tx, schedule, batches, num_shards), initial_params

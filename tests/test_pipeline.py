@@ -190,6 +190,26 @@ def test_lengths_use_the_smallest_bucket_and_caps_trim_with_eos(data_dir):
     assert pipeline.bucket_length(100, (8, 16), 64) == 64
 
 
+def test_fixed_batch_shapes_give_one_shape_per_view(paired, tmp_path):
+    from sbs_jax import run_config, train_loop
+
+    cfg = run_config.RunConfig(
+        model_dir=str(tmp_path), mixture_or_task_name="synthetic_label_mixture",
+        rationale_mixture_name="synthetic_rationale_mixture", model_name="t5_1_1_tiny",
+        batch_size=8, task_feature_lengths=LENGTHS, fixed_batch_shapes=True)
+    batches = train_loop._setup(cfg, from_checkpoint=False)[0].batches
+    steps = _take(batches, 40)
+    for view, target_cap in (("label", "targets"), ("rationale", "rationale_targets")):
+        shapes = {(b[view]["encoder_input_tokens"].shape, b[view]["decoder_target_tokens"].shape)
+                  for b in steps}
+        assert shapes == {((8, LENGTHS["inputs"]), (8, LENGTHS[target_cap]))}, view
+    bucketed = next(_paired(paired, batch_size=8))  # the default: the smallest bucket that fits
+    assert bucketed["label"]["encoder_input_tokens"].shape[1] < LENGTHS["inputs"]
+    with pytest.raises(ValueError, match="pack and RunConfig.fixed_batch_shapes"):
+        run_config.RunConfig(model_dir="/m", mixture_or_task_name="t", pack=True,
+                             fixed_batch_shapes=True)
+
+
 def test_tasks_with_different_ids_are_refused(data_dir):
     records.write_split([Record(id="synthetic-train-000000", input="q", label="a",
                                 source="cqa/train")], os.path.join(data_dir, "cqa"), "train")

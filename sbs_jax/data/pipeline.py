@@ -114,6 +114,15 @@ def fraction_seed(data_subset: str, run_seed: int) -> int:
     raise ValueError(f"DATA_SUBSET={data_subset!r} must be 'per_seed' or 'nested'")
 
 
+def length_buckets(feature_lengths: Mapping[str, int], fixed: bool = False
+                   ) -> Sequence[int] | dict[str, tuple[int]]:
+    """The buckets `PairedBatches` pads to: DEFAULT_BUCKETS, or with `fixed` one per feature,
+    its cap (every batch of a view has the same shape, so a run compiles its step once)."""
+    if not fixed:
+        return DEFAULT_BUCKETS
+    return {key: (cap,) for key, cap in _caps(feature_lengths).items()}
+
+
 def bucket_length(length: int, buckets: Sequence[int], cap: int) -> int:
     """The smallest bucket >= `length` (and <= `cap`; `cap` itself when none fits)."""
     for bucket in sorted(buckets):
