@@ -3,6 +3,8 @@
 `gin/base.gin` binds every field of `RunConfig` to the macros of DESIGN.md (MODEL_DIR,
 TRAIN_STEPS, BATCH_SIZE, ...), so train, eval and infer read the same gin files and agree on the
 model, tasks and MODEL_DIR. Library code receives the resolved dataclass, never gin.
+Every field is type- and range-checked when the dataclass is made (`check_settings`, driven by
+the field annotations and the `_RANGES` table); a refusal names the setting and its value.
 The resolved config is saved as `MODEL_DIR/run_config.json`; a restart whose settings differ in
 anything that would change the result (model, data, objective, optimizer, mesh) is refused.
 """
@@ -11,6 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from etils import epath
@@ -80,23 +86,11 @@ class RunConfig:
     log_period: int = 10
 
     def __post_init__(self):
-        if not self.model_dir:
-            raise ValueError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
-        for name in ("train_steps", "batch_size", "checkpoint_period", "num_microbatches",
-                     "log_period", "eval_batch_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name.upper()}={getattr(self, name)} must be positive")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"ALPHA={self.alpha} must be in [0, 1]")
-        if self.data_subset not in DATA_SUBSETS:
-            raise ValueError(f"DATA_SUBSET={self.data_subset!r} must be one of {DATA_SUBSETS}")
+        check_settings(self)
         if self.pack and self.fixed_batch_shapes:
-            raise ValueError("RunConfig.pack and RunConfig.fixed_batch_shapes exclude each other: "
-                             "packed steps vary their number of rows")
-        missing = {"inputs", "targets"} - set(self.task_feature_lengths)
-        if missing:
-            raise ValueError(f"TASK_FEATURE_LENGTHS={self.task_feature_lengths} lacks {missing}")
-        object.__setattr__(self, "mesh_shape", tuple(int(x) for x in self.mesh_shape))
+            raise SettingError("RunConfig.pack and RunConfig.fixed_batch_shapes exclude each "
+                               "other: packed steps vary their number of rows")
+        object.__setattr__(self, "mesh_shape", tuple(self.mesh_shape))
         object.__setattr__(self, "task_feature_lengths", dict(self.task_feature_lengths))
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))
 
@@ -106,12 +100,142 @@ class RunConfig:
         return out
 
 
+class SettingError(ValueError):
+    """A RunConfig value of the wrong type or out of range; the message names the setting."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def setting_name(field: str) -> str:
+    """What a user sets: the gin macro (BATCH_SIZE) when one is defined, else RunConfig.field."""
+    macro = field.upper()
+    try:
+        gin.query_parameter(f"%{macro}")
+    except ValueError:
+        return f"RunConfig.{field}"
+    return macro
+
+
+_EXAMPLE_DIR = "\"'/path/to/run'\""
+
+
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _non_negative(value) -> bool:
+    return value >= 0
+
+
+def _mesh_shape(value) -> bool:
+    return (len(value) == 3 and all(_is_int(x) and (x > 0 or x == -1) for x in value)
+            and list(value).count(-1) <= 1)
+
+
+def _feature_lengths(value) -> bool:
+    return ({"inputs", "targets"} <= set(value)
+            and all(isinstance(k, str) and _is_int(v) and v > 0 for k, v in value.items()))
+
+
+# Range rules, by field: (holds, what the value must be). Every field is also type-checked
+# against its annotation, so a new field needs an entry here only when it has a range.
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model_dir": (bool, "must name a folder"),
+    "mixture_or_task_name": (bool, "must name a task or mixture"),
+    "model_name": (bool, "must name a model config"),
+    "train_steps": (_positive, "must be positive"),
+    "batch_size": (_positive, "must be positive"),
+    "task_feature_lengths": (_feature_lengths, ("must map 'inputs' and 'targets' (and "
+                                                "optionally 'rationale_targets') to positive "
+                                                "integers")),
+    "alpha": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "data_fraction": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "data_subset": (lambda v: v in DATA_SUBSETS, f"must be one of {DATA_SUBSETS}"),
+    "random_seed": (_non_negative, "must be >= 0"),
+    "mesh_shape": (_mesh_shape, ("must be 3 integers (data, fsdp, model), each positive or -1 "
+                                 "(all remaining devices, at most once)")),
+    "num_microbatches": (_positive, "must be positive"),
+    "label_smoothing": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "z_loss": (_non_negative, "must be >= 0"),
+    "learning_rate": (_positive, "must be positive"),
+    "warmup_steps": (_non_negative, "must be >= 0"),
+    "weight_decay": (_non_negative, "must be >= 0"),
+    "clip_norm": (_positive, "must be positive (or None: no clipping)"),
+    "checkpoint_period": (_positive, "must be positive"),
+    "keep_checkpoints": (_positive, "must be positive"),
+    "eval_period": (_non_negative, "must be >= 0 (0: no periodic evaluation)"),
+    "eval_split": (bool, "must name a split"),
+    "eval_batch_size": (_positive, "must be positive"),
+    "eval_max_examples": (_positive, "must be positive (or None: the whole split)"),
+    "max_decode_len": (_positive, "must be positive"),
+    "log_period": (_positive, "must be positive"),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_error(value, kind: type) -> str | None:
+    """Why `value` is not a `kind` (None when it is one)."""
+    if kind is int:
+        return None if _is_int(value) else "must be an integer"
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        return None if math.isfinite(value) else "must be a finite number"
+    if kind is bool:
+        return None if isinstance(value, bool) else "must be True or False"
+    if kind is str:
+        return None if isinstance(value, str) else "must be a string"
+    if kind is dict:
+        return None if isinstance(value, Mapping) else "must be a dict"
+    if kind is tuple:
+        return None if isinstance(value, (tuple, list)) else "must be a tuple"
+    return None
+
+
+def check_settings(config: RunConfig) -> None:
+    """Type- and range-checks every field; a SettingError names the setting and its value.
+
+    Integral floats (TRAIN_STEPS=1e4) become ints; anything else where an integer is due is
+    refused, as are non-finite numbers.
+    """
+    for field, annotation in typing.get_type_hints(RunConfig).items():
+        value = getattr(config, field)
+        optional = isinstance(annotation, types.UnionType) and type(None) in annotation.__args__
+        if optional:
+            if value is None:
+                continue
+            annotation = next(a for a in annotation.__args__ if a is not type(None))
+        if annotation is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+            object.__setattr__(config, field, value)
+        problem = _type_error(value, annotation)
+        if field in _RANGES:
+            holds, requirement = _RANGES[field]
+            if problem is None and not holds(value):
+                problem = requirement
+            elif problem is not None and annotation in (dict, tuple):
+                problem = requirement  # says what the container must hold
+        if problem is not None and field == "model_dir" and not value:
+            raise SettingError(f"MODEL_DIR is not set; pass --gin.MODEL_DIR={_EXAMPLE_DIR}")
+        if problem is not None:
+            raise SettingError(f"{setting_name(field)}={value!r} {problem}")
+
+
 _GIN_RUN_CONFIG = gin.external_configurable(RunConfig, name="RunConfig")
 
 
 def from_gin() -> RunConfig:
-    """The RunConfig that the parsed gin files and bindings describe."""
-    return _GIN_RUN_CONFIG()
+    """The RunConfig that the parsed gin files and bindings describe (SettingError: a value is
+    of the wrong type or out of range)."""
+    try:
+        return _GIN_RUN_CONFIG()
+    except SettingError as exc:  # without the call site gin appends to the message
+        raise SettingError(exc.message) from None
 
 
 def check_against_saved(config: RunConfig) -> None:
@@ -123,7 +247,7 @@ def check_against_saved(config: RunConfig) -> None:
     saved = {**_field_defaults(), **json.loads(path.read_text())}
     current = json.loads(json.dumps(config.to_json()))
     conflicts = [
-        f"{key.upper()}: saved {saved.get(key)!r}, now {current.get(key)!r}"
+        f"{setting_name(key)}: saved {saved.get(key)!r}, now {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))
         if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
     ]

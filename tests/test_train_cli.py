@@ -120,6 +120,26 @@ def test_gin_mistakes_are_named(capsys, tmp_path):
     assert "MODEL_DIR" in err
 
 
+@pytest.mark.parametrize("binding, message", [
+    ("BATCH_SIZE='thirty-two'", "BATCH_SIZE='thirty-two' must be an integer"),
+    ("TRAIN_STEPS=40.5", "TRAIN_STEPS=40.5 must be an integer"),
+    ("LEARNING_RATE='fast'", "LEARNING_RATE='fast' must be a number"),
+    ("LEARNING_RATE=-1", "LEARNING_RATE=-1 must be positive"),
+    ("LEARNING_RATE=0", "LEARNING_RATE=0 must be positive"),
+    ("MESH_SHAPE='data'", "MESH_SHAPE='data' must be 3 integers (data, fsdp, model)"),
+    ("MESH_SHAPE=(-1, -1, 2)", "MESH_SHAPE=(-1, -1, 2) must be 3 integers"),
+    ("FSDP=1", "FSDP=1 must be True or False"),
+    ("RunConfig.log_period=0", "RunConfig.log_period=0 must be positive"),
+    ("RunConfig.clip_norm=1e999", "RunConfig.clip_norm=inf must be a finite number"),
+])
+def test_settings_are_type_and_range_checked(capsys, tmp_path, binding, message):
+    err = _main_error(capsys, ["--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR='{tmp_path}'",
+                               f"--gin_bindings={binding}"])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sbs-train: error: {message}"), err
+    assert not os.listdir(tmp_path)
+
+
 def test_setup_errors_name_the_setting(capsys, tmp_path, quickstart_dir, cli_env, monkeypatch):
     monkeypatch.setenv("SBS_DATA_DIR", cli_env["SBS_DATA_DIR"])
     fresh = f"--gin.MODEL_DIR='{tmp_path / 'fresh'}'"
