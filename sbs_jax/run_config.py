@@ -12,8 +12,10 @@ anything that would change the result (model, data, objective, optimizer, mesh) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -22,6 +24,7 @@ from typing import Any
 from etils import epath
 
 import gin
+from sbs_jax import gin_utils
 
 CONFIG_FILE = "run_config.json"
 # Every eval's metrics per split, one JSON object a line: {"step", "split", "accuracy", ...}.
@@ -108,14 +111,22 @@ class SettingError(ValueError):
         self.message = message
 
 
+@functools.cache
+def _macro_bound_fields() -> frozenset[str]:
+    """Fields that gin/base.gin binds to a macro of their own name (RunConfig.x = %X)."""
+    base = epath.Path(gin_utils.CONFIG_ROOT) / "gin" / "base.gin"
+    text = base.read_text() if base.exists() else ""
+    return frozenset(field for field, macro in _MACRO_BINDING.findall(text)
+                     if macro == field.upper())
+
+
+_MACRO_BINDING = re.compile(r"^RunConfig\.(\w+)\s*=\s*%(\w+)", re.MULTILINE)
+
+
 def setting_name(field: str) -> str:
-    """What a user sets: the gin macro (BATCH_SIZE) when one is defined, else RunConfig.field."""
-    macro = field.upper()
-    try:
-        gin.query_parameter(f"%{macro}")
-    except ValueError:
-        return f"RunConfig.{field}"
-    return macro
+    """What a user sets: the gin macro (BATCH_SIZE) where base.gin binds one, else
+    RunConfig.field."""
+    return field.upper() if field in _macro_bound_fields() else f"RunConfig.{field}"
 
 
 _EXAMPLE_DIR = "\"'/path/to/run'\""
