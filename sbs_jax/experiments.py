@@ -139,22 +139,16 @@ def prepare_data(datasets: Iterable[str], data_dir: pathlib.Path, source_dir: st
             raise ValueError(f"{data_dir / dataset} is not built and --source_dir (the released "
                              "data, e.g. ../shared/dss_data) was not given")
         run_logged([sys.executable, "-m", "sbs_jax.data.build", f"--source_dir={source_dir}",
-                    f"--data_dir={data_dir}", f"--dataset={dataset}"], log_path,
+                    f"--data_dir={data_dir}", f"--dataset={dataset}", "--no_vocab"], log_path,
                    f"[build {dataset}]", env)
-    vocab_path = data_dir / "spiece.model"
-    if not real or env.get("SBS_VOCAB") or vocab_path.exists():
+    if not real or env.get("SBS_VOCAB") or (data_dir / "spiece.model").exists():
         return
-    from sbs_jax.data import records, synthetic
-    from sbs_jax.vocab import train_vocab
+    from sbs_jax.data import build, records
 
-    print(f"[grid] training a vocabulary on {', '.join(real)}: {vocab_path}", flush=True)
-    texts = [text for dataset in real
-             for text in synthetic.vocabulary_texts(records.read_split(str(data_dir / dataset),
-                                                                       "train"))]
-    tmp_prefix = data_dir / f"spiece.{os.getpid()}.tmp"
-    trained = train_vocab(texts, str(tmp_prefix), vocab_size)
-    os.replace(f"{tmp_prefix}.vocab", data_dir / "spiece.vocab")
-    os.replace(trained, vocab_path)
+    print(f"[grid] training a vocabulary on {', '.join(real)}", flush=True)
+    build.ensure_vocabulary(str(data_dir), [
+        r for dataset in real for r in records.read_split(str(data_dir / dataset), "train")],
+        vocab_size=vocab_size)
 
 
 def write_json_atomic(path: pathlib.Path, record: dict) -> None:

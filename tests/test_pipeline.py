@@ -213,6 +213,7 @@ def test_fixed_batch_shapes_give_one_shape_per_view(paired, tmp_path):
 def test_tasks_with_different_ids_are_refused(data_dir):
     records.write_split([Record(id="synthetic-train-000000", input="q", label="a",
                                 source="cqa/train")], os.path.join(data_dir, "cqa"), "train")
+    records.write_info(os.path.join(data_dir, "cqa"), "cqa")
     with pytest.raises(ValueError, match="different example ids: 0 only in the label task.*"
                                          "1999 only in the rationale"):
         PairedBatches("cqa_label_gt", "synthetic_rationale", "train", 8, LENGTHS)

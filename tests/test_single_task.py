@@ -25,6 +25,7 @@ def _read(task_name, split):
 
 def _write(data_dir, dataset, split, recs):
     records.write_split(recs, os.path.join(data_dir, dataset), split)
+    records.write_info(os.path.join(data_dir, dataset), dataset)
 
 
 def _cqa(split, label="cupboard", llm_label="table"):

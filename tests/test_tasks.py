@@ -84,6 +84,7 @@ def test_concurrent_first_use_creates_one_complete_dataset(tmp_path):
 
 def _write(data_dir, dataset, split, recs):
     records.write_split(recs, os.path.join(data_dir, dataset), split)
+    records.write_info(os.path.join(data_dir, dataset), dataset)
 
 
 def test_llm_variants_use_teacher_labels_on_train_only(toy_dir, tiny_vocab_path):

@@ -1,23 +1,37 @@
 """Released data (or the built-in synthetic set) -> sharded TFRecord datasets + info.json.
 
 `python -m sbs_jax.data.build --source_dir ../shared/dss_data --data_dir DATA --dataset cqa`
-writes `DATA/cqa/{train,valid,test}-NNNNN.tfrecord` in the record schema (sbs_jax.data.records)
-plus `DATA/cqa/info.json` (counts per split, shard names, SHA-256 checksums, parse failures,
-skipped rows). cqa and svamp have no released valid split: it is carved once from the full
-train split (seed 0, 10%; see dss.carve_valid). Every requested split is read and checked
-before anything is written, so a missing file (e.g. the e-SNLI / ANLI train inputs) or a bad row
-stops the job with a clear message and leaves earlier output untouched.
+publishes `DATA/cqa/` = `{train,valid,test}-NNNNN.tfrecord` in the record schema
+(sbs_jax.data.records) plus `info.json` (counts per split, shard names, sizes, SHA-256
+checksums, parse failures, skipped rows, the vocabulary's checksum), and makes sure
+`DATA/spiece.model`, the vocabulary the tasks read by default, exists: `--vocab PATH` copies a
+given SentencePiece model there (a HF T5 `spiece.model`, say); otherwise, when there is none yet,
+one is trained on the built train splits (`--vocab_size`, default 2000; `--no_vocab` skips it).
+
+cqa and svamp have no released valid split: it is carved once from the full train split (seed
+0, 10%; see dss.carve_valid). Every row of every requested split is read and checked (types,
+UTF-8, unique ids; each problem named FILE:LINE) before anything is written. The folder is then
+written aside and published with one rename (sbs_jax.data.publish), so a failed or killed build
+leaves the previous folder as it was and readers never see a partial dataset. Splits not asked
+for are kept from the previous build.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
+import shutil
 import sys
 
-from sbs_jax.data import dss, records, synthetic
+from sbs_jax.data import dss, publish, records, synthetic
 
 ALL_DATASETS = dss.DSS_DATASETS + ("synthetic",)
+VOCAB_FILE = "spiece.model"
+DEFAULT_VOCAB_SIZE = 2000
+# Sentences a vocabulary is trained on at most (a seeded sample beyond that, as sentencepiece's
+# own `input_sentence_size` would take): e-SNLI's train split alone has 2 million.
+MAX_VOCAB_TEXTS = 400_000
 
 
 def _needed_released_splits(dataset: str, splits: list[str]) -> list[str]:
@@ -26,30 +40,50 @@ def _needed_released_splits(dataset: str, splits: list[str]) -> list[str]:
     return sorted({s if s in released else "train" for s in splits}, key=records.SPLITS.index)
 
 
-def prepare(source_dir: str, dataset: str, splits: list[str], skip_bad: bool = False,
+def _check_records(dataset: str, by_split: dict[str, list[records.Record]]) -> None:
+    """Ids unique across splits and every field a string (what the schema can hold)."""
+    seen: dict[str, str] = {}
+    for split, recs in by_split.items():
+        for record in recs:
+            if record.id in seen:
+                raise dss.DataError(f"{dataset}: duplicate id {record.id!r} in {seen[record.id]} "
+                                    f"and {split}")
+            seen[record.id] = split
+            records.check_record(record, f"{dataset}/{split}")
+
+
+def prepare(source_dir: str | None, dataset: str, splits: list[str], skip_bad: bool = False,
             allow_missing_teacher: bool = False
             ) -> tuple[dict[str, list[records.Record]], dict]:
     """Reads and checks the requested splits; returns records per split and info extras.
 
-    A split without teacher completions is an error unless `allow_missing_teacher` (its
-    records then have empty teacher fields: fine for `_gt` / `_standard_gt` tasks only).
+    Every bad row of every split is reported at once (dss.DataError) unless `skip_bad`. A split
+    without teacher completions is an error unless `allow_missing_teacher` (its records then
+    have empty teacher fields: fine for `_gt` / `_standard_gt` tasks only).
     """
+    if dataset == "synthetic":
+        by_split = {s: synthetic.generate(synthetic.DEFAULT_SIZES[s], 0, s) for s in splits}
+        return by_split, {"seed": 0, "generator": synthetic.__name__}
     loaded = {}
+    problems: list[str] = []
     for released in _needed_released_splits(dataset, splits):
         try:
-            loaded[released] = dss.read_split(source_dir, dataset, released, skip_bad)
+            loaded[released] = dss.read_split(source_dir, dataset, released, skip_bad=True)
         except FileNotFoundError as error:
             hint = ""
             if released == "train" and "train" in splits:
                 others = [s for s in splits if s != "train" and s in dss.RELEASED_SPLITS[dataset]]
                 hint = f" Or build the other splits only: --splits {' '.join(others)}."
             raise FileNotFoundError(f"cannot build {dataset}/{released}: {error}{hint}") from None
+        problems += loaded[released].skipped
         if not loaded[released].has_completions and not allow_missing_teacher:
             raise FileNotFoundError(
                 f"cannot build {dataset}/{released}: no teacher completions "
                 f"{os.path.join(source_dir, dataset, 'llm', released + '_CoT_*.json')}. Run the "
                 "teacher job (sbs-teacher) on these inputs instead, or pass "
                 "--allow_missing_teacher to build gold-label-only records.")
+    if problems and not skip_bad:
+        raise dss.DataError(dss.describe_problems(problems))
     by_split: dict[str, list[records.Record]] = {}
     for split in splits:
         if split in dss.RELEASED_SPLITS[dataset]:
@@ -61,13 +95,7 @@ def prepare(source_dir: str, dataset: str, splits: list[str], skip_bad: bool = F
         if "valid" in splits:
             by_split["valid"] = [r.replace(source=f"{dataset}/valid (carved from train)")
                                  for r in valid]
-    seen: dict[str, str] = {}
-    for split, recs in by_split.items():
-        for record in recs:
-            if record.id in seen:
-                raise dss.DataError(f"{dataset}: duplicate id {record.id!r} in {seen[record.id]} "
-                                    f"and {split}")
-            seen[record.id] = split
+    _check_records(dataset, by_split)
     extras = {
         "source_dir": os.path.abspath(source_dir),
         "released": {s: {"rows": len(d.records), "parse_failures": d.parse_failures,
@@ -79,19 +107,90 @@ def prepare(source_dir: str, dataset: str, splits: list[str], skip_bad: bool = F
     return by_split, extras
 
 
-def build(source_dir: str, data_dir: str, dataset: str, splits: list[str] | None = None,
+def vocabulary_texts(train_records: list[records.Record]) -> list[str]:
+    """What a data folder's vocabulary is trained on (at most MAX_VOCAB_TEXTS, seeded sample)."""
+    texts = synthetic.vocabulary_texts(train_records)
+    if len(texts) > MAX_VOCAB_TEXTS:
+        texts = random.Random(0).sample(texts, MAX_VOCAB_TEXTS)
+    return texts
+
+
+def ensure_vocabulary(data_dir: str, train_records: list[records.Record],
+                      vocab: str | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE
+                      ) -> str | None:
+    """`{data_dir}/spiece.model`: copied from `vocab`, kept when it exists, else trained on
+    `train_records` (None, with a note, when there are none). Returns its path. A different
+    model already there is an error (datasets built with it would silently change vocabulary)."""
+    from sbs_jax.vocab import train_vocab
+
+    target = os.path.join(data_dir, VOCAB_FILE)
+    os.makedirs(data_dir, exist_ok=True)
+    with publish.locked(os.path.join(data_dir, ".vocab.lock")):
+        for name in os.listdir(data_dir):
+            if name.startswith("spiece.") and ".tmp" in name:  # a killed copy or training
+                os.remove(os.path.join(data_dir, name))
+        if vocab is not None:
+            if not os.path.isfile(vocab):
+                raise FileNotFoundError(f"--vocab {vocab}: no such file")
+            if os.path.exists(target):
+                if records.file_sha256(target) != records.file_sha256(vocab):
+                    raise FileExistsError(
+                        f"{target} exists and differs from --vocab {vocab}: the datasets of "
+                        f"{data_dir} were built with it. Use another --data_dir, or remove it.")
+                return target
+            tmp = f"{target}.{os.getpid()}.tmp"
+            shutil.copyfile(vocab, tmp)
+            os.replace(tmp, target)
+            return target
+        if os.path.exists(target):
+            return target
+        texts = vocabulary_texts(train_records)
+        if not texts:
+            print(f"note: no vocabulary made: no train split was built to train {target} on "
+                  "(pass --vocab PATH, or build a train split)", flush=True)
+            return None
+        print(f"training a {vocab_size}-piece vocabulary on {len(texts)} texts: {target}",
+              flush=True)
+        prefix = os.path.join(data_dir, f"spiece.{os.getpid()}.tmp")
+        trained = train_vocab(texts, prefix, vocab_size)
+        os.replace(f"{prefix}.vocab", os.path.join(data_dir, "spiece.vocab"))
+        os.replace(trained, target)
+        return target
+
+
+def build(source_dir: str | None, data_dir: str, dataset: str, splits: list[str] | None = None,
           records_per_shard: int = 50_000, skip_bad: bool = False,
-          allow_missing_teacher: bool = False) -> str:
-    """Builds one dataset folder under `data_dir`; returns its info.json path."""
+          allow_missing_teacher: bool = False, vocab: str | None = None,
+          vocab_size: int | None = None) -> str:
+    """Builds and publishes one dataset folder under `data_dir`; returns its info.json path.
+
+    With `vocab` (a path) or `vocab_size`, also makes `{data_dir}/spiece.model` (see
+    `ensure_vocabulary`) and pins its checksum in info.json.
+    """
+    return build_all(source_dir, data_dir, [dataset], splits, records_per_shard, skip_bad,
+                     allow_missing_teacher, vocab, vocab_size)[0]
+
+
+def build_all(source_dir: str | None, data_dir: str, datasets: list[str],
+              splits: list[str] | None = None, records_per_shard: int = 50_000,
+              skip_bad: bool = False, allow_missing_teacher: bool = False,
+              vocab: str | None = None, vocab_size: int | None = None) -> list[str]:
+    """Checks every dataset, makes the vocabulary, then publishes each; info.json paths."""
     splits = list(splits or records.SPLITS)
-    directory = os.path.join(data_dir, dataset)
-    if dataset == "synthetic":
-        synthetic.write_dataset(directory, {s: synthetic.DEFAULT_SIZES[s] for s in splits})
-        return os.path.join(directory, "info.json")
-    by_split, extras = prepare(source_dir, dataset, splits, skip_bad, allow_missing_teacher)
-    for split, recs in by_split.items():
-        records.write_split(recs, directory, split, records_per_shard)
-    return records.write_info(directory, dataset, extras)
+    prepared = {d: prepare(source_dir, d, splits, skip_bad, allow_missing_teacher)
+                for d in datasets}
+    for dataset in datasets:
+        publish.refuse_foreign(os.path.join(data_dir, dataset))
+    pin = {}
+    if vocab is not None or vocab_size is not None:
+        train = [r for by_split, _ in prepared.values() for r in by_split.get("train", [])]
+        path = ensure_vocabulary(data_dir, train, vocab, vocab_size or DEFAULT_VOCAB_SIZE)
+        if path is not None:
+            pin = {"vocabulary": {"path": os.path.join("..", VOCAB_FILE),
+                                  "sha256": records.file_sha256(path)}}
+    return [publish.publish(os.path.join(data_dir, dataset), dataset, by_split,
+                            {**extras, **pin}, records_per_shard)
+            for dataset, (by_split, extras) in prepared.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,23 +202,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", action="append", choices=ALL_DATASETS, required=True,
                         help="repeatable")
     parser.add_argument("--splits", nargs="+", choices=records.SPLITS, default=None,
-                        help="default: train valid test")
+                        help="default: train valid test (others already built are kept)")
     parser.add_argument("--records_per_shard", type=int, default=50_000)
     parser.add_argument("--skip_bad", action="store_true",
                         help="skip malformed rows (counted in info.json) instead of stopping")
     parser.add_argument("--allow_missing_teacher", action="store_true",
                         help="build splits that have no teacher completions (gold labels only)")
+    vocab = parser.add_mutually_exclusive_group()
+    vocab.add_argument("--vocab", metavar="PATH",
+                       help="SentencePiece model to copy to DATA_DIR/spiece.model (e.g. a HF T5 "
+                            "spiece.model); default: keep the one there, or train one")
+    vocab.add_argument("--no_vocab", action="store_true",
+                       help="leave DATA_DIR/spiece.model alone (set SBS_VOCAB for training)")
+    parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE,
+                        help="pieces of a trained vocabulary (with 3 specials + 256 bytes)")
     args = parser.parse_args(argv)
+    if args.records_per_shard < 1:
+        parser.error(f"--records_per_shard must be >= 1, got {args.records_per_shard}")
+    if args.vocab_size < 512:
+        parser.error(f"--vocab_size must be >= 512, got {args.vocab_size}")
     for dataset in args.dataset:
         if dataset != "synthetic" and not args.source_dir:
             parser.error(f"--source_dir is required for {dataset}")
-        try:
-            info = build(args.source_dir, args.data_dir, dataset, args.splits,
-                         args.records_per_shard, args.skip_bad, args.allow_missing_teacher)
-        except (FileNotFoundError, dss.DataError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        print(f"{dataset}: wrote {info}")
+    try:
+        paths = build_all(args.source_dir, args.data_dir, list(dict.fromkeys(args.dataset)),
+                          args.splits, args.records_per_shard, args.skip_bad,
+                          args.allow_missing_teacher, args.vocab,
+                          None if args.no_vocab else args.vocab_size)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"error: {error}\nNothing was published.", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    vocab_path = os.path.join(args.data_dir, VOCAB_FILE)
+    if not args.no_vocab and os.path.exists(vocab_path):
+        print(f"vocabulary: {vocab_path}")
     return 0
 
 

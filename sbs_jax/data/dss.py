@@ -113,9 +113,14 @@ def read_completions(root: str, dataset: str, split: str) -> list[str] | None:
         return None
     completions: list[str] = []
     for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
         try:
-            with open(path, encoding="utf-8") as f:
-                items = json.load(f)
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not valid UTF-8 (byte {data[error.start]:#04x} at "
+                            f"offset {error.start})") from None
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: not valid JSON ({error})") from None
         if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
@@ -130,19 +135,51 @@ def missing_train_message(root: str, dataset: str) -> str:
             "The released teacher completions are aligned with it by row.")
 
 
-def _require(row: dict, keys: tuple[str, ...], where: str) -> None:
-    missing = [k for k in keys if k not in row]
+def decode_lines(path: str) -> tuple[list[str], dict[int, str]]:
+    """The lines of a UTF-8 text file and, by 0-based index, why some could not be decoded.
+
+    Lines end at "\n" only (a trailing "\r" is dropped): U+2028 and the other characters
+    `str.splitlines` also breaks at are legal inside a JSON string. An undecodable line is ""
+    in the list, with a message naming `path:LINE` and the offending byte.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    raw = data.split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()
+    lines, problems = [], {}
+    for index, line in enumerate(raw):
+        try:
+            lines.append(line.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as error:
+            lines.append("")
+            problems[index] = (f"{path}:{index + 1}: not valid UTF-8 (byte "
+                               f"{line[error.start]:#04x} at column {error.start + 1})")
+    return lines, problems
+
+
+def _require(row: dict, types: dict[str, type | tuple[type, ...]], where: str) -> None:
+    """Every key present with a value of its type (the error names key, value and type)."""
+    missing = [k for k in types if k not in row]
     if missing:
         raise DataError(f"{where}: missing key(s) {missing}")
+    for key, kind in types.items():
+        value = row[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            raise DataError(f"{where}: {key!r} is {type(value).__name__} {value!r}, expected "
+                            f"{names}")
 
 
 def _nli_record(dataset: str, split: str, row: dict, index: int, where: str) -> Record:
-    _require(row, ("premise", "hypothesis", "label"), where)
-    premise, hypothesis = str(row["premise"]), str(row["hypothesis"])
+    _require(row, {"premise": str, "hypothesis": str, "label": int}, where)
+    if "uid" in row:
+        _require(row, {"uid": str}, where)
+    premise, hypothesis = row["premise"], row["hypothesis"]
     if not premise.strip() or not hypothesis.strip():
         raise DataError(f"{where}: empty premise or hypothesis")
     label = row["label"]
-    if isinstance(label, bool) or label not in (0, 1, 2):
+    if label not in (0, 1, 2):
         raise DataError(f"{where}: label {label!r} is not 0, 1 or 2 ({', '.join(NLI_LABELS)})")
     example_id = f"{dataset}-{row['uid']}" if row.get("uid") else f"{dataset}-{split}-{index:06d}"
     return Record(id=example_id, input=join_nli_input(premise, hypothesis),
@@ -150,11 +187,11 @@ def _nli_record(dataset: str, split: str, row: dict, index: int, where: str) -> 
 
 
 def _cqa_record(split: str, row: dict, index: int, where: str) -> Record:
-    _require(row, ("id", "question", "choices", "answer"), where)
+    _require(row, {"id": str, "question": str, "choices": list, "answer": str}, where)
     choices = row["choices"]
-    if not isinstance(choices, list) or len(choices) != 5:
-        raise DataError(f"{where}: expected 5 choices, got {choices!r}")
-    if not str(row["question"]).strip():
+    if len(choices) != 5 or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where}: expected 5 choices (strings), got {choices!r}")
+    if not row["question"].strip():
         raise DataError(f"{where}: empty question")
     if row["answer"] not in choices:
         raise DataError(f"{where}: answer {row['answer']!r} is not one of the choices {choices}")
@@ -163,10 +200,10 @@ def _cqa_record(split: str, row: dict, index: int, where: str) -> Record:
 
 
 def _svamp_record(split: str, row: dict, index: int, where: str) -> Record:
-    _require(row, ("input", "label"), where)
-    if not str(row["input"]).strip():
+    _require(row, {"input": str, "label": str}, where)
+    if not row["input"].strip():
         raise DataError(f"{where}: empty input")
-    if safe_arithmetic(str(row["label"])) is None:
+    if safe_arithmetic(row["label"]) is None:
         raise DataError(f"{where}: label {row['label']!r} is not an arithmetic expression")
     return Record(id=f"svamp-{split}-{index:04d}", input=row["input"], label=row["label"],
                   source=f"svamp/{split}")
@@ -186,8 +223,9 @@ def read_split(root: str, dataset: str, split: str, skip_bad: bool = False) -> S
     """Gold rows of a released split joined row by row with the teacher's parsed completions.
 
     Raises FileNotFoundError (saying which public split to place where) when the gold file is
-    missing, DataError naming file and line for a bad row, unless `skip_bad`: then bad rows are
-    left out and listed in `skipped` (their completions too, so rows stay aligned).
+    missing, and one DataError naming file and line of every bad row (wrong types, not UTF-8,
+    a repeated id, ...) unless `skip_bad`: then bad rows are left out and listed in `skipped`
+    (their completions too, so rows stay aligned).
     """
     if dataset not in DSS_DATASETS or split not in RELEASED_SPLITS[dataset]:
         raise ValueError(f"no released split {dataset}/{split}")
@@ -198,31 +236,47 @@ def read_split(root: str, dataset: str, split: str, skip_bad: bool = False) -> S
         raise FileNotFoundError(f"released data file not found: {path}")
     completions = read_completions(root, dataset, split)
     records: list[Record] = []
-    skipped: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    problems: list[str] = []
+    lines, undecodable = decode_lines(path)
     if completions is not None and len(completions) != len(lines):
         raise DataError(f"{path} has {len(lines)} rows but the teacher completions "
                         f"{completion_paths(root, dataset, split)} hold {len(completions)}")
+    first_line: dict[str, int] = {}
     for index, line in enumerate(lines):
         where = f"{path}:{index + 1}"
         try:
+            if index in undecodable:
+                raise DataError(undecodable[index])
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: malformed JSON ({error.msg})") from None
             record = _gold_record(dataset, split, row, index, where)
+            if record.id in first_line:
+                raise DataError(f"{where}: id {record.id!r} already at line "
+                                f"{first_line[record.id]}")
         except DataError as error:
-            if not skip_bad:
-                raise
-            skipped.append(str(error))
+            problems.append(str(error))
             continue
+        first_line[record.id] = index + 1
         if completions is not None:
             parsed = parse_completion(dataset, completions[index])
             record = record.replace(llm_label=parsed.label or "", rationale=parsed.rationale,
                                     teacher=TEACHER_NAME, raw_completion=completions[index])
         records.append(record)
-    return SplitData(dataset, split, records, completions is not None, skipped)
+    if problems and not skip_bad:
+        raise DataError(describe_problems(problems))
+    return SplitData(dataset, split, records, completions is not None, problems)
+
+
+def describe_problems(problems: list[str], limit: int = 20) -> str:
+    """One message for every bad row (the first `limit` shown, each naming FILE:LINE)."""
+    if len(problems) == 1:
+        return problems[0]
+    shown = "\n  ".join(problems[:limit])
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return (f"{len(problems)} bad rows (fix them, or pass --skip_bad to leave them out):"
+            f"\n  {shown}{more}")
 
 
 def carve_valid(train: list[Record], fraction: float = VALID_FRACTION,

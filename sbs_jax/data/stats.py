@@ -6,7 +6,9 @@ parse failures: anli1 train 123 completions without a label, svamp train 11 empt
 Teacher labels are compared as parsed (no normalisation); svamp compares expression values
 with the reference's rule (`metrics.arithmetic_accuracy`: train 73.5, test 74.0).
 Missing train inputs (e-SNLI, ANLI) are reported as a warning saying which public split to place
-where; the completions of that split are still counted. Exit status 0 unless a file is bad.
+where; the completions of that split are still counted. Rows get the build job's checks (types,
+UTF-8, unique ids); every bad row is listed as FILE:LINE and left out of the figures. Exit status
+0 unless a file or a row is bad (`--skip_bad`: 0 with bad rows too).
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ def teacher_accuracy(dataset: str, records: list) -> float:
     return metric([r.label for r in records], [r.llm_label for r in records])["accuracy"]
 
 
-def split_stats(root: str, dataset: str, split: str, skip_bad: bool = False) -> dict:
-    """The figures of one released split; `warning` is set when its gold inputs are missing."""
+def split_stats(root: str, dataset: str, split: str) -> dict:
+    """The figures of one released split; `warning` is set when its gold inputs are missing.
+
+    Rows are checked as the build job checks them; bad ones are left out of the figures and
+    listed in `bad_rows` (FILE:LINE: why), so one run reports all of them.
+    """
     row = {"dataset": dataset, "split": split, "rows": None, "completions": None,
            "parse_failures": None, "empty_rationales": None, "teacher_accuracy": None}
     try:
-        data = dss.read_split(root, dataset, split, skip_bad=skip_bad)
+        data = dss.read_split(root, dataset, split, skip_bad=True)
     except FileNotFoundError as error:
         row["warning"] = str(error)
         completions = dss.read_completions(root, dataset, split)
@@ -49,6 +55,7 @@ def split_stats(root: str, dataset: str, split: str, skip_bad: bool = False) -> 
     row["rows"] = len(data.records)
     if data.skipped:
         row["skipped"] = len(data.skipped)
+        row["bad_rows"] = data.skipped
     if data.has_completions:
         row.update(completions=len(data.records), parse_failures=data.parse_failures,
                    empty_rationales=data.empty_rationales,
@@ -59,12 +66,12 @@ def split_stats(root: str, dataset: str, split: str, skip_bad: bool = False) -> 
     return row
 
 
-def collect(root: str, datasets: list[str] | None = None, skip_bad: bool = False) -> list[dict]:
+def collect(root: str, datasets: list[str] | None = None) -> list[dict]:
     """Rows for every released split of the datasets present under `root` (or those named)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"released-data folder not found: {root}")
     names = datasets or [d for d in dss.DSS_DATASETS if os.path.isdir(os.path.join(root, d))]
-    return [split_stats(root, d, s, skip_bad) for d in names for s in dss.RELEASED_SPLITS[d]]
+    return [split_stats(root, d, s) for d in names for s in dss.RELEASED_SPLITS[d]]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -82,7 +89,7 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{r['dataset']}: valid carved from train (seed {dss.VALID_SEED}, "
                          f"{dss.VALID_FRACTION:.0%}): train {train}, valid {valid}")
         if r.get("skipped"):
-            lines.append(f"{r['dataset']}/{r['split']}: {r['skipped']} bad rows skipped")
+            lines.append(f"{r['dataset']}/{r['split']}: {r['skipped']} bad rows left out")
     return "\n".join(lines)
 
 
@@ -93,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", action="append", choices=dss.DSS_DATASETS,
                         help="repeatable; default: every dataset present")
     parser.add_argument("--skip_bad", action="store_true",
-                        help="skip malformed rows (counted) instead of stopping at the first")
+                        help="exit 0 even with malformed rows (they are listed and left out of "
+                             "the figures either way)")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     args = parser.parse_args(argv)
     try:
-        rows = collect(args.data_dir, args.dataset, args.skip_bad)
+        rows = collect(args.data_dir, args.dataset)
     except (FileNotFoundError, dss.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -108,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)
+    bad = [problem for r in rows for problem in r.get("bad_rows", [])]
+    if bad and not args.skip_bad:
+        print(f"error: {dss.describe_problems(bad)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -14,14 +14,12 @@ test never share a problem whatever seeds or sizes are asked for.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import random
 import re
 
-from sbs_jax.data import records
+from sbs_jax.data import publish, records
 from sbs_jax.data.records import Record
 
 SPLIT_BUCKETS = {"test": range(10), "valid": range(10, 20), "train": range(20, 100)}
@@ -107,24 +105,12 @@ def generate(num_examples: int, seed: int, split: str) -> list[Record]:
     return records
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: str):
-    """An exclusive advisory lock, so racing processes create the dataset once."""
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def write_dataset(directory: str, sizes: dict[str, int] | None = None, seed: int = 0) -> str:
-    """Writes every split as record shards plus `info.json`; returns `directory`."""
+    """Publishes every split as record shards plus `info.json`; returns `directory`."""
     sizes = sizes or DEFAULT_SIZES
-    for split, size in sizes.items():
-        records.write_split(generate(size, seed, split), directory, split)
-    records.write_info(directory, "synthetic", {"seed": seed, "generator": __name__})
+    publish.publish(directory, "synthetic",
+                    {split: generate(size, seed, split) for split, size in sizes.items()},
+                    {"seed": seed, "generator": __name__})
     return directory
 
 
@@ -148,7 +134,8 @@ def ensure_dataset(data_dir: str, vocabulary_path: str | None = None) -> str:
     needs_vocab = vocabulary_path is not None and not os.path.exists(vocabulary_path)
     if os.path.exists(info_path) and not needs_vocab:
         return directory
-    with _exclusive(os.path.join(data_dir, ".synthetic.lock")):
+    os.makedirs(data_dir, exist_ok=True)
+    with publish.locked(os.path.join(data_dir, ".synthetic.lock")):
         if not os.path.exists(info_path):
             write_dataset(directory)
         if vocabulary_path is not None and not os.path.exists(vocabulary_path):

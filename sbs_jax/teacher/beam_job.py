@@ -5,7 +5,7 @@ Same flags, prompts, backends, parsing, voting and record schema as `python -m s
 the DirectRunner:
 
     python -m sbs_jax.teacher.beam_job --dataset synthetic --input synthetic:100000 \\
-        --output_dir data/synthetic -- --runner DirectRunner --direct_num_workers 2
+        --output_dir teacher_data/synthetic -- --runner DirectRunner --direct_num_workers 2
 
 On Google Cloud Dataflow (workers need sbs-jax installed, e.g. a custom container; the API key
 must be in the workers' environment under the name given by --api_key_env, e.g. from Secret
@@ -14,7 +14,7 @@ graph):
 
     python -m sbs_jax.teacher.beam_job --dataset cqa --input gs://BUCKET/cqa_train.jsonl \\
         --backend openai --base_url https://HOST/v1 --model MODEL --api_key_env TEACHER_KEY \\
-        --concurrency 32 --requests_per_minute 3000 --output_dir gs://BUCKET/data/cqa -- \\
+        --concurrency 32 --requests_per_minute 3000 --output_dir gs://BUCKET/teacher_data/cqa -- \\
         --runner DataflowRunner --project PROJECT --region REGION \\
         --temp_location gs://BUCKET/tmp --sdk_container_image IMAGE \\
         --max_num_workers 20 --experiments use_runner_v2
@@ -24,10 +24,12 @@ number of workers. Each bundle is sent with bounded concurrency from one event l
 
 Exactly once: records are written by Beam's file sink into `{output_dir}/.beam-{split}.tmp/`
 as `{split}-{k:05d}.staged` (the runner commits each shard once even when it retries bundles,
-which may ask the teacher about an example again) and renamed into place as
-`{split}-{k:05d}.tfrecord`, numbered after the shards already there, when the pipeline has
-succeeded. On a local folder a re-run skips ids that are
-already committed; `stats.json` (the same keys as the plain job's) is written at the end.
+which may ask the teacher about an example again). When the pipeline has succeeded, on a local
+folder each staged shard is committed through the teacher's ledger (a ledger with its ids and
+checksum, then the rename to `{split}-{k:05d}.tfrecord`), so readers check it like the plain
+job's output and a re-run skips ids already committed; on a remote folder the shards are renamed
+into place after those already there. `stats.json` (the same keys as the plain job's) is written
+at the end.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from sbs_jax.data import records
 from sbs_jax.teacher import cli, job
 from sbs_jax.teacher.inputs import TeacherInput, parse_jsonl_line, read_inputs
-from sbs_jax.teacher.ledger import Ledger
+from sbs_jax.teacher.ledger import Batch, Ledger
 from sbs_jax.teacher.prompts import load_prompt
 
 NAMESPACE = "sbs_teacher"
@@ -123,9 +125,12 @@ def _read(pipeline, args: argparse.Namespace):
     return pipeline | "Create" >> beam.Create(examples, reshuffle=True)
 
 
-def _move_into_place(staging: str, output_dir: str, split: str, first_index: int) -> int:
+def _move_into_place(staging: str, output_dir: str, split: str) -> int:
+    """Renames the staged shards after those already there (a remote folder has no ledger)."""
     from sbs_jax.tf_setup import tf
 
+    first_index = sum(1 for n in tf.io.gfile.listdir(output_dir)
+                      if (m := records.SHARD_RE.match(n)) and m.group("split") == split)
     names = sorted(n for n in tf.io.gfile.listdir(staging) if n.endswith(STAGED_SUFFIX))
     for offset, name in enumerate(names):
         tf.io.gfile.rename(os.path.join(staging, name),
@@ -147,24 +152,30 @@ def _read_failures(staging: str) -> list[dict]:
 
 def run(args: argparse.Namespace, beam_argv: list[str]) -> dict:
     """Runs the pipeline to completion and returns the stats it wrote."""
-    from sbs_jax.tf_setup import tf
-
     if args.backend is None:
         args.backend = "rules" if args.dataset == "synthetic" else "openai"
     if args.temperature is None:
         args.temperature = 0.0 if args.num_samples == 1 else 0.7
     cli._api_key(args)  # fail early, on the launcher, when the variable is missing
     local = "://" not in args.output_dir
-    done: set[str] = set()
-    first_index = 0
+    ledger = None
     if local:
         ledger = Ledger(args.output_dir, args.split, {
             "input": args.input, "dataset": args.dataset, "split": args.split,
             "backend": args.backend, "model": args.model, "endpoint": args.endpoint,
             "num_samples": args.num_samples})
-        done = set(ledger.record_ids)
-        first_index = ledger.next_index
-        ledger.close()
+    try:
+        return _run_pipeline(args, beam_argv, ledger)
+    finally:
+        if ledger is not None:
+            ledger.close()
+
+
+def _run_pipeline(args: argparse.Namespace, beam_argv: list[str], ledger: Ledger | None) -> dict:
+    """The pipeline, then its shards committed: through the ledger on a local folder."""
+    from sbs_jax.tf_setup import tf
+
+    done = set(ledger.record_ids) if ledger else set()
     staging = os.path.join(args.output_dir, f".beam-{args.split}.tmp")
     if tf.io.gfile.exists(staging):
         tf.io.gfile.rmtree(staging)
@@ -191,7 +202,14 @@ def run(args: argparse.Namespace, beam_argv: list[str]) -> dict:
     for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
         totals[counter.key.metric.name] += counter.committed or counter.attempted or 0
     failures = _read_failures(staging)
-    shards = _move_into_place(staging, args.output_dir, args.split, first_index)
+    if ledger is not None:
+        staged = sorted(n for n in os.listdir(staging) if n.endswith(STAGED_SUFFIX))
+        for name in staged:
+            ledger.commit_file(os.path.join(staging, name))
+        ledger.commit(Batch(failures=failures))
+        shards = len(staged)
+    else:
+        shards = _move_into_place(staging, args.output_dir, args.split)
     tf.io.gfile.rmtree(staging)
     cost = (totals["prompt_tokens"] * args.prompt_cost_per_1k
             + totals["completion_tokens"] * args.completion_cost_per_1k) / 1000
@@ -210,8 +228,11 @@ def run(args: argparse.Namespace, beam_argv: list[str]) -> dict:
         "estimated_cost_usd": round(cost, 6), "new_shards": shards,
         "failures": [{"id": f["id"], "reason": f["reason"]} for f in failures],
     }
-    with tf.io.gfile.GFile(os.path.join(args.output_dir, "stats.json"), "w") as f:
-        f.write(json.dumps(stats, indent=1, ensure_ascii=False))
+    if ledger is not None:
+        ledger.write_stats(stats)
+    else:
+        with tf.io.gfile.GFile(os.path.join(args.output_dir, "stats.json"), "w") as f:
+            f.write(json.dumps(stats, indent=1, ensure_ascii=False))
     return stats
 
 

@@ -59,8 +59,10 @@ def parse_jsonl_line(line: str, where: str) -> TeacherInput | None:
 
 
 def _from_jsonl(path: str) -> list[TeacherInput]:
-    with open(path, encoding="utf-8") as f:
-        examples = [parse_jsonl_line(line, f"{path}:{number}") for number, line in enumerate(f, 1)]
+    lines, undecodable = dss.decode_lines(path)  # "\n" only: U+2028 may sit inside a string
+    if undecodable:
+        raise ValueError(dss.describe_problems(list(undecodable.values())))
+    examples = [parse_jsonl_line(line, f"{path}:{number}") for number, line in enumerate(lines, 1)]
     return [example for example in examples if example is not None]
 
 
@@ -86,7 +88,7 @@ def read_inputs(path: str, dataset: str, split: str) -> list[TeacherInput]:
         examples = _from_records(list(records.read_shard(path)))
     elif os.path.isfile(path):
         examples = _from_jsonl(path)
-    elif os.path.isdir(path) and records.shard_paths(path, split):
+    elif os.path.isdir(path) and records.committed_shards(path, split):
         examples = _from_records(records.read_split(path, split))
     elif os.path.isdir(path):
         examples = _from_records(_released_split(path, dataset, split))

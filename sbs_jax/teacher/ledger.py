@@ -2,8 +2,9 @@
 
 The folder holds committed shards `{split}-{k:05d}.tfrecord` (via `sbs_jax.data.records`) and,
 for every commit, a ledger `{split}-{k:05d}.ledger.json`: the ids in the shard, the examples that
-ended without a record (with the reason) and what the batch cost. A commit writes the ledger
-(`.tmp`, rename) and then the shard (`.tmp`, rename): the shard's rename is the commit point.
+ended without a record (with the reason), the shard's SHA-256 and what the batch cost. A commit
+writes the shard as `.tmp`, then the ledger (`.tmp`, rename), then renames the shard: the
+shard's rename is the commit point.
 After a crash (even SIGKILL) at any moment a restart finds either
 
 - a ledger whose shard exists, or one that lists no records: committed, its ids are done;
@@ -14,7 +15,10 @@ So every example ends in exactly one committed shard, and only what was never co
 again. Failures of the teacher (retries ran out, a request rejected) are asked again on a
 re-run; a completion with no parsable label is final (it is not re-asked forever), as is an
 input the rules teacher cannot solve.
-A lock file keeps two jobs from writing one folder at once.
+A lock file keeps two jobs from writing one folder at once. The folder is teacher output only:
+a published dataset (info.json) or shards without ledgers are refused, so teacher records never
+mix with released ones. Readers (`sbs_jax.data.records.verify_split`) check each split against
+its ledgers and `stats.json` (finished) before training reads it.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
+import shutil
 from dataclasses import dataclass, field
 
 from sbs_jax.data import records
 
-_LEDGER_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})\.ledger\.json$")
-STATS_FILE = "stats.json"
+_LEDGER_RE = records.LEDGER_RE
+STATS_FILE = records.STATS_FILE
 LOCK_FILE = ".teacher.lock"
 COUNTERS = ("prompt_tokens", "completion_tokens", "requests", "gold_known", "gold_agree")
 
@@ -54,12 +58,24 @@ def _write_json_atomically(path: str, payload: dict) -> None:
     os.replace(tmp_path, path)
 
 
+def refuse_published(output_dir: str) -> None:
+    """ValueError when `output_dir` is a published dataset (it has an info.json): teacher shards
+    added there would mix with the released ones."""
+    if os.path.exists(os.path.join(output_dir, records.INFO_FILE)):
+        raise ValueError(
+            f"{output_dir} is a published dataset (it has {records.INFO_FILE}); teacher output "
+            "never goes among built shards. Use a folder of its own, e.g. "
+            f"--output_dir teacher_data/{os.path.basename(os.path.normpath(output_dir))} "
+            "(then train with SBS_DATA_DIR=teacher_data)")
+
+
 class Ledger:
     """The committed state of one split in an output folder; `commit` adds a batch."""
 
     def __init__(self, output_dir: str, split: str, settings: dict):
         self.output_dir = output_dir
         self.split = split
+        refuse_published(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         self._lock_file = open(os.path.join(output_dir, LOCK_FILE), "w")
         try:
@@ -96,8 +112,13 @@ class Ledger:
         names = os.listdir(self.output_dir)
         for name in names:
             if name.endswith(".tmp"):
-                os.remove(os.path.join(self.output_dir, name))
-        shards = {os.path.basename(p) for p in records.shard_paths(self.output_dir, self.split)}
+                path = os.path.join(self.output_dir, name)
+                if os.path.isdir(path):  # the Beam form's staging folder
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+        shards = {os.path.basename(p)
+                  for p in records.committed_shards(self.output_dir, self.split)}
         indices = [int(name.split("-")[-1].split(".")[0]) for name in shards]
         ledgered = set()
         for name in sorted(names):
@@ -115,9 +136,12 @@ class Ledger:
             ledgered.add(shard)
             indices.append(index)
             self._add(entry["record_ids"], entry["failures"], entry["counters"])
-        for shard in sorted(shards - ledgered):  # shards written by someone else: still done
-            ids = [r.id for r in records.read_shard(os.path.join(self.output_dir, shard))]
-            self._add(ids, [], {})
+        unledgered = sorted(shards - ledgered)
+        if unledgered:
+            raise ValueError(
+                f"{self.output_dir} holds shards no teacher ledger lists ({', '.join(unledgered[:3])}"
+                f"{' ...' if len(unledgered) > 3 else ''}): released or hand-made data. Teacher "
+                "output goes to a folder of its own: use another --output_dir")
         self.next_index = max(indices, default=-1) + 1
 
     def _add(self, record_ids: list[str], failures: list[dict], counters: dict) -> None:
@@ -139,22 +163,32 @@ class Ledger:
         return example_id in self.record_ids or (failure is not None and failure["final"])
 
     def commit(self, batch: Batch) -> None:
-        """Commits a batch atomically: ledger first, then the shard (the commit point)."""
+        """Commits a batch atomically: shard staged, ledger (with the shard's checksum) written,
+        then the shard renamed into place (the commit point)."""
         if not len(batch):
             return
+        staged = (records.stage_shard(batch.records, self.output_dir, self.split,
+                                      self.next_index) if batch.records else None)
+        self._commit(staged.tmp_path if staged else None, [r.id for r in batch.records],
+                     staged.sha256 if staged else None, batch.failures, batch.counters)
+
+    def commit_file(self, path: str) -> None:
+        """Commits a complete shard file written elsewhere (the Beam sink's) the same way."""
+        ids = [r.id for r in records.read_shard(path)]
+        self._commit(path, ids, records.file_sha256(path), [], {})
+
+    def _commit(self, shard_file: str | None, record_ids: list[str], sha256: str | None,
+                failures: list[dict], counters: dict) -> None:
         index = self.next_index
-        entry = {
-            "shard": records.shard_name(self.split, index) if batch.records else None,
-            "record_ids": [r.id for r in batch.records],
-            "failures": batch.failures,
-            "counters": batch.counters,
-        }
+        shard = records.shard_name(self.split, index) if shard_file else None
+        entry = {"shard": shard, "record_ids": record_ids, "sha256": sha256,
+                 "failures": failures, "counters": counters}
         name = f"{self.split}-{index:05d}.ledger.json"
         _write_json_atomically(os.path.join(self.output_dir, name), entry)
-        if batch.records:
-            records.write_shard(batch.records, self.output_dir, self.split, index)
+        if shard_file:
+            os.replace(shard_file, os.path.join(self.output_dir, shard))
         self.next_index = index + 1
-        self._add(entry["record_ids"], batch.failures, batch.counters)
+        self._add(record_ids, failures, counters)
 
     def write_stats(self, stats: dict) -> str:
         """`stats.json`: this split's stats at the top level; every split's summary (without
