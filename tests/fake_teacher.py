@@ -2,8 +2,9 @@
 
 The teacher job must survive what real servers do, so this server can, per prompt, answer 429
 with a Retry-After (seconds or HTTP date), 500, hang past the client's timeout, send a body that
-is not JSON, send a completion with no parsable answer, or refuse the key (401). A fault script
-maps a marker (any substring of the prompt) to the actions of successive requests whose prompt
+is not JSON or JSON of the wrong shape (MISSHAPEN), send a completion with no parsable answer,
+or refuse the key (401), echoing it back masked (`sk-ABCD****WXYZ`) or a piece of it. A fault
+script maps a marker (any substring of the prompt) to the actions of successive requests whose prompt
 contains it; once the list is used up the server answers normally. It counts requests per marker
 and keeps every Authorization header it saw.
 
@@ -23,7 +24,18 @@ from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-ACTIONS = ("ok", "429", "429-date", "500", "503", "hang", "malformed", "noanswer", "401")
+ACTIONS = ("ok", "429", "429-date", "500", "503", "hang", "malformed", "noanswer", "401",
+           "message-string", "no-choices", "empty-choices", "wrong-types", "json-list",
+           "401-masked-key", "400-key-piece")
+# 200 replies of the wrong shape, each of which a client must retry rather than crash on.
+MISSHAPEN = {
+    "message-string": {"choices": [{"index": 0, "message": "just a string", "text": 7}]},
+    "no-choices": {"id": "x", "object": "text_completion"},
+    "empty-choices": {"choices": [], "usage": {"prompt_tokens": 3}},
+    "wrong-types": {"choices": [{"index": 0, "text": ["a"], "message": {"content": 5}}],
+                    "usage": {"prompt_tokens": "many", "completion_tokens": None}},
+    "json-list": [{"text": "a list, not an object"}],
+}
 
 
 class _Server(ThreadingHTTPServer):
@@ -126,7 +138,9 @@ class FakeTeacher:
                 request = json.loads(self.rfile.read(length))
                 chat = self.path.endswith("/chat/completions")
                 prompt = request["messages"][-1]["content"] if chat else request["prompt"]
-                action = teacher._next_action(prompt, self.headers.get("Authorization", ""))
+                auth = self.headers.get("Authorization", "")
+                action = teacher._next_action(prompt, auth)
+                self.key = auth.removeprefix("Bearer ")
                 with teacher._lock:
                     teacher.in_flight += 1
                     teacher.max_in_flight = max(teacher.max_in_flight, teacher.in_flight)
@@ -157,6 +171,17 @@ class FakeTeacher:
                     return
                 if action == "401":
                     self._send(401, b'{"error": "invalid api key"}')
+                    return
+                if action == "401-masked-key":
+                    shown = f"{self.key[:7]}****{self.key[-4:]}"
+                    self._send(401, json.dumps({"error": f"Incorrect API key: {shown}"}).encode())
+                    return
+                if action == "400-key-piece":
+                    piece = self.key[3:12]
+                    self._send(400, json.dumps({"error": f"bad request for {piece}"}).encode())
+                    return
+                if action in MISSHAPEN:
+                    self._send(200, json.dumps(MISSHAPEN[action]).encode())
                     return
                 if action == "malformed":
                     self._send(200, b'{"choices": [{"text": "trunc')

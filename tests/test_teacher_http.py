@@ -13,6 +13,7 @@ from sbs_jax.teacher.http_backend import (
     TeacherError,
     TeacherUnavailable,
     parse_retry_after,
+    redact,
 )
 from sbs_jax.teacher.ratelimit import RateLimiter, TokenBucket
 
@@ -143,3 +144,54 @@ def test_rate_limiter_pause_holds_everyone():
         return time.monotonic() - start
 
     assert asyncio.run(go()) >= 0.29
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("action", ["message-string", "no-choices", "empty-choices",
+                                    "wrong-types", "json-list"])
+def test_a_misshapen_200_reply_is_retried_not_a_crash(action, endpoint):
+    with FakeTeacher(faults={"X": [action, action]}) as teacher:
+        generation = _generate(teacher, "question X", endpoint=endpoint)
+        assert generation.completions == ["The teacher thought about it. So the answer is 42."]
+        assert generation.requests == 3 and teacher.requests_by_marker["X"] == 3
+        with pytest.raises(TeacherError, match="malformed response body") as info:
+            teacher.faults["X"] = [action] * 3
+            _generate(teacher, "question X", endpoint=endpoint, max_retries=2)
+        assert info.value.requests == 3 and not info.value.final
+
+
+def test_pieces_of_the_key_a_server_echoes_are_masked():
+    with FakeTeacher(faults={"X": ["401-masked-key"], "Y": ["400-key-piece"]}) as teacher:
+        with pytest.raises(TeacherUnavailable) as info:
+            _generate(teacher, "question X")
+        message = str(info.value)
+        assert "Incorrect API key: ***" in message
+        assert KEY[:7] not in message and KEY[-4:] not in message
+        with pytest.raises(TeacherError) as error:
+            _generate(teacher, "question Y")
+        assert "HTTP 400" in error.value.reason and KEY[3:12] not in error.value.reason
+
+
+def test_redact_masks_whole_key_fragments_and_masked_forms():
+    key = "sk-ADVT0123456789SECRET"
+    assert redact(f"key {key}!", key) == "key ***!"
+    assert redact("given sk-ADVT****CRET here", key) == "given *** here"
+    assert redact("tail 6789SECRET, head sk-ADV", key) == "tail ***, head ***"
+    assert redact("sk-A****ET", key) == "***"
+    assert redact("short 0123 and SECRE and ADVT0 stay", key) == \
+        "short 0123 and SECRE and ADVT0 stay"
+    assert redact("anything", None) == "anything"
+
+
+def test_a_wrong_url_fails_fast_and_names_it():
+    async def go():
+        async with OpenAIBackend("http://127.0.0.1:9/v1", "m", max_retries=50,
+                                 backoff_base_s=0.05, backoff_max_s=0.2,
+                                 startup_connect_s=1.0) as backend:
+            await backend.generate("question")
+
+    start = time.monotonic()
+    with pytest.raises(TeacherUnavailable, match=r"cannot reach the teacher at "
+                                                 r"http://127\.0\.0\.1:9/v1.*--base_url"):
+        asyncio.run(go())
+    assert time.monotonic() - start < 30  # 50 retries would take far longer

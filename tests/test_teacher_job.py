@@ -3,6 +3,7 @@ prompts, voting, the ledger's crash recovery, and the CLI's refusals."""
 
 import json
 import os
+import time
 
 import pytest
 from fake_teacher import FakeTeacher
@@ -32,7 +33,7 @@ def _run(argv, capsys):
 
 
 def _committed(output_dir, split="train"):
-    return [r for p in records.shard_paths(output_dir, split) for r in records.read_shard(p)]
+    return [r for p in records.committed_shards(output_dir, split) for r in records.read_shard(p)]
 
 
 def test_faults_end_written_once_or_failed_with_reason(tmp_path, capsys, caplog, monkeypatch):
@@ -224,3 +225,62 @@ def test_concurrency_bounds_requests_in_flight(tmp_path, capsys):
                            "--output_dir", str(tmp_path / "out")], capsys)
         assert code == 0, text
         assert teacher.max_in_flight == 3 and teacher.requests == 12
+
+
+def test_misshapen_replies_and_an_echoed_key_never_crash_or_leak(tmp_path, capsys, monkeypatch):
+    examples = synthetic.generate(6, seed=4, split="train")
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"id": r.id, "input": r.input}) + "\n"
+                              for r in examples))
+    monkeypatch.setenv("TEACHER_KEY", KEY)
+    out = tmp_path / "out"
+    argv = ["--input", str(inputs), "--dataset", "synthetic", "--backend", "openai", "--model",
+            "fake", "--api_key_env", "TEACHER_KEY", "--output_dir", str(out), "--endpoint",
+            "chat", "--backoff_base_s", "0.01", "--concurrency", "2", "--shard_size", "2"]
+    faults = {examples[0].input: ["message-string"], examples[1].input: ["wrong-types"],
+              examples[2].input: ["json-list", "no-choices"], examples[3].input: ["400-key-piece"]}
+    with FakeTeacher(answer=synthetic_answer, faults=faults) as teacher:
+        code, text = _run(argv + ["--base_url", teacher.base_url], capsys)
+        assert code == 0, text
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["records"] == 5 and [f["id"] for f in stats["failures"]] == [examples[3].id]
+        assert "HTTP 400" in stats["failures"][0]["reason"]
+        teacher.faults = {examples[3].input: ["401-masked-key"]}
+        code, text2 = _run(argv + ["--base_url", teacher.base_url], capsys)
+    assert code == 2 and "answered HTTP 401" in text2 and "Incorrect API key: ***" in text2
+    everything = text + text2
+    for name in os.listdir(out):
+        everything += (out / name).read_bytes().decode("utf-8", "replace")
+    for fragment in (KEY, KEY[:7], KEY[3:12], KEY[-6:]):
+        assert fragment not in everything, fragment
+
+
+def test_a_wrong_base_url_ends_the_job_fast_naming_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    code, text = _run(["--input", "synthetic:40", "--dataset", "synthetic", "--backend", "openai",
+                       "--base_url", "http://127.0.0.1:9/v1", "--output_dir", str(out),
+                       "--startup_connect_s", "2", "--backoff_base_s", "0.1"], capsys)
+    assert code == 2, text
+    assert time.monotonic() - start < 60
+    assert "cannot reach the teacher at http://127.0.0.1:9/v1" in text and "--base_url" in text
+    stats = json.loads((out / "stats.json").read_text())
+    assert not stats["finished"] and "http://127.0.0.1:9/v1" in stats["aborted"]
+    assert stats["records"] == 0 and stats["not_attempted"] > 0
+    assert cli.build_parser().parse_args(["--input", "x", "--dataset", "cqa"]).startup_connect_s \
+        == 30
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--timeout_s", "-1", "must be > 0, got -1"), ("--max_retries", "-1", "must be >= 0"),
+    ("--concurrency", "0", "must be >= 1, got 0"), ("--num_samples", "0", "must be >= 1"),
+    ("--shard_size", "two", "expected an integer, got 'two'"),
+    ("--requests_per_minute", "0", "must be > 0"), ("--temperature", "nan", "must be >= 0"),
+    ("--limit", "-3", "must be >= 0"), ("--commit_every_s", "0", "must be > 0"),
+    ("--startup_connect_s", "-5", "must be > 0"), ("--backoff_max_s", "-1", "must be >= 0"),
+])
+def test_numeric_flags_are_range_checked_by_name(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--input", "synthetic:2", "--dataset", "synthetic", flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err

@@ -6,12 +6,12 @@ SeqIO tasks read, plus stats.json. Re-running with the same arguments resumes: o
 that were never committed are asked again (and those whose retries ran out).
 
 Examples:
-  sbs-teacher --dataset synthetic --input synthetic:2000 --output_dir data/synthetic
+  sbs-teacher --dataset synthetic --input synthetic:2000 --output_dir teacher_data/synthetic
   OPENAI_API_KEY=... sbs-teacher --dataset cqa --input cqa_train.jsonl --backend openai \\
       --base_url https://api.example.com/v1 --model some-model --api_key_env OPENAI_API_KEY \\
-      --output_dir data/cqa --concurrency 64 --requests_per_minute 3000
+      --output_dir teacher_data/cqa --concurrency 64 --requests_per_minute 3000
   sbs-teacher --dataset svamp --input inputs.jsonl --backend local --model /ckpt/flan_t5 \\
-      --vocab /ckpt/flan_t5/spiece.model --output_dir data/svamp
+      --vocab /ckpt/flan_t5/spiece.model --output_dir teacher_data/svamp
 
 Exit status: 0 when the job finished (failed examples are listed in stats.json), 2 when it
 could not run (bad arguments or input, missing key, teacher unreachable or refusing the job),
@@ -24,13 +24,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 
 from sbs_jax.data.parse import DATASETS
+from sbs_jax.teacher.http_backend import STARTUP_CONNECT_S
 
 log = logging.getLogger("sbs_jax.teacher")
 BACKENDS = ("openai", "local", "rules")
+
+
+def _bounded(kind: type, low: float, inclusive: bool = True):
+    """An argparse type: a `kind` number >= low (> low when not inclusive); argparse names the
+    flag in the error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if math.isnan(value) or (value < low if inclusive else value <= low):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>=' if inclusive else '>'} {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+COUNT = _bounded(int, 1)  # at least one
+NON_NEGATIVE_INT = _bounded(int, 0)
+POSITIVE = _bounded(float, 0, inclusive=False)
+NON_NEGATIVE = _bounded(float, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,35 +76,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api_key_env", default=None,
                    help="NAME of the environment variable holding the API key")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
-    p.add_argument("--output_dir", default=None, help="where shards and stats.json go")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    p.add_argument("--max_retries", type=int, default=5)
-    p.add_argument("--timeout_s", type=float, default=60.0, help="per request, in total")
-    p.add_argument("--num_samples", type=int, default=1,
+    p.add_argument("--output_dir", default=None,
+                   help="where shards, ledgers and stats.json go: a folder of its own, e.g. "
+                        "teacher_data/DATASET (never a built dataset folder)")
+    p.add_argument("--concurrency", type=COUNT, default=16, help="requests in flight")
+    p.add_argument("--max_retries", type=NON_NEGATIVE_INT, default=5)
+    p.add_argument("--timeout_s", type=POSITIVE, default=60.0, help="per request, in total")
+    p.add_argument("--startup_connect_s", type=POSITIVE, default=STARTUP_CONNECT_S,
+                   help="stop when connecting fails this long before the server ever answered")
+    p.add_argument("--num_samples", type=COUNT, default=1,
                    help="completions per input; the label is the majority vote")
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=None,
                    help="default 0 for one sample, 0.7 for several")
-    p.add_argument("--max_tokens", type=int, default=256)
+    p.add_argument("--max_tokens", type=COUNT, default=256)
     p.add_argument("--stop", action="append", default=None,
                    help="stop sequence (repeatable; default a blank line)")
-    p.add_argument("--requests_per_minute", type=float, default=None)
-    p.add_argument("--tokens_per_minute", type=float, default=None)
-    p.add_argument("--backoff_base_s", type=float, default=1.0)
-    p.add_argument("--backoff_max_s", type=float, default=60.0)
-    p.add_argument("--limit", type=int, default=None, help="only the first N inputs")
+    p.add_argument("--requests_per_minute", type=POSITIVE, default=None)
+    p.add_argument("--tokens_per_minute", type=POSITIVE, default=None)
+    p.add_argument("--backoff_base_s", type=NON_NEGATIVE, default=1.0)
+    p.add_argument("--backoff_max_s", type=NON_NEGATIVE, default=60.0)
+    p.add_argument("--limit", type=NON_NEGATIVE_INT, default=None, help="only the first N inputs")
     p.add_argument("--dry_run", action="store_true",
                    help="print one rendered prompt and exit without asking the teacher")
-    p.add_argument("--shard_size", type=int, default=1000, help="examples per commit")
-    p.add_argument("--commit_every_s", type=float, default=60.0,
+    p.add_argument("--shard_size", type=COUNT, default=1000, help="examples per commit")
+    p.add_argument("--commit_every_s", type=POSITIVE, default=60.0,
                    help="commit at least this often")
-    p.add_argument("--max_consecutive_failures", type=int, default=100,
+    p.add_argument("--max_consecutive_failures", type=COUNT, default=100,
                    help="stop when this many examples in a row fail (teacher down)")
-    p.add_argument("--prompt_cost_per_1k", type=float, default=0.0,
+    p.add_argument("--prompt_cost_per_1k", type=NON_NEGATIVE, default=0.0,
                    help="price per 1,000 prompt tokens, for the cost estimate")
-    p.add_argument("--completion_cost_per_1k", type=float, default=0.0)
+    p.add_argument("--completion_cost_per_1k", type=NON_NEGATIVE, default=0.0)
     p.add_argument("--prompts_dir", default=None, help="folder of {dataset}.txt prompt files")
     p.add_argument("--vocab", default=None, help="local backend: SentencePiece model")
-    p.add_argument("--batch_size", type=int, default=32, help="local backend: decode batch")
+    p.add_argument("--batch_size", type=COUNT, default=32, help="local backend: decode batch")
     p.add_argument("--log_level", default="INFO")
     return p
 
@@ -101,7 +130,8 @@ def _make_backend(args: argparse.Namespace, api_key: str | None):
         concurrency=args.concurrency, timeout_s=args.timeout_s, max_retries=args.max_retries,
         max_tokens=args.max_tokens, temperature=args.temperature, stop=args.stop,
         requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
-        backoff_base_s=args.backoff_base_s, backoff_max_s=args.backoff_max_s)
+        backoff_base_s=args.backoff_base_s, backoff_max_s=args.backoff_max_s,
+        startup_connect_s=args.startup_connect_s)
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -128,9 +158,6 @@ def run(args: argparse.Namespace) -> int:
             args.temperature = 0.0 if args.num_samples == 1 else 0.7
         if args.stop is None:
             args.stop = ["\n\n"]
-        for name in ("concurrency", "num_samples", "shard_size", "max_consecutive_failures"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name} must be >= 1")
         prompt = load_prompt(args.dataset, args.prompts_dir)
         examples = read_inputs(args.input, args.dataset, args.split)
         if args.limit is not None:

@@ -5,12 +5,15 @@ the `openai` client does not give: retrying 200 responses whose body is not vali
 deadline per request (a server that trickles bytes never trips a read timeout), a Retry-After
 that pauses every caller, and the count of attempts per example for the stats.
 
-Retried: connection errors, timeouts, HTTP 408, 409, 429 and 5xx, malformed bodies; waits grow
-exponentially with jitter and are never shorter than the server's Retry-After (seconds or an HTTP
-date). 401/403/404 mean the job is misconfigured and stop it (`TeacherUnavailable`); other 4xx
-fail only the example (not retried in this run, asked again on a re-run). The API key goes into
-the Authorization header and nowhere else: every reason this module produces is passed through
-`redact`.
+Retried: connection errors, timeouts, HTTP 408, 409, 429 and 5xx, and 200 bodies of any wrong
+shape (not JSON, no choices, a string where an object belongs, ...); waits grow exponentially
+with jitter and are never shorter than the server's Retry-After (seconds or an HTTP date).
+401/403/404 mean the job is misconfigured and stop it (`TeacherUnavailable`), as do connection
+errors for `startup_connect_s` (30 s) before the server ever answered (a wrong URL, named in the
+message); other 4xx fail only the example (not retried in this run, asked again on a re-run).
+The API key goes into the Authorization header and nowhere else: every reason and completion
+this module produces is passed through `redact`, which also masks pieces of the key a server
+echoes back (a masked `sk-ABCD****WXYZ` in an error body, say).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ CHAT_INSTRUCTION = (
 )
 MAX_RETRY_AFTER_S = 600.0
 CONNECTIONS_PER_POOL = 8
+STARTUP_CONNECT_S = 30.0  # connection errors for this long, with no answer yet: wrong URL
+CONNECT_TIMEOUT_S = 10.0  # a host that drops packets fails as a connection error
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,31 @@ class TeacherUnavailable(Exception):
     """The job cannot go on (bad key, wrong URL or model): every request would fail alike."""
 
 
+MIN_FRAGMENT = 6  # shorter runs of the key's characters are left alone (too common)
+_MASKED_KEY = re.compile(r"[\w.-]*[*\u2022]{3,}[\w.-]*")  # a key shown masked, e.g. sk-ADVT****CRET
+
+
 def redact(text: str, secret: str | None) -> str:
-    """`text` with every occurrence of `secret` masked."""
-    return text.replace(secret, "***") if secret else text
+    """`text` with the secret masked: the whole of it, any run of MIN_FRAGMENT or more of its
+    characters in a row (a prefix, a suffix or any piece a server echoes back), and any masked
+    token around such a piece or beginning with its first characters (`sk-ADVT****CRET`)."""
+    if not secret or not text:
+        return text
+    grams = {secret[i:i + MIN_FRAGMENT] for i in range(len(secret) - MIN_FRAGMENT + 1)}
+    pieces, start, i = [], 0, 0
+    while i <= len(text) - MIN_FRAGMENT:
+        if text[i:i + MIN_FRAGMENT] in grams:
+            end = i + MIN_FRAGMENT
+            while end < len(text) and text[i:end + 1] in secret:
+                end += 1
+            pieces += [text[start:i], "***"]
+            start = i = end
+        else:
+            i += 1
+    text = "".join(pieces) + text[start:]
+    head = secret[:4]
+    return _MASKED_KEY.sub(
+        lambda m: "***" if m.group(0).startswith((head, "***")) else m.group(0), text)
 
 
 def estimate_tokens(text: str) -> int:
@@ -97,29 +124,44 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
 
 
+def _choice_text(choice: object, endpoint: str) -> str | None:
+    if not isinstance(choice, dict):
+        return None
+    if endpoint == "chat":
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else None
+    else:
+        text = choice.get("text")
+    return text if isinstance(text, str) else None
+
+
 def _choice_texts(body: object, endpoint: str) -> list[str] | None:
-    """The completion strings of a response body, or None when it is not the expected shape."""
+    """The completion strings of a response body, or None when it is not the expected shape
+    (any shape at all: a reply the server garbled is retried, never a crash)."""
     if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
         return None
-    texts = []
-    for choice in body["choices"]:
-        if not isinstance(choice, dict):
-            return None
-        text = (choice.get("message") or {}).get("content") if endpoint == "chat" else choice.get(
-            "text")
-        if not isinstance(text, str):
-            return None
-        texts.append(text)
-    return texts or None
+    texts = [_choice_text(choice, endpoint) for choice in body["choices"]]
+    if not texts or any(text is None for text in texts):
+        return None
+    return texts
+
+
+def _snippet(content: bytes, limit: int) -> str:
+    return content[:limit].decode("utf-8", "replace")
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
 
 
 def _usage(body: dict, prompt: str, texts: list[str]) -> tuple[int, int]:
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-    prompt_tokens = usage.get("prompt_tokens")
-    completion_tokens = usage.get("completion_tokens")
-    if not isinstance(prompt_tokens, int):
+    prompt_tokens = _count(usage.get("prompt_tokens"))
+    completion_tokens = _count(usage.get("completion_tokens"))
+    if prompt_tokens is None:
         prompt_tokens = estimate_tokens(prompt)
-    if not isinstance(completion_tokens, int):
+    if completion_tokens is None:
         completion_tokens = sum(estimate_tokens(t) for t in texts)
     return prompt_tokens, completion_tokens
 
@@ -150,6 +192,7 @@ class OpenAIBackend:
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
         seed: int | None = None,
+        startup_connect_s: float = STARTUP_CONNECT_S,
     ):
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, got {endpoint!r}")
@@ -171,6 +214,9 @@ class OpenAIBackend:
         self._api_key = api_key
         self._concurrency = concurrency
         self._random = random.Random(seed)
+        self.startup_connect_s = startup_connect_s
+        self._answered = False  # any HTTP response at all: the URL reaches a server
+        self._connect_failing_since: float | None = None
         self._clients: list[httpx2.AsyncClient] = []
         self._in_flight: list[int] = []
 
@@ -185,7 +231,8 @@ class OpenAIBackend:
             httpx2.AsyncClient(
                 base_url=self.base_url + "/",
                 headers=headers,
-                timeout=httpx2.Timeout(self.timeout_s),
+                timeout=httpx2.Timeout(self.timeout_s,
+                                       connect=min(self.timeout_s, CONNECT_TIMEOUT_S)),
                 verify=tls,
                 limits=httpx2.Limits(max_connections=per_pool,
                                      max_keepalive_connections=per_pool),
@@ -228,6 +275,33 @@ class OpenAIBackend:
         ceiling = min(self.backoff_max_s, self.backoff_base_s * (2**attempt))
         return ceiling * (0.5 + 0.5 * self._random.random())
 
+    def _parse(self, content: bytes, prompt: str
+               ) -> tuple[list[str] | None, tuple[int, int]]:
+        """(completions with the key masked, token usage) of a 200 body; (None, ...) when the
+        body is not the expected JSON."""
+        try:
+            payload = json.loads(content)
+        except (ValueError, UnicodeDecodeError):
+            return None, (0, 0)
+        texts = _choice_texts(payload, self.endpoint)
+        if texts is None:
+            return None, (0, 0)
+        return [redact(t, self._api_key) for t in texts], _usage(payload, prompt, texts)
+
+    def _check_reachable(self, reason: str) -> None:
+        """Stops the job when connecting has failed for `startup_connect_s` and the server never
+        answered: a wrong --base_url, a server not up, a firewall."""
+        if self._answered:
+            return
+        now = time.monotonic()
+        if self._connect_failing_since is None:
+            self._connect_failing_since = now
+        elif now - self._connect_failing_since >= self.startup_connect_s:
+            raise TeacherUnavailable(
+                f"cannot reach the teacher at {self.display_url}: connection errors for "
+                f"{now - self._connect_failing_since:.0f}s since the job started (last: "
+                f"{redact(reason, self._api_key)}). Check --base_url and that the server is up.")
+
     async def generate(self, prompt: str, num_samples: int = 1,
                        input_text: str = "") -> Generation:
         """`num_samples` completions of `prompt` (more requests when a server ignores `n`)."""
@@ -259,22 +333,21 @@ class OpenAIBackend:
             except TimeoutError:
                 reason = f"timeout after {self.timeout_s:g}s"
             except httpx2.TransportError as exc:
-                reason = f"connection error ({type(exc).__name__}: {exc})"
+                reason = (f"connection error to {self.display_url} ({type(exc).__name__}: "
+                          f"{exc})")
+                self._check_reachable(reason)
             else:
+                self._answered = True
                 status = response.status_code
                 if status == 200:
-                    try:
-                        payload = json.loads(response.content)
-                    except (ValueError, UnicodeDecodeError):
-                        payload = None
-                    texts = _choice_texts(payload, self.endpoint)
+                    texts, used = self._parse(response.content, prompt)
                     if texts is not None:
-                        used = _usage(payload, prompt, texts)
                         self.limiter.settle(estimate, sum(used))
                         return texts, used[0], used[1], attempt + 1
-                    reason = "malformed response body (not the expected JSON)"
+                    snippet = redact(_snippet(response.content, 120), self._api_key)
+                    reason = f"malformed response body (not the expected JSON): {snippet!r}"
                 else:
-                    snippet = redact(response.text[:200], self._api_key)
+                    snippet = redact(_snippet(response.content, 200), self._api_key)
                     if status in FATAL_STATUS:
                         raise TeacherUnavailable(
                             f"teacher at {self.display_url} answered HTTP {status} "
