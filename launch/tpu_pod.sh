@@ -29,7 +29,10 @@ options:
   --python P                Python on the workers (default python3.11, installed with apt)
   --skip_create             reuse an existing slice
   --skip_install            reuse the environment already installed on the workers
-  --teardown                delete the slice when training ends (success or failure)
+  --remote_dir DIR          the code folder on the workers, under ~ (default sbs-jax); the
+                            launcher only ever replaces or removes the files it shipped there
+  --teardown                delete the slice when training ends (success or failure), if this
+                            command created it (a slice that existed before is left alone)
   --teardown_only           only delete the slice
   --dry_run                 print every command, run nothing (no gcloud needed)
   --gin.NAME=VALUE, --gin_bindings=B, --gin_search_paths=P
@@ -40,7 +43,7 @@ EOF
 
 die() { echo "tpu_pod.sh: error: $*" >&2; echo "(see --help)" >&2; exit 2; }
 
-NAME="" PROJECT="" ZONE="" ACCELERATOR_TYPE="" MODEL_DIR="" DATA_DIR="" RUNTIME_VERSION=""
+NAME="" PROJECT="" ZONE="" ACCELERATOR_TYPE="" MODEL_DIR="" DATA_DIR="" RUNTIME_VERSION="" REMOTE_DIR="sbs-jax"
 WORKER_PYTHON="python3.11" SPOT=0 SKIP_CREATE=0 SKIP_INSTALL=0 TEARDOWN=0 TEARDOWN_ONLY=0
 DRY_RUN="${SBS_DRY_RUN:-0}"
 GIN_FILES=() TRAIN_EXTRA=()
@@ -52,13 +55,14 @@ while [[ $# -gt 0 ]]; do
     continue
   fi
   case "$arg" in
-    --name|--project|--zone|--accelerator_type|--gin_file|--model_dir|--data_dir|--runtime_version|--python)
+    --name|--project|--zone|--accelerator_type|--gin_file|--model_dir|--data_dir|--runtime_version|--python|--remote_dir)
       [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$arg needs a value"
       case "$arg" in
         --name) NAME="$2" ;; --project) PROJECT="$2" ;; --zone) ZONE="$2" ;;
         --accelerator_type) ACCELERATOR_TYPE="$2" ;; --gin_file) GIN_FILES+=("$2") ;;
         --model_dir) MODEL_DIR="$2" ;; --data_dir) DATA_DIR="$2" ;;
         --runtime_version) RUNTIME_VERSION="$2" ;; --python) WORKER_PYTHON="$2" ;;
+        --remote_dir) REMOTE_DIR="$2" ;;
       esac
       shift 2 ;;
     --gin.*|--gin_bindings=*|--gin_search_paths=*) TRAIN_EXTRA+=("$arg"); shift ;;
@@ -136,12 +140,26 @@ done
 [[ "$MODEL_DIR" =~ ^gs://[^[:space:]\'\"\\]+$ ]] \
   || die "--model_dir '$MODEL_DIR' must be a gs:// path (every worker writes there), without quotes or spaces"
 [[ -z "$DATA_DIR" || "$DATA_DIR" == gs://?* ]] || die "--data_dir '$DATA_DIR' must be on gs:// (every worker reads it)"
+[[ "$REMOTE_DIR" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$ && "$REMOTE_DIR" != *..* ]] \
+  || die "--remote_dir '$REMOTE_DIR' must be a plain relative path under the home folder (e.g. sbs-jax)"
 for extra in "${TRAIN_EXTRA[@]}"; do
   [[ "$extra" != --gin.MODEL_DIR=* ]] || die "give the model directory as --model_dir, not $extra"
 done
 
+# --teardown deletes only a slice this command created: OWN_SLICE is set just before creating one
+# that did not exist (a failed create may still leave it behind, and it is ours).
+OWN_SLICE=0
+teardown() {
+  if (( OWN_SLICE )); then
+    echo "tpu_pod.sh: deleting slice $NAME (--teardown; this command created it)" >&2
+    delete_slice
+  else
+    echo "tpu_pod.sh: not deleting slice $NAME: this command did not create it" \
+         "(--teardown_only deletes it)" >&2
+  fi
+}
 if (( TEARDOWN )) && [[ "$DRY_RUN" != "1" ]]; then
-  trap 'status=$?; echo "tpu_pod.sh: deleting slice $NAME (--teardown)" >&2; delete_slice || true; exit $status' EXIT
+  trap 'status=$?; teardown || true; exit $status' EXIT
 fi
 
 # 1. the slice
@@ -152,25 +170,37 @@ if (( ! SKIP_CREATE )); then
   if [[ "$DRY_RUN" != "1" ]] && "${GCLOUD_TPU[@]}" describe "$NAME" "${WHERE[@]}" >/dev/null 2>&1; then
     echo "tpu_pod.sh: slice $NAME already exists; reusing it" >&2
   else
+    OWN_SLICE=1
     run "${create[@]}"
   fi
 fi
 
 ssh_all() { run "${GCLOUD_TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$1"; }
 
-# 2. the code: exactly the tracked files of this checkout
+# 2. the code: exactly the tracked files of this checkout, into ~/$REMOTE_DIR on every worker.
+# The folder's .sbs-shipped lists what the last sync shipped: only those files are replaced or
+# removed; anything else there (.venv, outputs, your files) stays. A non-empty folder without
+# that list was not made by this launcher: the sync stops without touching it.
 TARBALL="${TMPDIR:-/tmp}/sbs_jax_${NAME}.tar.gz"
 run bash -c "cd $(printf '%q' "$REPO_ROOT") && git ls-files -z | tar --null -T - -czf $(printf '%q' "$TARBALL")"
 run "${GCLOUD_TPU[@]}" scp "$TARBALL" "$NAME:sbs_jax_code.tar.gz" "${WHERE[@]}" --worker=all
-ssh_all "mkdir -p ~/sbs-jax && find ~/sbs-jax -mindepth 1 -maxdepth 1 ! -name .venv \
--exec rm -rf {} + && tar -xzf ~/sbs_jax_code.tar.gz -C ~/sbs-jax"
+sync='set -e; d=~/'"$REMOTE_DIR"'; m=$d/.sbs-shipped; new=$(mktemp); mkdir -p "$d"; '\
+'if [ ! -f "$m" ] && [ -n "$(ls -A "$d")" ]; then echo "tpu_pod.sh: $d was not made by tpu_pod.sh'\
+' (no .sbs-shipped): not touching it; move it away or pass --remote_dir" >&2; exit 3; fi; '\
+'tar -tzf ~/sbs_jax_code.tar.gz | grep -v "/$" | sort > "$new"; gone=0; '\
+'if [ -f "$m" ]; then while IFS= read -r f; do rm -f -- "$d/$f"; gone=$((gone + 1)); '\
+'done < <(sort "$m" | comm -23 - "$new"); fi; '\
+'tar -xzf ~/sbs_jax_code.tar.gz -C "$d"; mv "$new" "$m"; '\
+'echo "tpu_pod.sh: $d: $(wc -l < "$m") tracked files written over those of the last sync,'\
+' $gone it had shipped and git no longer tracks removed, nothing else touched" >&2'
+ssh_all "$sync"
 
 # 3. the pinned environment on every worker (scripts/setup_env.sh: pip install -c requirements.lock -e '.[tpu]')
 if (( ! SKIP_INSTALL )); then
   # Ubuntu's Python needs its -venv package for `python -m venv` (ensurepip).
   install="set -e; $WORKER_PYTHON -c 'import ensurepip' 2>/dev/null"
   install+=" || (sudo apt-get update -qq && sudo apt-get install -y -qq $WORKER_PYTHON ${WORKER_PYTHON}-venv)"
-  install+="; cd ~/sbs-jax && PYTHON=$WORKER_PYTHON scripts/setup_env.sh tpu"
+  install+="; cd ~/$REMOTE_DIR && PYTHON=$WORKER_PYTHON scripts/setup_env.sh tpu"
   ssh_all "$install"
 fi
 
@@ -180,9 +210,9 @@ for gin_file in "${GIN_FILES[@]}"; do train+=("--gin_file=$gin_file"); done
 train+=("--gin.MODEL_DIR=\"$MODEL_DIR\"" "${TRAIN_EXTRA[@]}")
 env_prefix=""
 [[ -z "$DATA_DIR" ]] || env_prefix="SBS_DATA_DIR=$(printf '%q' "$DATA_DIR") "
-ssh_all "cd ~/sbs-jax && ${env_prefix}$(printf '%q ' "${train[@]}")2>&1 | tee -a ~/train.log; exit \${PIPESTATUS[0]}"
+ssh_all "cd ~/$REMOTE_DIR && ${env_prefix}$(printf '%q ' "${train[@]}")2>&1 | tee -a ~/train.log; exit \${PIPESTATUS[0]}"
 
 echo "tpu_pod.sh: TensorBoard: tensorboard --logdir $MODEL_DIR" >&2
 if (( TEARDOWN )) && [[ "$DRY_RUN" == "1" ]]; then
-  delete_slice
+  teardown
 fi

@@ -296,3 +296,135 @@ def test_local_multihost_dry_run(tmp_path):
                              f"JAX_PROCESS_ID={index}", "PYTHONUNBUFFERED=1"]
         assert words[7:12] == ["python", "-m", "sbs_jax.train", "--gin_file=gin/quickstart.gin",
                                "--gin.MODEL_DIR='/tmp/m'"]
+
+
+def _recorder(bin_dir: pathlib.Path, name: str, calls: pathlib.Path, body: str = "exit 0") -> None:
+    """A stand-in `name` on PATH (outside us: gcloud, srun, python) that logs its arguments."""
+    script = bin_dir / name
+    script.write_text(f"#!/usr/bin/env bash\necho \"{name} $*\" >> {calls}\n{body}\n")
+    script.chmod(0o755)
+
+
+LAUNCHERS = ["tpu_pod.sh", "gpu_slurm.sbatch", "gpu_multinode.sh", "local_multihost.sh",
+             "seqio_cache.sh"]
+
+
+@pytest.mark.parametrize("script", LAUNCHERS)
+def test_every_launcher_prints_usage_not_its_own_lines(script):
+    result = _run(["bash", str(LAUNCH / script), "--help"], dict(os.environ))
+    assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stdout
+    for script_line in ("set -euo", "$#", "esac", "#!/"):
+        assert script_line not in result.stdout
+
+
+@pytest.mark.parametrize("script, args", [
+    ("tpu_pod.sh", TPU_ARGS + ["--gin_file=pyproject.toml", "--model_dir=gs://b/r"]),
+    ("gpu_slurm.sbatch", ["--gin_file=x.gin"]),
+    ("gpu_multinode.sh", ["--coordinator", "h:1", "--num_nodes", "1", "--node_rank", "0",
+                          "--python", "python", "--", "--gin_file=x.gin"]),
+    ("local_multihost.sh", ["-n", "2", "-d", "1", "--port", "4321", "--", "--rounds", "1"]),
+    ("seqio_cache.sh", ["--tasks", "synthetic_label_gt", "--output_cache_dir", "CACHE"]),
+])
+def test_sbs_dry_run_runs_nothing_in_every_launcher(script, args, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    for name in ("gcloud", "srun", "python", "sbatch"):
+        _recorder(bin_dir, name, calls)
+    args = [a.replace("CACHE", str(tmp_path / "cache")) for a in args]
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SBS_DRY_RUN="1",
+               PYTHON="python", SBS_PYTHON="python", SLURM_JOB_ID="1", TMPDIR=str(tmp_path),
+               SLURM_SUBMIT_DIR=str(REPO_ROOT))
+    result = _run(["bash", str(LAUNCH / script), *args], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "a dry run prints what it would run"
+    assert not calls.exists(), calls.read_text()
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks"], "--tasks needs a value"),
+    (["--tasks", "--output_cache_dir", "c"], "--tasks needs a value"),
+    (["--tasks", "t", "--output_cache_dir"], "--output_cache_dir needs a value"),
+    (["--tasks", "t"], "--output_cache_dir is required"),
+    (["--tasks", "t", "--output_cache_dir", "c", "--min_shards", "0"],
+     "--min_shards must be a positive integer"),
+    (["--tasks", "t", "--output_cache_dir", "c", "--what"], "unknown argument '--what'"),
+])
+def test_seqio_cache_checks_its_flags(args, message):
+    result = _run(["bash", str(LAUNCH / "seqio_cache.sh"), *args], dict(os.environ))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "unbound variable" not in result.stderr
+
+
+def _fake_cloud(tmp_path, slice_exists: bool, train_status: int = 0):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "gcloud_calls"
+    _recorder(bin_dir, "gcloud", calls, body=(
+        f'[[ "$*" == *" describe "* ]] && exit {0 if slice_exists else 1}\n'
+        f'[[ "$*" == *sbs_jax.train* ]] && exit {train_status}\nexit 0'))
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               TMPDIR=str(tmp_path))
+    env.pop("SBS_DRY_RUN", None)
+    return env, calls
+
+
+@pytest.mark.parametrize("slice_exists, train_status", [(True, 0), (False, 0), (False, 3)])
+def test_tpu_pod_teardown_deletes_only_a_slice_it_created(tmp_path, tracked_gin_file,
+                                                          slice_exists, train_status):
+    env, calls = _fake_cloud(tmp_path, slice_exists, train_status)
+    result = _run(["bash", str(LAUNCH / "tpu_pod.sh"), *TPU_ARGS, "--gin_file", tracked_gin_file,
+                   "--model_dir", "gs://b/r", "--skip_install", "--teardown"], env)
+    assert result.returncode == train_status, result.stderr
+    made = [line for line in calls.read_text().splitlines() if " create sbs-v4 " in line]
+    deleted = [line for line in calls.read_text().splitlines() if " delete sbs-v4 " in line]
+    assert len(made) == len(deleted) == (0 if slice_exists else 1)
+    if slice_exists:
+        assert "not deleting slice sbs-v4: this command did not create it" in result.stderr
+
+
+def _tarball(path: pathlib.Path, files: dict[str, str]) -> None:
+    source = path.parent / "src"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_text(text)
+            tar.add(source / name, arcname=name)
+
+
+def test_tpu_pod_code_sync_replaces_only_what_it_shipped(tmp_path, fake_gcloud, tracked_gin_file):
+    env, _ = fake_gcloud
+    result = _run(["bash", str(LAUNCH / "tpu_pod.sh"), *TPU_ARGS, "--gin_file", tracked_gin_file,
+                   "--model_dir", "gs://b/r", "--dry_run"], env)
+    sync = _commands(result.stdout)[3][9].removeprefix("--command=")
+    home = tmp_path / "home"
+    home.mkdir()
+    worker = dict(os.environ, HOME=str(home))
+
+    def sync_now():
+        return subprocess.run(["bash", "-c", sync], env=worker, capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    _tarball(home / "sbs_jax_code.tar.gz", {"a.py": "1", "pkg/b.py": "1", "old.py": "1"})
+    first = sync_now()
+    assert first.returncode == 0, first.stderr
+    code = home / "sbs-jax"
+    (code / ".venv").mkdir()
+    (code / ".venv" / "python").write_text("kept")
+    (code / "results.txt").write_text("mine")
+    (code / "a.py").write_text("edited on the worker")
+    _tarball(home / "sbs_jax_code.tar.gz", {"a.py": "2", "pkg/b.py": "2"})
+    second = sync_now()
+    assert second.returncode == 0, second.stderr
+    assert "2 tracked files written" in second.stderr and "1 it had shipped" in second.stderr
+    assert not (code / "old.py").exists()
+    assert (code / "a.py").read_text() == "2" and (code / "pkg" / "b.py").read_text() == "2"
+    assert (code / "results.txt").read_text() == "mine"
+    assert (code / ".venv" / "python").read_text() == "kept"
+
+    # A folder the launcher did not make is not touched at all.
+    (home / "sbs-jax" / ".sbs-shipped").unlink()
+    third = sync_now()
+    assert third.returncode == 3 and "was not made by tpu_pod.sh" in third.stderr
+    assert (code / "pkg" / "b.py").exists() and (code / "results.txt").exists()
