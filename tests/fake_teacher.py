@@ -4,9 +4,9 @@ The teacher job must survive what real servers do, so this server can, per promp
 with a Retry-After (seconds or HTTP date), 500, hang past the client's timeout, send a body that
 is not JSON or JSON of the wrong shape (MISSHAPEN), send a completion with no parsable answer,
 or refuse the key (401), echoing it back masked (`sk-ABCD****WXYZ`) or a piece of it. A fault
-script maps a marker (any substring of the prompt) to the actions of successive requests whose prompt
-contains it; once the list is used up the server answers normally. It counts requests per marker
-and keeps every Authorization header it saw.
+script maps a marker (any substring of the prompt) to the actions of successive requests whose
+prompt contains it; once the list is used up the server answers normally. It counts requests per
+marker and keeps every Authorization header it saw.
 
 Also runnable as a process for benchmarks: `python tests/fake_teacher.py --latency_s 0.2`
 prints the port on its first line. It also records the most requests it had in flight at once.

@@ -18,7 +18,8 @@ from sbs_jax.data import records, synthetic
 
 
 def _committed_ids(output_dir):
-    ids = [r.id for p in records.committed_shards(output_dir, "train") for r in records.read_shard(p)]
+    ids = [r.id for p in records.committed_shards(output_dir, "train")
+           for r in records.read_shard(p)]
     assert len(ids) == len(set(ids)), "an example was committed twice"
     return set(ids)
 

@@ -22,7 +22,7 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 
-from sbs_jax.data import records
+from sbs_jax.data import records, verify
 from sbs_jax.data.records import Record
 
 _RENAME_EXCHANGE = 2
@@ -95,7 +95,7 @@ def _clean_stale(parent: str, name: str, directory: str) -> None:
 
 def _carry_over(directory: str, staging: str, splits: Sequence[str]) -> dict:
     """Hard-links the verified shards of `splits` into staging; returns the old info's extras."""
-    info = records.read_info(directory) if os.path.isdir(directory) else None
+    info = verify.read_info(directory) if os.path.isdir(directory) else None
     if info is None:
         return {}
     for split in splits:

@@ -17,7 +17,7 @@ re-run; a completion with no parsable label is final (it is not re-asked forever
 input the rules teacher cannot solve.
 A lock file keeps two jobs from writing one folder at once. The folder is teacher output only:
 a published dataset (info.json) or shards without ledgers are refused, so teacher records never
-mix with released ones. Readers (`sbs_jax.data.records.verify_split`) check each split against
+mix with released ones. Readers (`sbs_jax.data.verify`) check each split against
 its ledgers and `stats.json` (finished) before training reads it.
 """
 
@@ -139,9 +139,10 @@ class Ledger:
         unledgered = sorted(shards - ledgered)
         if unledgered:
             raise ValueError(
-                f"{self.output_dir} holds shards no teacher ledger lists ({', '.join(unledgered[:3])}"
-                f"{' ...' if len(unledgered) > 3 else ''}): released or hand-made data. Teacher "
-                "output goes to a folder of its own: use another --output_dir")
+                f"{self.output_dir} holds shards no teacher ledger lists "
+                f"({', '.join(unledgered[:3])}{' ...' if len(unledgered) > 3 else ''}): released "
+                "or hand-made data. Teacher output goes to a folder of its own: use another "
+                "--output_dir")
         self.next_index = max(indices, default=-1) + 1
 
     def _add(self, record_ids: list[str], failures: list[dict], counters: dict) -> None:
