@@ -109,11 +109,14 @@ def load_initial(path: str, cfg: run_config.RunConfig, vocab_size: int
         from sbs_jax.models.hf import load_hf
 
         config = _hf_config(path, cfg)
-        _, params = load_hf(path)
+        _, params = load_hf(path, scan_layers=config.scan_layers)
     elif checkpoints.latest_step(path) is not None:
         config = models.get_config(cfg.model_name, vocab_size=padded_vocab_size(vocab_size),
                                    **cfg.model_overrides)
         params = checkpoints.load_params(path)
+        scanned = "layers" in params["encoder"]
+        if config.scan_layers != scanned:  # the run's layout, whichever the source had
+            params = (models.stack_layers if config.scan_layers else models.unstack_layers)(params)
     else:
         raise FileNotFoundError(
             f"INITIAL_CHECKPOINT_PATH={path!r} is neither a HF T5 folder (config.json) nor a "
@@ -178,6 +181,20 @@ def _progress_line(step: int, total: int, metrics: dict, tokens_per_s: float | N
     return " | ".join(parts)
 
 
+def optimizer(cfg: run_config.RunConfig) -> tuple[Any, Any]:
+    """(optax transformation, learning-rate schedule) of a run."""
+    schedule = optim.make_schedule(cfg.schedule, cfg.learning_rate, cfg.train_steps,
+                                   cfg.warmup_steps)
+    return optim.make_optimizer(schedule, cfg.optimizer, cfg.weight_decay, cfg.clip_norm), schedule
+
+
+def step_options(cfg: run_config.RunConfig) -> trainer.StepOptions:
+    """What a run's step computes besides the model."""
+    return trainer.StepOptions(alpha=cfg.alpha, num_microbatches=cfg.num_microbatches,
+                               label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+                               seed=cfg.random_seed)
+
+
 @dataclasses.dataclass
 class _Setup:
     model_config: models.T5Config
@@ -205,9 +222,7 @@ def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, An
             cfg.model_name, **{"vocab_size": padded_vocab_size(vocab_size), **cfg.model_overrides})
     partitioner = trainer.Partitioner(
         mesh, partitioning.logical_axis_rules(cfg.fsdp), model_config)
-    schedule = optim.make_schedule(cfg.schedule, cfg.learning_rate, cfg.train_steps,
-                                   cfg.warmup_steps)
-    tx = optim.make_optimizer(schedule, cfg.optimizer, cfg.weight_decay, cfg.clip_norm)
+    tx, schedule = optimizer(cfg)
     shard_id, num_shards = distributed.process_batch_shard(mesh)
     # Packed steps have a varying number of rows: a multiple of what the mesh and the
     # micro-batches split (and of BATCH_SIZE / 8, to keep the compiled shapes few).
@@ -288,9 +303,7 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
                               convert.config_to_json(setup.model_config))
         if operative_gin is not None:
             run_config.write_text(epath.Path(cfg.model_dir) / GIN_FILE, operative_gin)
-    options = trainer.StepOptions(alpha=cfg.alpha, num_microbatches=cfg.num_microbatches,
-                                  label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-                                  seed=cfg.random_seed)
+    options = step_options(cfg)
     step_fn = trainer.make_train_step(part, models.T5(setup.model_config), setup.tx,
                                       setup.schedule, options)
     eval_examples = None

@@ -82,17 +82,20 @@ def test_standard_mode_trains_labels_only_and_evaluates(tmp_path):
     assert [json.loads(line) for line in history_file.read_text().splitlines()] == history
 
 
-def test_initial_checkpoint_from_a_hf_folder_is_one_setting(tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_initial_checkpoint_from_a_hf_folder_is_one_setting(tmp_path, scan_layers):
     torch_fixtures = pytest.importorskip("hf_t5_fixtures")
     from sbs_jax.models.hf import load_hf
 
     hf_dir = tmp_path / "hf"
     torch_fixtures.make_hf_dir("v1_1", hf_dir, vocab_size=1024)
-    # Warmup from 0: update 1 is zero, so the saved step-1 parameters are the imported ones.
+    # Warmup from 0: update 1 is zero, so the saved step-1 parameters are the imported ones
+    # (stacked per layer when the run scans its layers, as the shipped accelerator configs do).
     cfg = _config(tmp_path / "run", initial_checkpoint_path=str(hf_dir), train_steps=1,
-                  warmup_steps=1, model_overrides={"dropout_rate": 0.0})
+                  warmup_steps=1,
+                  model_overrides={"dropout_rate": 0.0, "scan_layers": scan_layers})
     train_loop.train(cfg)
-    _, want = load_hf(str(hf_dir))
+    _, want = load_hf(str(hf_dir), scan_layers=scan_layers)
     got = checkpoints.load_params(str(tmp_path / "run"), 1)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(a), b)
