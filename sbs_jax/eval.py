@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
     from etils import epath
 
-    from sbs_jax import evaluation
+    from sbs_jax import console, evaluation
 
     cfg, step, config, params, batch_sharding, examples = load(parser, args)
     metrics, _ = evaluation.evaluate(config, params, examples,
@@ -87,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = args.output or f"{cfg.model_dir}/eval_{args.split}_step{step}.json"
     if jax.process_index() == 0:
         run_config.write_text(epath.Path(output), json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result))
-        print(f"metrics written to {output}")
+        console.say(f"eval step {step} ({args.split}): {console.format_metrics(metrics)}")
+        console.say(f"metrics written to {output}")
     return 0
 
 

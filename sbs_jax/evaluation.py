@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from sbs_jax import checkpoints, convert, decoding
+from sbs_jax import checkpoints, console, convert, decoding
 from sbs_jax.data.pipeline import EvalSet
 from sbs_jax.models import T5Config
 
@@ -33,13 +33,17 @@ def decode_texts(
     With `batch_sharding` (the trainer's, over the data axes) each device decodes its share of
     the rows, as in training; without it every device would decode the whole batch. Every
     process must pass the same `eval_set` (they do: eval sets are read whole on each host).
+    Process 0 shows the progress.
     """
     rows_per_batch = batch_size
     if batch_sharding is not None:
         shards = _batch_shards(batch_sharding)
         rows_per_batch = -(-batch_size // shards) * shards
     texts: list[str] = [""] * len(eval_set.ids)
-    for rows, tokens in eval_set.batches(batch_size, input_cap=input_cap):
+    progress = console.Progress(len(eval_set.ids), f"decoding {eval_set.task_name}",
+                                enabled=jax.process_index() == 0)
+    for rows, tokens in progress.track(eval_set.batches(batch_size, input_cap=input_cap),
+                                       lambda batch: len(batch[0])):
         padded = np.zeros((rows_per_batch, tokens.shape[1]), np.int32)
         padded[: len(rows)] = tokens
         if batch_sharding is None:

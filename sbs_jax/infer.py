@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
     from etils import epath
 
-    from sbs_jax import evaluation, run_config, train_loop
+    from sbs_jax import console, evaluation, run_config, train_loop
     from sbs_jax.data import pipeline
 
     cfg, step, config, params, batch_sharding = eval_cli.load_model(parser, args)
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines.append(json.dumps(record, ensure_ascii=False))
     if jax.process_index() == 0:
         run_config.write_text(epath.Path(args.output), "\n".join(lines) + "\n")
-        print(f"{len(lines)} predictions (step {step}) written to {args.output}")
+        console.say(f"{len(lines)} predictions (step {step}) written to {args.output}")
     return 0
 
 

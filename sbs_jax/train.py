@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     distributed.initialize_from_env()
     cfg = resolve_config(parser)
-    from sbs_jax import train_loop
+    from sbs_jax import console, train_loop
 
     try:
         summary = train_loop.train(cfg, operative_gin=gin.config_str())
@@ -51,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except train_loop.NonFiniteLossError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
-    print(f"done: step {summary['step']}, summary in {cfg.model_dir}/{train_loop.SUMMARY_FILE}")
+    console.say(f"done: step {summary['step']}, summary in "
+                f"{cfg.model_dir}/{train_loop.SUMMARY_FILE}")
     return 0
 
 

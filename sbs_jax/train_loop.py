@@ -29,6 +29,7 @@ from etils import epath
 
 from sbs_jax import (
     checkpoints,
+    console,
     convert,
     distributed,
     evaluation,
@@ -168,16 +169,18 @@ def _batch_tokens(local: dict, num_shards: int) -> int:
 
 
 def _progress_line(step: int, total: int, metrics: dict, tokens_per_s: float | None,
-                   eta_s: float | None) -> str:
-    """One console line; throughput and ETA show '-' until a step after compilation is timed."""
+                   compile_s: float, eta_s: float | None) -> str:
+    """One console line; throughput and ETA show '-' until a step that did not compile is
+    timed, and the seconds spent compiling since the last line are shown apart."""
     parts = [f"step {step}/{total}", f"loss {metrics['loss']:.4f}",
              f"label {metrics['label_loss']:.4f}"]
     if "rationale_loss" in metrics:
         parts.append(f"rationale {metrics['rationale_loss']:.4f}")
     parts.append(f"lr {metrics['learning_rate']:.3g}")
     parts.append(f"{tokens_per_s:,.0f} tok/s" if tokens_per_s is not None else "- tok/s")
-    parts.append(f"ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s" if eta_s is not None
-                 else "ETA -")
+    if compile_s:
+        parts.append(f"compile {compile_s:.1f}s")
+    parts.append(f"ETA {console.format_duration(eta_s)}" if eta_s is not None else "ETA -")
     return " | ".join(parts)
 
 
@@ -311,18 +314,15 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
 
     writer = metric_writers.create_default_writer(cfg.model_dir, just_logging=not is_lead)
     step = int(resume_step or 0)
-    first_step = step
-    timing_started = False
     logged: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     eval_history = [h for h in _read_eval_history(cfg.model_dir) if h["step"] <= step]
     pending: list[dict] = []
-    tokens_since, time_since = 0, time.time()
-    total_tokens, train_time = 0, 0.0
+    timer = console.StepTimer()
     if is_lead:
-        print(f"training {cfg.model_name} on {cfg.mixture_or_task_name}"
-              f"{' + ' + cfg.rationale_mixture_name if cfg.rationale_mixture_name else ''} "
-              f"| mesh {dict(part.mesh.shape)} | steps {step}->{cfg.train_steps}", flush=True)
+        console.say(f"training {cfg.model_name} on {cfg.mixture_or_task_name}"
+                    f"{' + ' + cfg.rationale_mixture_name if cfg.rationale_mixture_name else ''}"
+                    f" | mesh {dict(part.mesh.shape)} | steps {step}->{cfg.train_steps}")
 
     def flush_metrics(at_step: int) -> dict[str, float]:
         """Fetches pending step metrics, checks they are finite, writes their mean."""
@@ -346,7 +346,7 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
         return {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1]}
 
     try:
-        with _Preemption() as preemption:
+        with _Preemption() as preemption, timer:
             while step < cfg.train_steps:
                 local = next(setup.batches)
                 global_batches = {
@@ -354,14 +354,10 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
                         local[v], part.batch_sharding,
                         len(local[v]["encoder_input_tokens"]) * setup.num_shards)
                     for v in trainer.VIEWS if v in local}
-                state, metrics = step_fn(state, global_batches)
+                state, metrics = timer.run(step_fn, state, global_batches,
+                                           _batch_tokens(local, setup.num_shards))
                 step += 1
                 pending.append(metrics)
-                tokens_since += _batch_tokens(local, setup.num_shards)
-                if not timing_started:  # leave compilation out of tokens/s and the ETA
-                    jax.block_until_ready(metrics)
-                    first_step, tokens_since, time_since = step, 0, time.time()
-                    timing_started = True
                 final = step == cfg.train_steps
                 # Read the SIGTERM flag once a step: a signal landing between the save decision
                 # and the exit check must not exit without saving this step.
@@ -372,33 +368,30 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
                 log_due = step % cfg.log_period == 0 or final or save_due
                 if log_due:
                     logged = flush_metrics(step)
-                    tokens_per_s = eta = None
-                    if step > first_step:
-                        elapsed = max(time.time() - time_since, 1e-9)
-                        tokens_per_s = tokens_since / elapsed
-                        total_tokens += tokens_since
-                        train_time += elapsed
-                        eta = (cfg.train_steps - step) * train_time / (step - first_step)
+                    tokens_per_s, compile_s = timer.window()
+                    if tokens_per_s is not None:
                         logged["tokens_per_s"] = tokens_per_s
                     writer.write_scalars(step, logged)
                     if is_lead:
-                        print(_progress_line(step, cfg.train_steps, logged, tokens_per_s, eta),
-                              flush=True)
+                        console.say(_progress_line(
+                            step, cfg.train_steps, logged, tokens_per_s, compile_s,
+                            timer.eta_s(step, cfg.train_steps, cfg.eval_period)))
                 if eval_due:
                     if eval_examples is None:
                         eval_examples = _eval_sets(cfg)
-                    scores = {split: evaluation.evaluate(
-                        setup.model_config, state.params, examples, cfg.eval_batch_size,
-                        cfg.max_decode_len, batch_sharding=part.batch_sharding)[0]
-                        for split, examples in eval_examples.items()}
+                    scores = {}
+                    for split, examples in eval_examples.items():
+                        with timer.evaluation(step) as took:
+                            scores[split] = evaluation.evaluate(
+                                setup.model_config, state.params, examples, cfg.eval_batch_size,
+                                cfg.max_decode_len, batch_sharding=part.batch_sharding)[0]
+                        if is_lead:
+                            console.say(f"eval step {step} ({split}): "
+                                        f"{console.format_metrics(scores[split])} | {took}")
                     eval_metrics = scores[cfg.eval_split]
                     for split, values in scores.items():
                         prefix = "eval" if split == cfg.eval_split else f"eval_{split}"
                         writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in values.items()})
-                        if is_lead:
-                            print(f"eval step {step} ({split}): "
-                                  + ", ".join(f"{k} {v:.4g}" for k, v in values.items()),
-                                  flush=True)
                     eval_history = [*(h for h in eval_history if h["step"] < step),
                                     *({"step": step, "split": split, **values}
                                       for split, values in scores.items())]
@@ -407,14 +400,14 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
                             epath.Path(cfg.model_dir) / run_config.EVAL_HISTORY_FILE,
                             "".join(json.dumps(h) + "\n" for h in eval_history))
                 if save_due:
-                    checkpointer.save(step, state.params, state.opt_state, setup.batches.state(),
-                                      metrics=eval_metrics if eval_due else None)
-                if log_due and step > first_step:
-                    time_since, tokens_since = time.time(), 0
+                    with timer.saving():
+                        checkpointer.save(step, state.params, state.opt_state,
+                                          setup.batches.state(),
+                                          metrics=eval_metrics if eval_due else None)
                 if stop_requested and not final:
                     checkpointer.wait()
                     if is_lead:
-                        print(f"SIGTERM: checkpoint of step {step} saved; exiting", flush=True)
+                        console.say(f"SIGTERM: checkpoint of step {step} saved; exiting")
                     raise SystemExit(PREEMPTED_EXIT_CODE)
         if pending:
             logged = flush_metrics(step)
@@ -428,7 +421,9 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
         "step": step, "train_steps": cfg.train_steps, "resumed_from": resume_step,
         "final_train_metrics": logged, "eval_metrics": eval_metrics,
         "best_step": best_step, "best_metric": cfg.best_metric,
-        "tokens_per_s": total_tokens / train_time if train_time else None,
+        "tokens_per_s": timer.throughput.tokens_per_s,
+        "compile_s": round(timer.compile_s, 2), "compiles": timer.compiles,
+        "eval_compile_s": round(timer.eval_compile_s, 2),
         "wall_s": round(time.time() - start_time, 2), "mesh": dict(part.mesh.shape),
         "num_devices": jax.device_count(), "num_processes": jax.process_count(),
         "model_config": dataclasses.asdict(setup.model_config),

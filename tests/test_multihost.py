@@ -279,6 +279,7 @@ def _step_losses(log_text: str) -> dict[int, tuple[float, float, float]]:
     """{step: (loss, label, rationale)} from the trainer's progress lines."""
     losses = {}
     for line in log_text.splitlines():
+        line = line.split(" ", 2)[-1]  # after the time stamp
         if line.startswith("step ") and "| loss" in line:
             fields = dict(part.strip().split(" ", 1) for part in line.split("|"))
             step = int(fields["step"].split("/")[0])
@@ -329,7 +330,7 @@ def test_two_processes_train_resume_and_match_one_process(training_runs):
         # progress lines print 4 decimals; cross-process reductions differ only in rounding
         assert multi[step] == pytest.approx(single[step], abs=2e-3), step
     # both end with the same evaluation of the same 12 examples
-    eval_line = re.compile(r"eval step 4 \(valid\): accuracy [0-9.]+, num_examples 12")
+    eval_line = re.compile(r"eval step 4 \(valid\): accuracy [0-9.]+%, num_examples 12")
     assert eval_line.search(single_log).group() == eval_line.search(resumed_phase).group()
     summary = json.loads((multi_dir / "run_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["num_devices"] == 8

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -44,7 +45,9 @@ def test_stages_and_training_progress_are_shown(quickstart):
     assert positions == sorted(positions)
     assert "[teacher train]" in stdout and "[teacher test]" in stdout
     for method in ("sbs_llm", "standard_ft"):
-        assert f"synthetic/t5_1_1_tiny/{method}/100pct/seed0 train] step 10/10" in stdout
+        # the trainer's lines start with their time: `YYYY-MM-DD HH:MM:SS step 10/10 | ...`
+        assert re.search(rf"synthetic/t5_1_1_tiny/{method}/100pct/seed0 train\] "
+                         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 10/10 ", stdout)
     assert "on the same 64 examples for 10 steps each" in stdout
     assert "same number of steps" in stdout
 

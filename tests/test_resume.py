@@ -45,7 +45,7 @@ def _run_until(model_dir, env, sig, need_checkpoint):
     for line in proc.stdout:
         lines.append(line)
         ready = not need_checkpoint or checkpoints.latest_step(str(model_dir)) is not None
-        if line.startswith("step ") and ready:
+        if " | loss " in line and ready:  # a progress line
             proc.send_signal(sig)
             break
     lines.extend(proc.stdout)
@@ -68,9 +68,9 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_equal(tmp_path, env):
     rc, out = _run_until(interrupted, env, signal.SIGTERM, need_checkpoint=False)
     assert rc == 143, out[-2000:]
     assert f"steps {killed_at}->{STEPS}" in out
-    saved_line = [line for line in out.splitlines() if line.startswith("SIGTERM: checkpoint")]
+    saved_line = [line for line in out.splitlines() if "SIGTERM: checkpoint" in line]
     assert saved_line, out[-2000:]
-    term_step = int(saved_line[0].split("step ")[1].split(" ")[0])
+    term_step = int(saved_line[0].split("checkpoint of step ")[1].split(" ")[0])
     assert killed_at < term_step < STEPS
     assert checkpoints.latest_step(str(interrupted)) == term_step
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ from sbs_jax import infer as infer_cli
 from sbs_jax import train as train_cli
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Every console line of the CLIs starts with its local time.
+STAMPED = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S")
 
 QUICK = ["--gin_file=gin/quickstart.gin", "--gin.TRAIN_STEPS=12", "--gin.EVAL_PERIOD=6",
          "--gin.CHECKPOINT_PERIOD=6", "--gin_bindings=RunConfig.warmup_steps=2",
@@ -61,11 +64,23 @@ def test_quickstart_trains_evaluates_checkpoints_and_logs(quickstart_dir):
     assert saved["train_steps"] == 12 and saved["rationale_mixture_name"] == "synthetic_rationale"
     assert "RunConfig.alpha = %ALPHA" in (model_dir / "config.gin").read_text()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(model_dir))
-    progress = [line for line in stdout.splitlines() if line.startswith("step ")]
+    lines = stdout.splitlines()
+    assert lines and all(STAMPED.match(line) for line in lines), lines
+    progress = [line for line in lines if " step " in line and "| loss " in line]
     assert len(progress) == 4 and all("tok/s" in p and "ETA" in p for p in progress)
     losses = [float(p.split("| loss ")[1].split(" ")[0]) for p in progress]
     assert losses[-1] < losses[0]
-    assert "rationale" in progress[0] and "eval step 6 (valid)" in stdout
+    assert "rationale" in progress[0]
+    # The first step compiles: reported apart, left out of tokens/s, summed in the summary.
+    assert "| compile " in progress[0] and summary["compiles"] >= 1
+    assert summary["compile_s"] >= float(progress[0].split("| compile ")[1].split("s")[0]) - 0.05
+    assert summary["tokens_per_s"] > 0 and summary["eval_compile_s"] > 0
+    evals = [line for line in lines if " eval step " in line]
+    assert [e.split(" eval step ")[1].split(":")[0] for e in evals] == ["6 (valid)", "12 (valid)"]
+    accuracy = float(evals[-1].split("accuracy ")[1].split("%")[0])
+    assert accuracy == pytest.approx(summary["eval_metrics"]["accuracy"], abs=0.01)
+    assert "num_examples 16" in evals[-1]
+    assert sum("decoding synthetic_label_gt: 16 examples" in line for line in lines) == 2
 
 
 def test_eval_and_infer_read_the_run(quickstart_dir, cli_env, tmp_path, monkeypatch, capsys):
@@ -77,6 +92,10 @@ def test_eval_and_infer_read_the_run(quickstart_dir, cli_env, tmp_path, monkeypa
     metrics = json.loads(metrics_path.read_text())
     assert metrics["step"] == 12 and metrics["split"] == "test" and metrics["num_examples"] == 8
     assert 0.0 <= metrics["accuracy"] <= 100.0
+    out = capsys.readouterr().out.splitlines()
+    assert out and all(STAMPED.match(line) for line in out), out
+    assert any(line.endswith(f"eval step 12 (test): accuracy {metrics['accuracy']:.2f}%, "
+                             "num_examples 8") for line in out), out
     preds = tmp_path / "preds.jsonl"
     assert infer_cli.main([*flags, f"--output={preds}", "--output_rationale"]) == 0
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
