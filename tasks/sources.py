@@ -24,7 +24,9 @@ class RecordSource(seqio.FileDataSource):
     """Reads `{data_dir}/{dataset}/{split}-*.tfrecord`; each example also carries `split`.
 
     The folder is looked up on every read (not at registration) and, for the synthetic dataset,
-    created on first use. `split` lets preprocessors treat train differently (teacher labels).
+    created on first use. Each split is checked against the folder's info.json (or teacher
+    ledgers) before it is read: a partial or mixed folder is refused (`sbs_jax.data.verify`).
+    `split` lets preprocessors treat train differently (teacher labels).
     """
 
     def __init__(self, dataset: str):

@@ -233,3 +233,20 @@ def test_the_build_makes_or_takes_the_vocabulary_and_keeps_other_splits(tmp_path
         assert [records.file_sha256(p) for p in records.shard_paths(
             str(data / "svamp"), split)] == checksums[split]
     assert set(info["released"]) == {"train", "test"} and "valid_carve" in info
+
+
+def test_a_build_killed_between_two_renames_gets_the_old_folder_back(tmp_path, capsys):
+    # Where a filesystem cannot swap folders, publishing renames the old one aside first; a
+    # build killed right then leaves this state, which the next build repairs before anything.
+    data = tmp_path / "data"
+    old = [records.Record(id=f"t{i}", input=f"{i} + 1") for i in range(3)]
+    publish.publish(str(data / "toy"), "toy", {"train": old, "test": old[:1]})
+    os.rename(data / "toy", data / ".toy.previous-4242")
+    os.mkdir(data / ".toy.staging-4243")
+    (data / ".toy.staging-4243" / "train-00000.tfrecord").write_bytes(b"half")
+    new_test = [records.Record(id="n0", input="2 + 2")]
+    publish.publish(str(data / "toy"), "toy", {"test": new_test})
+    assert [r.id for r in records.read_split(str(data / "toy"), "train")] == ["t0", "t1", "t2"]
+    assert records.read_split(str(data / "toy"), "test") == new_test
+    assert sorted(os.listdir(data)) == [".toy.publish.lock", "toy"]
+    assert "left by an interrupted build" in capsys.readouterr().out

@@ -180,6 +180,7 @@ def test_redact_masks_whole_key_fragments_and_masked_forms():
     assert redact("sk-A****ET", key) == "***"
     assert redact("short 0123 and SECRE and ADVT0 stay", key) == \
         "short 0123 and SECRE and ADVT0 stay"
+    assert redact("***bold*** and a **** b", key) == "***bold*** and a **** b"
     assert redact("anything", None) == "anything"
 
 

@@ -75,13 +75,16 @@ class TeacherUnavailable(Exception):
 
 
 MIN_FRAGMENT = 6  # shorter runs of the key's characters are left alone (too common)
-_MASKED_KEY = re.compile(r"[\w.-]*[*\u2022]{3,}[\w.-]*")  # a key shown masked, e.g. sk-ADVT****CRET
+_MARK = "\x00"  # where a piece of the key was, until the masked forms around it are found
+_MASKED = re.compile(r"[\w.-]*[*\u2022]{3,}[\w.-]*")  # e.g. sk-ADVT****CRET
+_MASKED_AFTER_PIECE = re.compile(_MARK + r"[*\u2022]+[\w.-]*")
 
 
 def redact(text: str, secret: str | None) -> str:
     """`text` with the secret masked: the whole of it, any run of MIN_FRAGMENT or more of its
-    characters in a row (a prefix, a suffix or any piece a server echoes back), and any masked
-    token around such a piece or beginning with its first characters (`sk-ADVT****CRET`)."""
+    characters in a row (a prefix, a suffix or any piece a server echoes back), and a masked form
+    of it (`sk-ADVT****CRET`: the stars and what follows a piece, or a starred token beginning
+    with the key's first four characters)."""
     if not secret or not text:
         return text
     grams = {secret[i:i + MIN_FRAGMENT] for i in range(len(secret) - MIN_FRAGMENT + 1)}
@@ -91,14 +94,14 @@ def redact(text: str, secret: str | None) -> str:
             end = i + MIN_FRAGMENT
             while end < len(text) and text[i:end + 1] in secret:
                 end += 1
-            pieces += [text[start:i], "***"]
+            pieces += [text[start:i], _MARK]
             start = i = end
         else:
             i += 1
-    text = "".join(pieces) + text[start:]
+    text = _MASKED_AFTER_PIECE.sub(_MARK, "".join(pieces) + text[start:])
     head = secret[:4]
-    return _MASKED_KEY.sub(
-        lambda m: "***" if m.group(0).startswith((head, "***")) else m.group(0), text)
+    text = _MASKED.sub(lambda m: _MARK if m.group(0).startswith(head) else m.group(0), text)
+    return text.replace(_MARK, "***")
 
 
 def estimate_tokens(text: str) -> int:
