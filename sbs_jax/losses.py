@@ -1,11 +1,12 @@
 """Token losses for T5 targets and the distilling step-by-step objective.
 
 Everything here is a pure function of logits and a T5X feature-converter batch
-(`decoder_target_tokens`, `decoder_loss_weights`). Losses are returned as token *sums* plus the
-token count, so gradient accumulation can add micro-batches and divide once (equal to the
-large-batch step), and `sbs_loss` divides each task by its own count: the paper's objective is
+(`decoder_target_tokens`, `decoder_loss_weights`). Each task's loss is its token sum divided by
+its token count, and `sbs_loss` mixes the two tasks' means: the paper's objective is
 `alpha * mean_label + (1 - alpha) * mean_rationale`, never a sum over both batches (long
-rationales would dominate it).
+rationales would dominate it). The counts can be given (T5X's loss normalizing factor): the
+trainer passes the whole batch's counts to each micro-batch, so the micro-batch losses add up to
+the large-batch loss.
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ import jax.numpy as jnp
 
 
 class TokenLossSums(NamedTuple):
-    """Sums over the real target tokens of one batch (or of several micro-batches)."""
+    """Sums over the real target tokens of one batch."""
 
     loss: jax.Array  # cross entropy (incl. label smoothing and z-loss) summed over tokens
     z_loss: jax.Array  # the z-loss part of `loss`, for logging
     num_tokens: jax.Array  # sum of decoder_loss_weights
-
-    def __add__(self, other: TokenLossSums) -> TokenLossSums:  # type: ignore[override]
-        return TokenLossSums(*(a + b for a, b in zip(self, other)))
 
 
 def _smoothing_constant(num_classes: int, label_smoothing: float) -> float:
@@ -88,18 +86,6 @@ def mean_loss(sums: TokenLossSums) -> jax.Array:
     return sums.loss / jnp.maximum(sums.num_tokens, 1.0)
 
 
-def combine(
-    label: TokenLossSums, rationale: TokenLossSums | None, alpha: float
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`alpha * mean(label) + (1 - alpha) * mean(rationale)`; label only when rationale is None."""
-    label_loss = mean_loss(label)
-    if rationale is None:
-        return label_loss, {"label_loss": label_loss}
-    rationale_loss = mean_loss(rationale)
-    total = alpha * label_loss + (1.0 - alpha) * rationale_loss
-    return total, {"label_loss": label_loss, "rationale_loss": rationale_loss}
-
-
 def sbs_loss(
     label_logits: jax.Array,
     label_batch: Mapping[str, jax.Array],
@@ -108,16 +94,30 @@ def sbs_loss(
     alpha: float,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    loss_normalizing_factors: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The distilling step-by-step loss: each task's token mean over its own real targets.
 
-    Returns `(total, {"label_loss", "rationale_loss"})`. With `rationale_logits=None` (standard
-    fine-tuning / distillation) the total is the label loss alone.
+    Returns `(total, {"label_loss", "rationale_loss"})`, plus the z-loss part of each
+    (`label_z_loss`, `rationale_z_loss`) when `z_loss` is on. With `rationale_logits=None`
+    (standard fine-tuning / distillation) the total is the label loss alone.
+    `loss_normalizing_factors` (`{"label": n, "rationale": m}`) replaces each task's own token
+    count as its divisor.
     """
-    label = token_loss_sums(label_logits, label_batch, label_smoothing, z_loss)
-    rationale = None
+    views = {"label": (label_logits, label_batch)}
     if rationale_logits is not None:
         if rationale_batch is None:
             raise ValueError("sbs_loss got rationale_logits without a rationale_batch")
-        rationale = token_loss_sums(rationale_logits, rationale_batch, label_smoothing, z_loss)
-    return combine(label, rationale, alpha)
+        views["rationale"] = (rationale_logits, rationale_batch)
+    sums = {view: token_loss_sums(logits, batch, label_smoothing, z_loss)
+            for view, (logits, batch) in views.items()}
+    if loss_normalizing_factors is not None:
+        sums = {view: s._replace(num_tokens=loss_normalizing_factors[view])
+                for view, s in sums.items()}
+    parts = {f"{view}_loss": mean_loss(s) for view, s in sums.items()}
+    if z_loss:
+        parts.update({f"{view}_z_loss": s.z_loss / jnp.maximum(s.num_tokens, 1.0)
+                      for view, s in sums.items()})
+    if rationale_logits is None:
+        return parts["label_loss"], parts
+    return alpha * parts["label_loss"] + (1.0 - alpha) * parts["rationale_loss"], parts

@@ -2,9 +2,10 @@
 
 One jitted step does both views of the same examples: forward the label batch and the
 rationale batch, `alpha * mean(label) + (1 - alpha) * mean(rationale)` with each mean over its
-own real target tokens, gradients, optimizer update. Gradient accumulation splits the batch into
-micro-batches, counts each task's target tokens over the whole batch first and sums
-`token_loss_sum / whole_batch_tokens` gradients over micro-batches, so it equals the big step.
+own real target tokens (`losses.sbs_loss`), gradients, optimizer update. Gradient accumulation
+splits the batch into micro-batches, counts each task's target tokens over the whole batch first
+and gives those counts to every micro-batch's `sbs_loss`, so the summed gradients equal the big
+step's.
 
 Randomness is `fold_in(PRNGKey(seed), step)`: a resumed run draws the same dropout masks as an
 uninterrupted one. State buffers are donated; parameters, optimizer state and batches have
@@ -188,41 +189,43 @@ def _split_microbatches(batch: Batch, num_microbatches: int, sharding) -> dict:
     return {k: split(batch[k]) for k in _batch_keys(batch)}
 
 
-def _forward_sums(model, params, batch, rng, options: StepOptions, train: bool):
-    logits = model.apply(
+def _logits(model: nn.Module, params: Any, batch: Batch, rng: jax.Array) -> jax.Array:
+    return model.apply(
         {"params": params},
         batch["encoder_input_tokens"],
         batch["decoder_input_tokens"],
-        enable_dropout=train,
+        enable_dropout=True,
         encoder_segment_ids=batch.get("encoder_segment_ids"),
         decoder_segment_ids=batch.get("decoder_segment_ids"),
-        rngs={"dropout": rng} if train else None,
+        rngs={"dropout": rng},
     )
-    return losses.token_loss_sums(logits, batch, options.label_smoothing, options.z_loss)
 
 
 def loss_and_grads(
     model: nn.Module, params: Any, batches: Mapping[str, Batch], rng: jax.Array,
     options: StepOptions, batch_sharding: NamedSharding, params_shardings: Any = None,
 ) -> tuple[Any, dict[str, jax.Array]]:
-    """Gradients of the sbs objective over all micro-batches, and its logged parts."""
+    """Gradients of `losses.sbs_loss` over all micro-batches, and its logged parts.
+
+    Each micro-batch's loss divides its token sums by the whole batch's token counts, so the
+    micro-batch losses and gradients add up to those of the large batch.
+    """
     views = [v for v in VIEWS if batches.get(v) is not None]
-    weights = {"label": options.alpha, "rationale": 1.0 - options.alpha}
-    if views == ["label"]:
-        weights["label"] = 1.0
     totals = {v: jnp.sum(batches[v]["decoder_loss_weights"].astype(jnp.float32)) for v in views}
     micro = {v: _split_microbatches(batches[v], options.num_microbatches, batch_sharding)
              for v in views}
 
     def objective(p, mb_index):
-        sums = {}
-        scaled = 0.0
+        batch, logits = {}, {}
         for i, view in enumerate(views):
-            batch = {k: v[mb_index] for k, v in micro[view].items()}
+            batch[view] = {k: v[mb_index] for k, v in micro[view].items()}
             key = jax.random.fold_in(jax.random.fold_in(rng, i), mb_index)
-            sums[view] = _forward_sums(model, p, batch, key, options, train=True)
-            scaled = scaled + weights[view] * sums[view].loss / jnp.maximum(totals[view], 1.0)
-        return scaled, sums
+            logits[view] = _logits(model, p, batch[view], key)
+        total, parts = losses.sbs_loss(
+            logits["label"], batch["label"], logits.get("rationale"), batch.get("rationale"),
+            options.alpha, options.label_smoothing, options.z_loss,
+            loss_normalizing_factors=totals)
+        return total, {"loss": total, **parts}
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
@@ -236,27 +239,24 @@ def loss_and_grads(
         # the loop, so every gathered kernel would stay live for the whole loop. The carried
         # parameters stay at their shardings, and the barrier ties them to the loop index
         # (an identity), so each micro-batch gathers the kernels it uses and frees them.
-        grads, sums, loop_params = carry
+        grads, metrics, loop_params = carry
         loop_params, _ = jax.lax.optimization_barrier((loop_params, mb_index))
-        (_, mb_sums), mb_grads = grad_fn(sharded(loop_params), mb_index)
+        (_, mb_metrics), mb_grads = grad_fn(sharded(loop_params), mb_index)
         grads = sharded(jax.tree.map(jnp.add, grads, mb_grads))
-        sums = {v: sums[v] + mb_sums[v] for v in views}
-        return (grads, sums, loop_params), None
+        metrics = jax.tree.map(jnp.add, metrics, mb_metrics)
+        return (grads, metrics, loop_params), None
 
     if options.num_microbatches == 1:  # no loop: keeps the common step's program simple
-        (_, sums), grads = grad_fn(params, 0)
+        (_, metrics), grads = grad_fn(params, 0)
     else:
-        zero_sums = {v: losses.TokenLossSums(*(jnp.zeros((), jnp.float32),) * 3) for v in views}
+        _, metric_shapes = jax.eval_shape(objective, params, 0)
+        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
         zero_grads = sharded(jax.tree.map(jnp.zeros_like, params))
-        (grads, sums, _), _ = jax.lax.scan(
-            body, (zero_grads, zero_sums, sharded(params)), jnp.arange(options.num_microbatches)
+        (grads, metrics, _), _ = jax.lax.scan(
+            body, (zero_grads, zero_metrics, sharded(params)),
+            jnp.arange(options.num_microbatches)
         )
-    total, parts = losses.combine(sums["label"], sums.get("rationale"), options.alpha)
-    metrics = {"loss": total, **parts}
-    for view in views:
-        metrics[f"{view}_tokens"] = sums[view].num_tokens
-        if options.z_loss:
-            metrics[f"{view}_z_loss"] = sums[view].z_loss / jnp.maximum(totals[view], 1.0)
+    metrics.update({f"{view}_tokens": totals[view] for view in views})
     return grads, metrics
 
 

@@ -74,6 +74,8 @@ def test_z_loss_adds_squared_log_normaliser():
     want_z = 1e-2 * (log_z**2 * batch["decoder_loss_weights"]).sum()
     np.testing.assert_allclose(with_z.z_loss, want_z, rtol=1e-5)
     np.testing.assert_allclose(with_z.loss - plain.loss, want_z, rtol=1e-4)
+    _, parts = losses.sbs_loss(logits, batch, None, None, alpha=0.5, z_loss=1e-2)
+    np.testing.assert_allclose(parts["label_z_loss"], want_z / 8, rtol=1e-5)
 
 
 def test_label_smoothing_is_zero_at_the_smoothed_target_and_positive_elsewhere():
@@ -89,17 +91,30 @@ def test_label_smoothing_is_zero_at_the_smoothed_target_and_positive_elsewhere()
     assert float(away.loss) > 0.5
 
 
-def test_sums_add_over_micro_batches_to_the_big_batch_mean():
+def test_micro_batches_with_the_whole_batch_counts_add_up_to_the_big_batch_loss():
     rng = np.random.default_rng(4)
-    batch = _batch(rng, 4, 7, 30, [7, 1, 4, 2])
-    logits = rng.normal(size=(4, 7, 30)).astype(np.float32)
-    halves = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
-    sums = losses.token_loss_sums(logits[:2], halves[0]) + losses.token_loss_sums(
-        logits[2:], halves[1]
-    )
-    np.testing.assert_allclose(
-        losses.mean_loss(sums), losses.mean_loss(losses.token_loss_sums(logits, batch)), rtol=1e-6
-    )
+    label, rationale = _batch(rng, 4, 7, 30, [7, 1, 4, 2]), _batch(rng, 4, 9, 30, [9, 3, 5, 1])
+    logits = {"label": rng.normal(size=(4, 7, 30)).astype(np.float32),
+              "rationale": rng.normal(size=(4, 9, 30)).astype(np.float32)}
+    options = {"alpha": 0.3, "label_smoothing": 0.1, "z_loss": 1e-3}
+    big_total, big_parts = losses.sbs_loss(logits["label"], label, logits["rationale"],
+                                           rationale, **options)
+    assert set(big_parts) == {"label_loss", "rationale_loss", "label_z_loss", "rationale_z_loss"}
+    counts = {"label": label["decoder_loss_weights"].sum(),
+              "rationale": rationale["decoder_loss_weights"].sum()}
+    total, parts = 0.0, dict.fromkeys(big_parts, 0.0)
+    # 8 + 6 label and 12 + 6 rationale tokens: a mean of micro-batch means would differ
+    for rows in (slice(0, 2), slice(2, 4)):
+        half = {k: v[rows] for k, v in label.items()}
+        half_rationale = {k: v[rows] for k, v in rationale.items()}
+        mb_total, mb_parts = losses.sbs_loss(
+            logits["label"][rows], half, logits["rationale"][rows], half_rationale, **options,
+            loss_normalizing_factors=counts)
+        total += mb_total
+        parts = {k: parts[k] + mb_parts[k] for k in parts}
+    np.testing.assert_allclose(total, big_total, rtol=1e-6)
+    for key in big_parts:
+        np.testing.assert_allclose(parts[key], big_parts[key], rtol=1e-6, err_msg=key)
 
 
 def test_empty_batch_gives_zero_not_nan():

@@ -1,13 +1,15 @@
-"""The jitted sbs step: mesh-independent losses, exact gradient accumulation, batch checks."""
+"""The jitted sbs step: its objective is sbs_loss, mesh-independent losses, exact gradient
+accumulation, batch checks."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
 import optax
 import pytest
 
-from sbs_jax import models, optim, partitioning, trainer
+from sbs_jax import losses, models, optim, partitioning, trainer
 
 # Heads, mlp and vocab divisible by 8 so the 1x1x8 mesh shards every model dimension; one layer
 # per stack keeps compiles short.
@@ -94,6 +96,27 @@ def test_gradient_accumulation_equals_the_big_batch_step(batches):
             np.testing.assert_allclose(ours[key], ref[key], rtol=1e-5, err_msg=key)
     for a, b in zip(jax.tree.leaves(acc_state.params), jax.tree.leaves(big_state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+@pytest.mark.parametrize("num_microbatches", [1, 2])
+def test_step_objective_is_sbs_loss_with_its_options(batches, num_microbatches):
+    config = dataclasses.replace(CONFIG, dropout_rate=0.0)
+    model, params = models.T5(config), models.init_params(config, jax.random.PRNGKey(1))
+    options = trainer.StepOptions(alpha=0.3, num_microbatches=num_microbatches,
+                                  label_smoothing=0.1, z_loss=1e-3)
+    mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
+    step = jax.jit(functools.partial(trainer.loss_and_grads, model, options=options,
+                                     batch_sharding=partitioning.batch_sharding(mesh)))
+    _, metrics = step(params, batches[0], jax.random.PRNGKey(0))
+    logits = {view: model.apply({"params": params}, batch["encoder_input_tokens"],
+                                batch["decoder_input_tokens"])
+              for view, batch in batches[0].items()}
+    total, parts = losses.sbs_loss(logits["label"], batches[0]["label"], logits["rationale"],
+                                   batches[0]["rationale"], 0.3, label_smoothing=0.1, z_loss=1e-3)
+    np.testing.assert_allclose(metrics["loss"], total, rtol=1e-5)
+    assert set(parts) == {"label_loss", "rationale_loss", "label_z_loss", "rationale_z_loss"}
+    for key, value in parts.items():
+        np.testing.assert_allclose(metrics[key], value, rtol=1e-5, err_msg=key)
 
 
 def test_batch_not_divisible_by_data_axes_names_batch_size():

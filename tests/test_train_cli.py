@@ -7,10 +7,10 @@ import re
 import subprocess
 import sys
 
-import gin
 import numpy as np
 import pytest
 
+import gin
 from sbs_jax import checkpoints, gin_utils
 from sbs_jax import eval as eval_cli
 from sbs_jax import infer as infer_cli
