@@ -23,7 +23,8 @@ usage: launch/gpu_multinode.sh --coordinator HOST:PORT --num_nodes N --node_rank
   --dry_run                print the command, run nothing (same as SBS_DRY_RUN=1)
   -h, --help               this help
 Everything after `--` goes to `python -m sbs_jax.train` (or to $SBS_ENTRY_MODULE, e.g.
-sbs_jax.distributed for a cluster check).
+sbs_jax.distributed for a cluster check). XLA's persistent compilation cache is
+$JAX_COMPILATION_CACHE_DIR (default ~/.cache/sbs_jax/jax_compilation_cache).
 EOF
 }
 
@@ -52,8 +53,10 @@ done
 [[ -n "${SBS_ENTRY_MODULE:-}" ]] || (( $# > 0 )) \
   || die "pass the training arguments after --, e.g. -- --gin_file=gin/sbs_large.gin"
 
+# A persistent compilation cache: a resumed or repeated run loads its compiled programs.
+CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sbs_jax/jax_compilation_cache}"
 cmd=(env "JAX_COORDINATOR_ADDRESS=$COORDINATOR" "JAX_NUM_PROCESSES=$NUM_NODES"
-     "JAX_PROCESS_ID=$NODE_RANK" "$PYTHON" -m "${SBS_ENTRY_MODULE:-sbs_jax.train}" "$@")
+     "JAX_PROCESS_ID=$NODE_RANK" "JAX_COMPILATION_CACHE_DIR=$CACHE_DIR" "$PYTHON" -m "${SBS_ENTRY_MODULE:-sbs_jax.train}" "$@")
 if [[ "$DRY_RUN" == "1" ]]; then
   printf '%q ' "${cmd[@]}" | sed 's/ $//'
   echo

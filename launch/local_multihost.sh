@@ -24,7 +24,8 @@ usage: launch/local_multihost.sh -n NUM_PROCESSES -d DEVICES_PER_PROCESS [option
                           sbs_jax.distributed runs the cluster smoke test)
   --dry_run               print the commands, run nothing (same as SBS_DRY_RUN=1)
   -h, --help              this help
-Everything after `--` is passed to every process unchanged.
+Everything after `--` is passed to every process unchanged. XLA's persistent compilation cache
+is $JAX_COMPILATION_CACHE_DIR (default ~/.cache/sbs_jax/jax_compilation_cache).
 EOF
 }
 
@@ -64,10 +65,12 @@ if [[ -z "$LOG_DIR" ]]; then
   fi
 fi
 
+# A persistent compilation cache: a resumed or repeated run loads its compiled programs.
+CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sbs_jax/jax_compilation_cache}"
 process_env() {  # sets ENV_VARS to the environment of process $1
   ENV_VARS=(JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=${DEVICES}"
             "JAX_COORDINATOR_ADDRESS=127.0.0.1:${PORT}" "JAX_NUM_PROCESSES=${NUM_PROCESSES}"
-            "JAX_PROCESS_ID=$1" PYTHONUNBUFFERED=1)
+            "JAX_PROCESS_ID=$1" "JAX_COMPILATION_CACHE_DIR=${CACHE_DIR}" PYTHONUNBUFFERED=1)
 }
 
 if [[ "$DRY_RUN" == "1" ]]; then

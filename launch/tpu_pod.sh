@@ -25,6 +25,9 @@ required:
 options:
   --runtime_version V       TPU VM image (default: the one for the accelerator generation)
   --data_dir gs://...       SBS_DATA_DIR on the workers (the built TFRecords)
+  --compilation_cache_dir gs://...
+                            XLA's persistent compilation cache, shared by the workers
+                            (JAX_COMPILATION_CACHE_DIR; default MODEL_DIR/jax_compilation_cache)
   --spot                    create a Spot slice
   --python P                Python on the workers (default python3.11, installed with apt)
   --skip_create             reuse an existing slice
@@ -44,6 +47,7 @@ EOF
 die() { echo "tpu_pod.sh: error: $*" >&2; echo "(see --help)" >&2; exit 2; }
 
 NAME="" PROJECT="" ZONE="" ACCELERATOR_TYPE="" MODEL_DIR="" DATA_DIR="" RUNTIME_VERSION="" REMOTE_DIR="sbs-jax"
+CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-}"
 WORKER_PYTHON="python3.11" SPOT=0 SKIP_CREATE=0 SKIP_INSTALL=0 TEARDOWN=0 TEARDOWN_ONLY=0
 DRY_RUN="${SBS_DRY_RUN:-0}"
 GIN_FILES=() TRAIN_EXTRA=()
@@ -55,14 +59,14 @@ while [[ $# -gt 0 ]]; do
     continue
   fi
   case "$arg" in
-    --name|--project|--zone|--accelerator_type|--gin_file|--model_dir|--data_dir|--runtime_version|--python|--remote_dir)
+    --name|--project|--zone|--accelerator_type|--gin_file|--model_dir|--data_dir|--runtime_version|--python|--remote_dir|--compilation_cache_dir)
       [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$arg needs a value"
       case "$arg" in
         --name) NAME="$2" ;; --project) PROJECT="$2" ;; --zone) ZONE="$2" ;;
         --accelerator_type) ACCELERATOR_TYPE="$2" ;; --gin_file) GIN_FILES+=("$2") ;;
         --model_dir) MODEL_DIR="$2" ;; --data_dir) DATA_DIR="$2" ;;
         --runtime_version) RUNTIME_VERSION="$2" ;; --python) WORKER_PYTHON="$2" ;;
-        --remote_dir) REMOTE_DIR="$2" ;;
+        --remote_dir) REMOTE_DIR="$2" ;; --compilation_cache_dir) CACHE_DIR="$2" ;;
       esac
       shift 2 ;;
     --gin.*|--gin_bindings=*|--gin_search_paths=*) TRAIN_EXTRA+=("$arg"); shift ;;
@@ -140,6 +144,9 @@ done
 [[ "$MODEL_DIR" =~ ^gs://[^[:space:]\'\"\\]+$ ]] \
   || die "--model_dir '$MODEL_DIR' must be a gs:// path (every worker writes there), without quotes or spaces"
 [[ -z "$DATA_DIR" || "$DATA_DIR" == gs://?* ]] || die "--data_dir '$DATA_DIR' must be on gs:// (every worker reads it)"
+CACHE_DIR="${CACHE_DIR:-$MODEL_DIR/jax_compilation_cache}"
+[[ "$CACHE_DIR" =~ ^gs://[^[:space:]\'\"\\]+$ ]] \
+  || die "--compilation_cache_dir '$CACHE_DIR' must be a gs:// path (every worker shares it)"
 [[ "$REMOTE_DIR" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$ && "$REMOTE_DIR" != *..* ]] \
   || die "--remote_dir '$REMOTE_DIR' must be a plain relative path under the home folder (e.g. sbs-jax)"
 for extra in "${TRAIN_EXTRA[@]}"; do
@@ -208,8 +215,9 @@ fi
 train=(.venv/bin/python -m sbs_jax.train)
 for gin_file in "${GIN_FILES[@]}"; do train+=("--gin_file=$gin_file"); done
 train+=("--gin.MODEL_DIR=\"$MODEL_DIR\"" "${TRAIN_EXTRA[@]}")
-env_prefix=""
-[[ -z "$DATA_DIR" ]] || env_prefix="SBS_DATA_DIR=$(printf '%q' "$DATA_DIR") "
+# A persistent compilation cache: a resumed or repeated run loads its compiled programs.
+env_prefix="JAX_COMPILATION_CACHE_DIR=$(printf '%q' "$CACHE_DIR") "
+[[ -z "$DATA_DIR" ]] || env_prefix+="SBS_DATA_DIR=$(printf '%q' "$DATA_DIR") "
 ssh_all "cd ~/$REMOTE_DIR && ${env_prefix}$(printf '%q ' "${train[@]}")2>&1 | tee -a ~/train.log; exit \${PIPESTATUS[0]}"
 
 echo "tpu_pod.sh: TensorBoard: tensorboard --logdir $MODEL_DIR" >&2

@@ -76,6 +76,7 @@ def test_tpu_pod_dry_run_v4_32(fake_gcloud, tracked_gin_file, tmp_path):
     remote_train = shlex.split(train[9].removeprefix("--command="))
     start = remote_train.index("-m")
     assert remote_train[start - 1: start + 2] == [".venv/bin/python", "-m", "sbs_jax.train"]
+    assert "JAX_COMPILATION_CACHE_DIR=gs://bucket/sbs/run1/jax_compilation_cache" in remote_train
     assert remote_train[start + 2: start + 6] == [
         f"--gin_file={tracked_gin_file}", '--gin.MODEL_DIR="gs://bucket/sbs/run1"',
         "--gin.TRAIN_STEPS=100", "--gin_bindings=ALPHA=0.5"]
@@ -148,12 +149,14 @@ def test_every_launcher_answers_help(script):
 
 def test_slurm_dry_run_prints_srun_of_the_trainer(tmp_path):
     env = dict(os.environ, SBS_DRY_RUN="1", SLURM_JOB_ID="77", SLURM_NTASKS="16",
-               SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(REPO_ROOT))
+               SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(REPO_ROOT),
+               JAX_COMPILATION_CACHE_DIR=f"{tmp_path}/jax_cache")
     result = _run(["bash", str(LAUNCH / "gpu_slurm.sbatch"), "--gin_file=gin/sbs_large.gin",
                    "--gin.MODEL_DIR='/shared/run 1'"], env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (command,) = _commands(result.stdout)
-    assert command == ["srun", "--kill-on-bad-exit=1", f"--chdir={REPO_ROOT}",
+    assert command == ["srun", "--kill-on-bad-exit=1", f"--chdir={REPO_ROOT}", "env",
+                       f"JAX_COMPILATION_CACHE_DIR={tmp_path}/jax_cache",
                        f"{REPO_ROOT}/.venv/bin/python", "-m", "sbs_jax.train",
                        "--gin_file=gin/sbs_large.gin", "--gin.MODEL_DIR='/shared/run 1'"]
     assert "16 processes on 2 nodes" in result.stderr
@@ -232,9 +235,11 @@ def test_gpu_multinode_two_nodes_on_localhost(tmp_path):
     dry = _run(["bash", str(LAUNCH / "gpu_multinode.sh"), "--coordinator", f"127.0.0.1:{port}",
                 "--num_nodes", "2", "--node_rank", "1", "--python", sys.executable, "--dry_run",
                 "--", "--rounds", "2"], env)
+    cache = pathlib.Path(env.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
     assert _commands(dry.stdout) == [[
         "env", f"JAX_COORDINATOR_ADDRESS=127.0.0.1:{port}", "JAX_NUM_PROCESSES=2",
-        "JAX_PROCESS_ID=1", sys.executable, "-m", "sbs_jax.distributed", "--rounds", "2"]]
+        "JAX_PROCESS_ID=1", f"JAX_COMPILATION_CACHE_DIR={cache}/sbs_jax/jax_compilation_cache",
+        sys.executable, "-m", "sbs_jax.distributed", "--rounds", "2"]]
     procs = []
     for rank in range(2):
         with open(tmp_path / f"node_{rank}.log", "w") as log:
@@ -284,17 +289,18 @@ def test_local_multihost_dry_run(tmp_path):
     result = _run(["bash", str(LAUNCH / "local_multihost.sh"), "-n", "2", "-d", "4", "--port",
                    "4321", "--log_dir", str(tmp_path / "logs"), "--dry_run", "--",
                    "--gin_file=gin/quickstart.gin", "--gin.MODEL_DIR='/tmp/m'"],
-                  dict(os.environ, PYTHON="python"))
+                  dict(os.environ, PYTHON="python", JAX_COMPILATION_CACHE_DIR="/tmp/c"))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and not (tmp_path / "logs").exists()
     for index, line in enumerate(lines):
         words = shlex.split(line.removesuffix("&"))
-        assert words[:7] == ["env", "JAX_PLATFORMS=cpu",
+        assert words[:8] == ["env", "JAX_PLATFORMS=cpu",
                              "XLA_FLAGS=--xla_force_host_platform_device_count=4",
                              "JAX_COORDINATOR_ADDRESS=127.0.0.1:4321", "JAX_NUM_PROCESSES=2",
-                             f"JAX_PROCESS_ID={index}", "PYTHONUNBUFFERED=1"]
-        assert words[7:12] == ["python", "-m", "sbs_jax.train", "--gin_file=gin/quickstart.gin",
+                             f"JAX_PROCESS_ID={index}", "JAX_COMPILATION_CACHE_DIR=/tmp/c",
+                             "PYTHONUNBUFFERED=1"]
+        assert words[8:13] == ["python", "-m", "sbs_jax.train", "--gin_file=gin/quickstart.gin",
                                "--gin.MODEL_DIR='/tmp/m'"]
 
 
