@@ -10,15 +10,19 @@ repository's `gin/` that the wheel stores as package data. Mistakes fail before 
 with the file, binding or macro named:
 gin's own errors for unknown configurables/parameters are re-raised with their source, and a
 `--gin.NAME` macro that no gin file defines (a typo such as `TRAIN_STEP`) is refused instead of
-silently defining a new, unused macro.
+silently defining a new, unused macro. A string value whose quotes the shell removed
+(`--gin.MODEL_DIR=/tmp/x`) is refused with the quoting that works (`--gin.MODEL_DIR="'/tmp/x'"`).
+Only gin's public API is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import os
 import re
+import tokenize
 from collections.abc import Sequence
 
 import gin
@@ -27,6 +31,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Holds gin/: sbs_jax/gin is the installed package data, or in a checkout a link to REPO_ROOT/gin.
 CONFIG_ROOT = os.path.dirname(os.path.abspath(__file__))
 _MACRO = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# A macro's line in gin.config_str(): `NAME = value`.
+_MACRO_LINE = re.compile(r"^([A-Z][A-Z0-9_]*) = ", re.MULTILINE)
+# Folders this process has put on gin's search path (gin has no public way to list them).
+_SEARCH_PATHS_ADDED: set[str] = set()
 
 
 class GinConfigError(ValueError):
@@ -69,13 +77,35 @@ def split_gin_shorthand(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, [f"{name} = {value}" for name, value in bindings]
 
 
-def _macro_names() -> set[str]:
-    """Names of every macro in the currently parsed config."""
-    names = set()
-    for scope, selector in gin.config._CONFIG:
-        if selector.endswith("macro") and scope:
-            names.add(scope)
-    return names
+def _macro_defined(name: str) -> bool:
+    try:
+        gin.query_parameter(f"%{name}")
+    except ValueError:
+        return False
+    return True
+
+
+def _macro_names() -> list[str]:
+    """Names of every macro in the currently parsed config (for error messages)."""
+    return sorted(set(_MACRO_LINE.findall(gin.config_str())))
+
+
+def _unquoted_string_hint(binding: str, flag: str) -> str:
+    """Advice when a binding's value is bare text gin cannot read, most often a string whose
+    quotes the shell removed (`--gin.MODEL_DIR=/tmp/x`); "" for any other value."""
+    name, sep, value = binding.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not value or value[0] in "%@'\"([{":
+        return ""
+    try:
+        ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        quoted = f"'{value}'"
+        example = (f'--gin.{name}="{quoted}"' if flag == "--gin."
+                   else f'--gin_bindings="{name} = {quoted}"')
+        return (f"{name} = {value}: gin reads {value!r} as no value; quote strings so that the "
+                f"quotes reach gin, e.g. {example} (the shell removes one pair of quotes)")
+    return ""
 
 
 def _quiet_package_lookups(record: logging.LogRecord) -> bool:
@@ -106,8 +136,9 @@ def parse_gin(
     gin.clear_config(clear_constants=False)
     paths = search_path_list(search_paths)
     for path in paths:
-        if path not in gin.config._LOCATION_PREFIXES:
+        if path not in _SEARCH_PATHS_ADDED:
             gin.add_config_file_search_path(path)
+            _SEARCH_PATHS_ADDED.add(path)
     for path in files:
         if not any(os.path.exists(os.path.join(root, path)) for root in paths) and not (
             os.path.isabs(path) and os.path.exists(path)
@@ -117,22 +148,23 @@ def parse_gin(
     root_logger.addFilter(_quiet_package_lookups)
     try:
         gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
-    except (OSError, ValueError, KeyError, SyntaxError) as exc:
-        raise GinConfigError(f"invalid gin configuration: {exc}") from exc
+    except (OSError, ValueError, KeyError, SyntaxError, tokenize.TokenError) as exc:
+        hints = [h for h in (_unquoted_string_hint(b, "--gin_bindings") for b in bindings) if h]
+        raise GinConfigError(f"invalid gin configuration: {'; '.join(hints) or exc}") from exc
     finally:
         root_logger.removeFilter(_quiet_package_lookups)
-    known = _macro_names()
     for binding in shorthand_bindings:
         name = binding.split("=", 1)[0].strip()
-        if _MACRO.match(name) and name not in known:
+        if _MACRO.match(name) and not _macro_defined(name):
             raise GinConfigError(
                 f"--gin.{name}: no gin file defines the macro {name} (a typo?); "
-                f"defined macros: {', '.join(sorted(known)) or 'none'}"
+                f"defined macros: {', '.join(_macro_names()) or 'none'}"
             )
         try:
             gin.parse_config(binding)
-        except (ValueError, KeyError, SyntaxError) as exc:
-            raise GinConfigError(f"--gin.{binding}: {exc}") from exc
+        except (ValueError, KeyError, SyntaxError, tokenize.TokenError) as exc:
+            hint = _unquoted_string_hint(binding, "--gin.")
+            raise GinConfigError(f"--gin.{hint}" if hint else f"--gin.{binding}: {exc}") from exc
 
 
 def parse_gin_flags(

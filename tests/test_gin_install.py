@@ -3,6 +3,7 @@ an installed (non-editable) sbs-jax finds `gin/sbs_base.gin` and its includes to
 
 import os
 import pathlib
+import re
 import tomllib
 
 import gin
@@ -35,3 +36,9 @@ def test_every_gin_file_is_package_data_of_sbs_jax():
                for path in (REPO_ROOT / "gin").rglob("*.gin")}
     assert on_disk and shipped == on_disk, sorted(map(str, on_disk - shipped))
     assert os.path.islink(package / "gin")
+
+
+def test_no_private_gin_api_is_used():
+    sources = [*REPO_ROOT.glob("sbs_jax/**/*.py"), *REPO_ROOT.glob("tasks/**/*.py")]
+    private = re.compile(r"\bgin\.config\._|from gin(\.\w+)* import _")
+    assert sources and not [str(p) for p in sources if private.search(p.read_text())]

@@ -137,6 +137,17 @@ def test_gin_mistakes_are_named(capsys, tmp_path):
     assert "gin/nope.gin" in err and "not found" in err
     err = _main_error(capsys, ["--gin_file=gin/quickstart.gin"])
     assert "MODEL_DIR" in err
+    # A string whose quotes the shell removed: the message shows the quoting that works.
+    err = _main_error(capsys, ["--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR={tmp_path}"])
+    assert "--gin.MODEL_DIR=\"'" + str(tmp_path) + "'\"" in err
+    err = _main_error(capsys, ["--gin_file=gin/quickstart.gin", "--gin.MODEL_DIR=gs://b/run"])
+    assert "--gin.MODEL_DIR=\"'gs://b/run'\"" in err
+    err = _main_error(capsys, ["--gin_file=gin/quickstart.gin",
+                               f"--gin_bindings=MODEL_DIR = {tmp_path}"])
+    assert "--gin_bindings=\"MODEL_DIR = '" + str(tmp_path) + "'\"" in err
+    err = _main_error(capsys, ["--gin_file=gin/quickstart.gin", model_dir,
+                               "--gin.MESH_SHAPE=(1, 2"])
+    assert "--gin.MESH_SHAPE = (1, 2" in err and "quote" not in err
 
 
 @pytest.mark.parametrize("binding, message", [
