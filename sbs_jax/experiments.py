@@ -1,9 +1,17 @@
 """The paper's experiment grid: datasets x methods x data fractions x model sizes x seeds.
 
     python -m sbs_jax.experiments --preset cpu --output_dir runs/grid
-    python -m sbs_jax.experiments --preset paper --output_dir /nfs/grid \
+    python -m sbs_jax.experiments --preset paper --checkpoint_dir /models --output_dir /nfs/grid \
         --shard_index $SLURM_ARRAY_TASK_ID --num_shards $SLURM_ARRAY_TASK_COUNT   # GPU / TPU
     python -m sbs_jax.experiments --output_dir runs/grid --report_only
+
+The paper preset starts every cell from its HF T5 checkpoint, `--checkpoint_dir` holding one
+folder per size named as on the hub (t5-v1_1-small, t5-v1_1-base, t5-v1_1-large: config.json,
+weights, spiece.model; that spiece.model is the cell's vocabulary); `--from_scratch` runs it
+from random init instead (a vocabulary trained on the data, unless SBS_VOCAB names one).
+It follows the reference's protocol: a data subset drawn per seed (`--data_subset per_seed`;
+`nested` keeps one subset for every seed) and test decoded at every eval, so results.md gives
+test at the best-valid checkpoint, at the last step and its maximum over evals.
 
 `--output_dir` is a local or shared (NFS/Filestore) folder; machines given disjoint shards of
 the cells can share it, and `--report_only` then tables everything that has finished.
@@ -33,7 +41,18 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from sbs_jax import report
-from sbs_jax.grid import METHODS, PRESETS, Cell, Recipe, cell_settings, gin_flags, make_cells
+from sbs_jax.grid import (
+    METHODS,
+    PRESETS,
+    Cell,
+    Recipe,
+    cell_settings,
+    gin_flags,
+    hf_checkpoint_name,
+    make_cells,
+    missing_checkpoint_files,
+)
+from sbs_jax.run_config import CONFIG_FILE, DATA_SUBSETS, EVAL_HISTORY_FILE
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -102,7 +121,11 @@ def run_cell(cell: Cell, recipe: Recipe, cell_dir: pathlib.Path, env: dict,
     run_logged([sys.executable, "-m", "sbs_jax.eval", *flags, "--split=test", "--step=best",
                 f"--output={metrics_path}"], cell_dir / "eval.log", f"[{cell.name} eval]", env)
     accuracy, metrics = read_accuracy(metrics_path)
-    return {**dataclasses.asdict(cell), "accuracy": accuracy, "metrics": metrics,
+    with open(model_dir / CONFIG_FILE, encoding="utf-8") as f:
+        initial_checkpoint = json.load(f).get("initial_checkpoint_path")
+    return {**dataclasses.asdict(cell), "accuracy": accuracy, "best_step": metrics.get("step"),
+            **report.test_statistics(model_dir / EVAL_HISTORY_FILE),
+            "initial_checkpoint": initial_checkpoint, "metrics": metrics,
             "settings": cell_settings(cell, recipe), "wall_s": round(time.time() - start, 1)}
 
 
@@ -123,13 +146,14 @@ def finished_record(cell: Cell, recipe: Recipe, cell_dir: pathlib.Path) -> dict 
 
 
 def prepare_data(datasets: Iterable[str], data_dir: pathlib.Path, source_dir: str | None,
-                 env: dict, log_path: pathlib.Path, vocab_size: int = 2000) -> None:
+                 env: dict, log_path: pathlib.Path, vocab_size: int = 2000,
+                 train_vocabulary: bool = True) -> None:
     """Builds missing released-data folders and, unless SBS_VOCAB names one, a vocabulary.
 
     A folder counts as built once its `info.json` exists (written last by the build job). The
     synthetic dataset needs nothing here: its tasks create it on first read. The vocabulary
-    `{data_dir}/spiece.model` is trained on the grid's training records when absent (offline
-    small-scale runs); paper-scale runs set SBS_VOCAB to a HF T5 spiece.model instead.
+    `{data_dir}/spiece.model` is trained on the grid's training records when absent (random-init
+    runs); cells that start from HF checkpoints read theirs (`train_vocabulary=False`).
     """
     real = [d for d in datasets if d != "synthetic"]
     for dataset in real:
@@ -141,7 +165,8 @@ def prepare_data(datasets: Iterable[str], data_dir: pathlib.Path, source_dir: st
         run_logged([sys.executable, "-m", "sbs_jax.data.build", f"--source_dir={source_dir}",
                     f"--data_dir={data_dir}", f"--dataset={dataset}", "--no_vocab"], log_path,
                    f"[build {dataset}]", env)
-    if not real or env.get("SBS_VOCAB") or (data_dir / "spiece.model").exists():
+    if (not (real and train_vocabulary) or env.get("SBS_VOCAB")
+            or (data_dir / "spiece.model").exists()):
         return
     from sbs_jax.data import build, records
 
@@ -164,20 +189,51 @@ def split_finished(cells: Sequence[Cell], recipe: Recipe, grid_dir: pathlib.Path
     return [r for r in done.values() if r is not None], [c for c in cells if done[c] is None]
 
 
+def estimate_seconds(finished: Sequence[dict], todo: Sequence[Cell]) -> float | None:
+    """Seconds the `todo` cells should take, from the wall time of finished ones: per cell, the
+    mean over finished cells of its (dataset, model, method), else of its model, else of all."""
+    walls = [r for r in finished if r.get("wall_s")]
+    if not walls:
+        return None
+    total = 0.0
+    for cell in todo:
+        for same in (lambda r: (r["dataset"], r["model"], r["method"])
+                     == (cell.dataset, cell.model, cell.method),
+                     lambda r: r["model"] == cell.model, lambda r: True):
+            like = [r["wall_s"] for r in walls if same(r)]
+            if like:
+                total += sum(like) / len(like)
+                break
+    return total
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
 def run_grid(cells: Sequence[Cell], recipe: Recipe, grid_dir: str | os.PathLike, env: dict,
              keep_going: bool = False, train_prefix: Sequence[str] = ()) -> tuple[list[dict], list[tuple[Cell, str]]]:
     """Runs every unfinished cell in order; returns (finished records, failures).
 
     Finished cells (results.json present) are not re-run. Settings of finished cells are checked
-    up front, before anything trains, so a mismatch fails fast.
+    up front, before anything trains, so a mismatch fails fast. A cell is numbered by its place
+    in `cells` (the same on every resume); the ETA comes from the finished cells' wall times.
     """
     grid_dir = pathlib.Path(grid_dir)
     records, todo = split_finished(cells, recipe, grid_dir)
     print(f"[grid] {len(cells)} cells: {len(cells) - len(todo)} finished, {len(todo)} to run",
           flush=True)
+    number = {cell: index for index, cell in enumerate(cells, 1)}
     failures: list[tuple[Cell, str]] = []
-    for index, cell in enumerate(todo, 1):
-        print(f"[grid] cell {index}/{len(todo)}: {cell.name}", flush=True)
+    for position, cell in enumerate(todo):
+        eta = format_duration(estimate_seconds(records, todo[position:]))
+        print(f"[grid] cell {number[cell]}/{len(cells)}: {cell.name} | {len(records)} finished, "
+              f"{len(todo) - position} to run, ETA {eta}", flush=True)
         cell_dir = grid_dir / cell.name
         cell_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -190,7 +246,9 @@ def run_grid(cells: Sequence[Cell], recipe: Recipe, grid_dir: str | os.PathLike,
             continue
         write_json_atomic(cell_dir / report.RESULTS_FILE, record)
         records.append(record)
-        print(f"[grid] done {cell.name}: accuracy {record['accuracy']:.2f}%", flush=True)
+        print(f"[grid] done {number[cell]}/{len(cells)} {cell.name}: test accuracy "
+              f"{record['accuracy']:.2f}% at best valid, {format_duration(record['wall_s'])}",
+              flush=True)
     return records, failures
 
 
@@ -223,6 +281,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "missing record folders from, e.g. ../shared/dss_data")
     parser.add_argument("--vocab_size", type=int, default=2000,
                         help="size of the vocabulary trained when SBS_VOCAB is not set")
+    parser.add_argument("--checkpoint_dir", help="folder of HF T5 checkpoints, one per model, "
+                        "named as on the hub (t5_1_1_base -> DIR/t5-v1_1-base): every cell "
+                        "starts from it and reads its spiece.model")
+    parser.add_argument("--from_scratch", action="store_true",
+                        help="let a preset that needs --checkpoint_dir (paper) train from "
+                        "random init")
+    parser.add_argument("--data_subset", choices=DATA_SUBSETS,
+                        help="which examples a fraction keeps: per_seed (each seed draws its "
+                        "own, as the reference; paper preset) or nested (one subset for every "
+                        "seed; other presets)")
     parser.add_argument("--shard_index", type=int, default=0,
                         help="run only cells i, i + n, i + 2n, ... (e.g. a SLURM array task)")
     parser.add_argument("--num_shards", type=int, default=1, help="n for --shard_index")
@@ -235,13 +303,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def checkpoint_problem(args: argparse.Namespace, models: Sequence[str]) -> str | None:
+    """Why the cells cannot start as asked (checkpoints missing or contradicting), else None."""
+    names = ", ".join(hf_checkpoint_name(m) for m in dict.fromkeys(models))
+    if args.checkpoint_dir and args.from_scratch:
+        return "--checkpoint_dir and --from_scratch exclude each other"
+    if args.checkpoint_dir:
+        missing = missing_checkpoint_files(models, args.checkpoint_dir)
+        if missing:
+            return (f"--checkpoint_dir {args.checkpoint_dir} lacks {', '.join(missing)} (each "
+                    f"model needs a HF folder named as on the hub: {names})")
+    elif PRESETS[args.preset].needs_checkpoints and not args.from_scratch:
+        return (f"the {args.preset} preset starts every cell from pretrained T5, as the paper "
+                f"does, and --checkpoint_dir is missing: give a folder holding {names} (HF "
+                "folders with config.json, model.safetensors or pytorch_model.bin and "
+                "spiece.model, e.g. `huggingface-cli download google/t5-v1_1-base --local-dir "
+                "DIR/t5-v1_1-base`), or --from_scratch to train from random init")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
+    args.output_dir = os.path.abspath(args.output_dir)  # cells run with the repo as cwd
     recipe = Recipe(
         gin_files=tuple(args.gin_file) if args.gin_file else preset.recipe.gin_files,
         train_steps=args.train_steps or preset.recipe.train_steps,
-        gin_bindings=preset.recipe.gin_bindings + tuple(args.gin_bindings))
+        gin_bindings=preset.recipe.gin_bindings + tuple(args.gin_bindings),
+        data_subset=args.data_subset or preset.recipe.data_subset,
+        checkpoint_dir=os.path.abspath(args.checkpoint_dir) if args.checkpoint_dir else None)
     try:
         cells = make_cells(args.datasets or preset.datasets, args.methods or preset.methods,
                            args.fractions or preset.fractions, args.models or preset.models,
@@ -254,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.num_shards})", file=sys.stderr)
         return 2
     cells = cells[args.shard_index::args.num_shards]
+    problem = None if args.report_only else checkpoint_problem(args, [c.model for c in cells])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     data_dir = pathlib.Path(args.data_dir or env.get("SBS_DATA_DIR")
                             or os.path.join(args.output_dir, "data")).resolve()
@@ -269,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _, todo = split_finished(cells, recipe, pathlib.Path(args.output_dir))
             prepare_data(sorted({c.dataset for c in todo}), data_dir, args.source_dir, env,
-                         pathlib.Path(args.output_dir) / "prepare.log", args.vocab_size)
+                         pathlib.Path(args.output_dir) / "prepare.log", args.vocab_size,
+                         train_vocabulary=recipe.checkpoint_dir is None)
             _, failures = run_grid(cells, recipe, args.output_dir, env, args.keep_going,
                                    shlex.split(args.train_prefix or ""))
         except (ValueError, CellFailed) as e:

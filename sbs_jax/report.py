@@ -4,6 +4,11 @@ Each finished grid cell leaves one `results.json` (see `sbs_jax.experiments`). T
 reads those files, so a report can be rebuilt at any time, also while a grid is still running.
 Cells are repeated over seeds (the paper averages 4 runs), so every number is reported as the
 mean and the standard error of the mean over the seeds that finished.
+
+Three statistics of test accuracy per cell (STATISTICS): at the checkpoint that was best on
+valid (ours: test is decoded once, nothing is chosen on it), at the last step, and the maximum
+over the evals. The reference decodes test every 250 steps and selects nothing, so its logs
+give the last two; they need `RunConfig.test_every_eval` (the paper preset turns it on).
 """
 
 from __future__ import annotations
@@ -56,6 +61,45 @@ MODEL_SIZE_ORDER = (
 
 GROUP_KEYS = ("dataset", "model", "method", "fraction")
 
+# (key in results.json, column prefix in results.csv, title in results.md)
+STATISTICS = (
+    ("accuracy", "test_at_best_valid",
+     "Test accuracy at the best-valid checkpoint (ours, the default)"),
+    ("test_at_last_step", "test_at_last_step", "Test accuracy at the last step"),
+    ("max_test_over_evals", "max_test_over_evals",
+     "Maximum test accuracy over the evals (what the reference's test logs allow)"),
+)
+
+
+def test_statistics(history_path: str | os.PathLike) -> dict:
+    """Test at the last eval and the best test over evals from a run's eval_history.jsonl
+    (None when test was not scored at every eval). A resumed run may repeat a step: the
+    last line of a step counts."""
+    path = pathlib.Path(history_path)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    by_step = {}
+    for line in lines:
+        entry = json.loads(line) if line.strip() else {}
+        if entry.get("split") == "test" and "accuracy" in entry:
+            by_step[int(entry["step"])] = float(entry["accuracy"])
+    if not by_step:
+        return {"test_at_last_step": None, "last_step": None, "max_test_over_evals": None,
+                "max_test_step": None}
+    last = max(by_step)
+    best = max(sorted(by_step), key=by_step.get)  # the earliest step of the maximum
+    return {"test_at_last_step": by_step[last], "last_step": last,
+            "max_test_over_evals": by_step[best], "max_test_step": best}
+
+
+def initialisation(records: Iterable[dict]) -> str:
+    """'random init', 'pretrained' (every cell from a checkpoint), 'mixed' or '' (unrecorded)."""
+    starts = [r.get("initial_checkpoint", "unrecorded") for r in records]
+    if not starts or "unrecorded" in starts:
+        return ""
+    if all(start is None for start in starts):
+        return "random init"
+    return "pretrained" if None not in starts else "mixed"
+
 
 def load_results(grid_dir: str | os.PathLike) -> list[dict]:
     """Every finished cell's results under `grid_dir` (any depth), in a stable order."""
@@ -97,50 +141,54 @@ def _method_rank(method: str) -> tuple[int, str]:
 
 
 def aggregate(results: Iterable[dict]) -> list[dict]:
-    """One row per (dataset, model, method, fraction): seeds, mean and stderr of accuracy."""
+    """One row per (dataset, model, method, fraction): seeds, initialisation, and per statistic
+    the mean, stderr and number of seeds that have it (`{column}_mean/_stderr/_n`)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in results:
         groups[tuple(record[k] for k in GROUP_KEYS)].append(record)
     rows = []
     for key, records in groups.items():
         records.sort(key=lambda r: r["seed"])
-        mean, stderr = mean_and_stderr([float(r["accuracy"]) for r in records])
-        rows.append({
-            **dict(zip(GROUP_KEYS, key)),
-            "num_seeds": len(records),
-            "seeds": [r["seed"] for r in records],
-            "accuracy_mean": mean,
-            "accuracy_stderr": stderr,
-        })
+        row = {**dict(zip(GROUP_KEYS, key)), "num_seeds": len(records),
+               "seeds": [r["seed"] for r in records], "init": initialisation(records)}
+        for field, column, _ in STATISTICS:
+            values = [float(r[field]) for r in records if r.get(field) is not None]
+            mean, stderr = mean_and_stderr(values) if values else (None, None)
+            row.update({f"{column}_mean": mean, f"{column}_stderr": stderr,
+                        f"{column}_n": len(values)})
+        rows.append(row)
     rows.sort(key=lambda r: (r["dataset"], _model_rank(r["model"]), _method_rank(r["method"]),
                              r["fraction"]))
     return rows
 
 
 def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
-    """The aggregated rows as CSV (accuracy in %, stderr empty when only one seed finished)."""
-    fields = [*GROUP_KEYS, "num_seeds", "seeds", "accuracy_mean", "accuracy_stderr"]
+    """The aggregated rows as CSV: test accuracy in %, a mean/stderr/n triple per statistic
+    (stderr empty for one seed; mean empty where no seed has the statistic)."""
+    numbers = [f"{column}_{part}" for _, column, _ in STATISTICS
+               for part in ("mean", "stderr", "n")]
+    fields = [*GROUP_KEYS, "init", "num_seeds", "seeds", *numbers]
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             writer.writerow({
-                **{k: row[k] for k in GROUP_KEYS},
-                "num_seeds": row["num_seeds"],
+                **{k: row[k] for k in (*GROUP_KEYS, "init", "num_seeds")},
                 "seeds": " ".join(str(s) for s in row["seeds"]),
-                "accuracy_mean": f"{row['accuracy_mean']:.4f}",
-                "accuracy_stderr": ("" if row["accuracy_stderr"] is None
-                                    else f"{row['accuracy_stderr']:.4f}"),
+                **{k: ("" if row[k] is None else row[k] if k.endswith("_n") else f"{row[k]:.4f}")
+                   for k in numbers},
             })
     os.replace(tmp, path)
 
 
-def _format_cell(row: dict) -> str:
-    text = f"{row['accuracy_mean']:.2f}"
-    if row["accuracy_stderr"] is not None:
-        text += f" ± {row['accuracy_stderr']:.2f}"
-    return f"{text} (n={row['num_seeds']})"
+def _format_cell(row: dict, column: str) -> str:
+    if row[f"{column}_mean"] is None:
+        return "—"
+    text = f"{row[f'{column}_mean']:.2f}"
+    if row[f"{column}_stderr"] is not None:
+        text += f" ± {row[f'{column}_stderr']:.2f}"
+    return f"{text} (n={row[f'{column}_n']})"
 
 
 def _fraction_title(fraction: float) -> str:
@@ -148,38 +196,66 @@ def _fraction_title(fraction: float) -> str:
 
 
 def markdown_table(rows: Sequence[dict], with_published: bool = True) -> str:
-    """Per dataset and model: methods as rows, data fractions as columns, mean ± stderr (n).
+    """Per dataset and model, one table per recorded statistic: methods as rows, data fractions
+    as columns, mean ± stderr (n); the title says how the models were initialised.
 
     The paper's published T5-Base numbers (100% of the data) follow each dataset as reference
     rows, with their source named, so a reader can see how far a small-scale run is from them.
+    They sit under the maximum over evals when it was recorded (the paper's numbers come from
+    its test logs), else under test at best-valid.
     """
+    init = initialisation_title(rows)
+    lines = [f"# Grid results{': T5 from ' + init if init else ''}", "",
+             "Test accuracy (%), mean ± standard error over seeds (n = seeds with the value)."]
     by_table: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
         by_table[(row["dataset"], row["model"])].append(row)
-    lines = ["Accuracy (%), mean ± standard error over seeds (n = seeds finished)."]
     cited = False
     for (dataset, model), table_rows in by_table.items():
         fractions = sorted({r["fraction"] for r in table_rows})
         methods = sorted({r["method"] for r in table_rows}, key=_method_rank)
-        lines += ["", f"### {dataset}, {model}", "",
-                  "| method | " + " | ".join(_fraction_title(f) for f in fractions) + " |",
-                  "|---|" + "---|" * len(fractions)]
-        cells = {(r["method"], r["fraction"]): _format_cell(r) for r in table_rows}
-        for method in methods:
-            values = [cells.get((method, f), "—") for f in fractions]
-            lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(values) + " |")
-        if with_published and any(dataset in v for v in PUBLISHED_T5_BASE.values()):
-            cited = True
-            for title, values in PUBLISHED_T5_BASE.items():
-                row = ["—"] * len(fractions)
-                if 1.0 in fractions:
-                    row[fractions.index(1.0)] = f"{values[dataset]:.2f}"
-                else:
-                    row[-1] = f"{values[dataset]:.2f} (at 100%)"
-                lines.append(f"| paper, T5-Base: {title} [1] | " + " | ".join(row) + " |")
+        lines += ["", f"### {dataset}, {model}"]
+        recorded = [(column, title) for _, column, title in STATISTICS
+                    if any(r[f"{column}_mean"] is not None for r in table_rows)]
+        for column, title in recorded:
+            lines += ["", f"{title}:", "",
+                      "| method | " + " | ".join(_fraction_title(f) for f in fractions) + " |",
+                      "|---|" + "---|" * len(fractions)]
+            cells = {(r["method"], r["fraction"]): _format_cell(r, column) for r in table_rows}
+            for method in methods:
+                values = [cells.get((method, f), "—") for f in fractions]
+                lines.append(f"| {METHOD_TITLES.get(method, method)} | "
+                             + " | ".join(values) + " |")
+            if (with_published and column == recorded[-1][0]
+                    and any(dataset in v for v in PUBLISHED_T5_BASE.values())):
+                cited = True
+                lines += _published_rows(dataset, fractions)
+        if len(recorded) < len(STATISTICS):
+            lines += ["", "Test at the last step and its maximum over evals were not recorded "
+                      "(RunConfig.test_every_eval is off)."]
     if cited:
         lines += ["", f"[1] {PUBLISHED_SOURCE}."]
     return "\n".join(lines) + "\n"
+
+
+def initialisation_title(rows: Sequence[dict]) -> str:
+    """The models' start for the title: 'random init', 'pretrained checkpoints', or ''."""
+    inits = {r["init"] for r in rows}
+    if inits == {"random init"}:
+        return "random init"
+    return "pretrained checkpoints" if inits == {"pretrained"} else ""
+
+
+def _published_rows(dataset: str, fractions: list[float]) -> list[str]:
+    lines = []
+    for title, values in PUBLISHED_T5_BASE.items():
+        row = ["—"] * len(fractions)
+        if 1.0 in fractions:
+            row[fractions.index(1.0)] = f"{values[dataset]:.2f}"
+        else:
+            row[-1] = f"{values[dataset]:.2f} (at 100%)"
+        lines.append(f"| paper, T5-Base: {title} [1] | " + " | ".join(row) + " |")
+    return lines
 
 
 def pyplot():
@@ -192,8 +268,8 @@ def pyplot():
 
 
 def _errorbar(ax, xs, rows, label):
-    ys = [r["accuracy_mean"] for r in rows]
-    errs = [r["accuracy_stderr"] or 0.0 for r in rows]
+    ys = [r["test_at_best_valid_mean"] for r in rows]
+    errs = [r["test_at_best_valid_stderr"] or 0.0 for r in rows]
     ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
 
 
@@ -214,7 +290,7 @@ def plot_accuracy_vs_fraction(rows: Sequence[dict], path: str | os.PathLike) -> 
         ax.set_xticks([r * 100 for r in sorted({r["fraction"] for r in panel})])
         ax.set_xticklabels([_fraction_title(f) for f in sorted({r["fraction"] for r in panel})])
         ax.set_title(f"{dataset}, {model}")
-        finish_axis(ax, "training data used", "accuracy (%)")
+        finish_axis(ax, "training data used", "test accuracy at best valid (%)")
     save_figure(fig, path)
 
 
@@ -237,7 +313,7 @@ def plot_accuracy_vs_model_size(rows: Sequence[dict], path: str | os.PathLike) -
         ax.set_xticks(range(len(models)))
         ax.set_xticklabels(models, rotation=20, fontsize=8)
         ax.set_title(f"{dataset}, {_fraction_title(fraction)} of the data")
-        finish_axis(ax, "model", "accuracy (%)")
+        finish_axis(ax, "model", "test accuracy at best valid (%)")
     save_figure(fig, path)
 
 

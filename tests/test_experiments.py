@@ -8,6 +8,7 @@ import csv
 import json
 import pathlib
 import random
+import shlex
 import statistics
 
 import matplotlib.image
@@ -19,8 +20,9 @@ from sbs_jax.grid import Cell, Recipe
 RECIPE = Recipe(gin_files=("gin/quickstart.gin",), train_steps=7)
 
 
-def _write_finished(grid_dir, cells, recipe, rng):
-    """Writes a results.json for every cell as run_cell would; returns accuracy by cell."""
+def _write_finished(grid_dir, cells, recipe, rng, wall_s=1.0):
+    """Writes a results.json for every cell as run_cell would (random init, test scored at
+    best valid only); returns accuracy by cell."""
     accuracies = {}
     for cell in cells:
         cell_dir = grid_dir / cell.name
@@ -28,7 +30,9 @@ def _write_finished(grid_dir, cells, recipe, rng):
         accuracy = rng.uniform(0, 100)
         accuracies[cell] = accuracy
         record = {**vars(cell), "accuracy": accuracy, "metrics": {"accuracy": accuracy},
-                  "settings": grid.cell_settings(cell, recipe), "wall_s": 1.0}
+                  **report.test_statistics(cell_dir / "no_history.jsonl"),
+                  "initial_checkpoint": None,
+                  "settings": grid.cell_settings(cell, recipe), "wall_s": wall_s}
         experiments.write_json_atomic(cell_dir / report.RESULTS_FILE, record)
     return accuracies
 
@@ -112,11 +116,18 @@ def test_report_aggregates_seeds_into_csv_markdown_and_plots(finished_grid):
                  if (c.dataset, c.model, c.method, c.fraction)
                  == (row["dataset"], row["model"], row["method"], float(row["fraction"]))]
         assert row["num_seeds"] == "3" and row["seeds"] == "0 1 2"
-        assert float(row["accuracy_mean"]) == pytest.approx(statistics.mean(seeds), abs=1e-4)
-        assert float(row["accuracy_stderr"]) == pytest.approx(
+        assert row["init"] == "random init" and row["test_at_best_valid_n"] == "3"
+        assert float(row["test_at_best_valid_mean"]) == pytest.approx(statistics.mean(seeds),
+                                                                      abs=1e-4)
+        assert float(row["test_at_best_valid_stderr"]) == pytest.approx(
             statistics.stdev(seeds) / 3 ** 0.5, abs=1e-4)
+        assert (row["test_at_last_step_mean"], row["max_test_over_evals_n"]) == ("", "0")
     markdown = pathlib.Path(paths["markdown"]).read_text()
+    assert markdown.startswith("# Grid results: T5 from random init\n")
     assert "### svamp, t5_1_1_small" in markdown and "### synthetic, t5_1_1_tiny" in markdown
+    assert markdown.count("Test accuracy at the best-valid checkpoint (ours, the default):") == 4
+    assert "Test accuracy at the last step:" not in markdown
+    assert markdown.count("RunConfig.test_every_eval is off") == 4
     # Published reference rows only where the paper has the dataset, with the source named.
     assert markdown.count("paper, T5-Base: standard fine-tuning [1] | — | 62.63 |") == 2
     assert "arXiv:2305.02301" in markdown
@@ -130,7 +141,7 @@ def test_single_seed_has_no_stderr_and_missing_cells_show_a_dash(tmp_path):
              Cell("cqa", "standard_ft", 0.5, "t5_1_1_tiny", 0)]
     _write_finished(tmp_path, cells, RECIPE, random.Random(1))
     rows = report.aggregate(report.load_results(tmp_path))
-    assert [r["accuracy_stderr"] for r in rows] == [None, None]
+    assert [r["test_at_best_valid_stderr"] for r in rows] == [None, None]
     markdown = report.markdown_table(rows)
     assert "| standard fine-tuning (gold labels) | " in markdown
     assert " — |" in markdown and "(n=1)" in markdown
@@ -180,7 +191,7 @@ def test_cli_help_dry_run_and_bad_flags(tmp_path, capsys):
     assert exit_info.value.code == 0
     assert "--report_only" in capsys.readouterr().out
     assert experiments.main(["--output_dir", str(tmp_path), "--preset", "paper",
-                             "--dry_run"]) == 0
+                             "--from_scratch", "--dry_run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 * 6 * 4 * 3 * 4
     assert experiments.main(["--output_dir", str(tmp_path), "--methods", "sbs"]) == 2
@@ -191,7 +202,8 @@ def test_shards_split_the_grid_disjointly(tmp_path, capsys):
     names = []
     for index in range(3):
         assert experiments.main(["--output_dir", str(tmp_path), "--preset", "paper", "--dry_run",
-                                 "--num_shards", "3", "--shard_index", str(index)]) == 0
+                                 "--from_scratch", "--num_shards", "3",
+                                 "--shard_index", str(index)]) == 0
         names.append([line.split(" ::")[0] for line in capsys.readouterr().out.splitlines()])
     assert sum(len(n) for n in names) == 4 * 6 * 4 * 3 * 4
     assert len(set().union(*names)) == 4 * 6 * 4 * 3 * 4
@@ -200,38 +212,179 @@ def test_shards_split_the_grid_disjointly(tmp_path, capsys):
     assert "--shard_index=2 is not in [0, --num_shards=2)" in capsys.readouterr().err
 
 
-def test_real_data_cell_runs_end_to_end(dss_data_dir, tmp_path, monkeypatch, capsys):
-    """SVAMP, 12.5% of the released train split, tiny T5, 10 steps: build, train, eval, report."""
+def _history(path, test_by_step):
+    path.write_text("".join(
+        json.dumps({"step": step, "split": split, "accuracy": accuracy}) + "\n"
+        for step, accuracy in test_by_step for split in ("valid", "test")))
+    return path
+
+
+def test_test_statistics_read_the_eval_history(tmp_path):
+    # A resume re-ran step 4: its last line counts. The maximum's earliest step is kept.
+    path = _history(tmp_path / "h.jsonl", [(2, 10.0), (4, 50.0), (6, 50.0), (4, 40.0),
+                                           (6, 50.0), (8, 30.0)])
+    assert report.test_statistics(path) == {
+        "test_at_last_step": 30.0, "last_step": 8, "max_test_over_evals": 50.0,
+        "max_test_step": 6}
+    assert report.test_statistics(tmp_path / "absent.jsonl")["test_at_last_step"] is None
+
+
+def test_report_labels_the_three_test_statistics(tmp_path):
+    cells = grid.make_cells(["cqa"], ["sbs_llm"], [0.5, 1.0], ["t5_1_1_base"], [0, 1])
+    rng = random.Random(2)
+    expected = {}
+    for cell in cells:
+        cell_dir = tmp_path / cell.name
+        cell_dir.mkdir(parents=True)
+        tests = [(step, rng.uniform(0, 100)) for step in (250, 500, 750)]
+        stats = report.test_statistics(_history(cell_dir / "eval_history.jsonl", tests))
+        record = {**vars(cell), "accuracy": tests[1][1], **stats,
+                  "initial_checkpoint": "/models/t5-v1_1-base", "wall_s": 1.0}
+        experiments.write_json_atomic(cell_dir / report.RESULTS_FILE, record)
+        expected.setdefault(cell.fraction, []).append(
+            (tests[1][1], tests[-1][1], max(a for _, a in tests)))
+    paths = report.write_report(tmp_path)
+    with open(paths["csv"], newline="") as f:
+        rows = {float(r["fraction"]): r for r in csv.DictReader(f)}
+    for fraction, values in expected.items():
+        row = rows[fraction]
+        assert row["init"] == "pretrained"
+        for index, column in enumerate(("test_at_best_valid", "test_at_last_step",
+                                        "max_test_over_evals")):
+            seeds = [v[index] for v in values]
+            assert float(row[f"{column}_mean"]) == pytest.approx(statistics.mean(seeds), abs=1e-4)
+            assert row[f"{column}_n"] == "2"
+    markdown = pathlib.Path(paths["markdown"]).read_text()
+    assert markdown.startswith("# Grid results: T5 from pretrained checkpoints\n")
+    sections = markdown.split("\n\n")
+    titles = [s for s in sections if s.endswith(":")]
+    assert titles == ["Test accuracy at the best-valid checkpoint (ours, the default):",
+                      "Test accuracy at the last step:",
+                      "Maximum test accuracy over the evals (what the reference's test logs "
+                      "allow):"]
+    # The paper's numbers (from its test logs) sit under the maximum over evals.
+    last_table = sections[sections.index(titles[-1]) + 1]
+    assert "| paper, T5-Base: standard fine-tuning [1] | — | 62.19 |" in last_table
+
+
+def test_eta_comes_from_finished_cells_of_the_same_kind():
+    done = [{"dataset": "cqa", "model": "t5_1_1_base", "method": "sbs_llm", "wall_s": 100.0},
+            {"dataset": "cqa", "model": "t5_1_1_base", "method": "standard_ft", "wall_s": 40.0},
+            {"dataset": "svamp", "model": "t5_1_1_large", "method": "sbs_llm", "wall_s": 300.0}]
+    todo = [Cell("cqa", "sbs_llm", 1.0, "t5_1_1_base", 1),       # same kind: 100
+            Cell("svamp", "sbs_gt", 1.0, "t5_1_1_base", 0),      # same model: 70
+            Cell("esnli", "sbs_llm", 1.0, "t5_1_1_small", 0)]    # all: 440 / 3
+    assert experiments.estimate_seconds(done, todo) == pytest.approx(100 + 70 + 440 / 3)
+    assert experiments.estimate_seconds([], todo) is None
+    assert [experiments.format_duration(s) for s in (None, 42, 125, 3 * 3600 + 600)] == [
+        "-", "42s", "2m", "3h10m"]
+
+
+def _fake_checkpoints(root, names, files=("config.json", "spiece.model", "model.safetensors")):
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for file in files:
+            (root / name / file).write_text("")
+    return root
+
+
+def test_paper_preset_refuses_without_checkpoints_and_names_what_is_missing(tmp_path, capsys):
+    grid_dir = tmp_path / "grid"
+    assert experiments.main(["--output_dir", str(grid_dir), "--preset", "paper"]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint_dir is missing" in err and "--from_scratch" in err
+    assert "t5-v1_1-small, t5-v1_1-base, t5-v1_1-large" in err
+    ckpt = _fake_checkpoints(tmp_path / "ckpt", ["t5-v1_1-small"])
+    _fake_checkpoints(ckpt, ["t5-v1_1-base"], files=("config.json",))
+    assert experiments.main(["--output_dir", str(grid_dir), "--preset", "paper",
+                             "--checkpoint_dir", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert (f"lacks {ckpt}/t5-v1_1-base/spiece.model, {ckpt}/t5-v1_1-base/model.safetensors|"
+            f"model.safetensors.index.json|pytorch_model.bin, {ckpt}/t5-v1_1-large/ ") in err
+    assert experiments.main(["--output_dir", str(grid_dir), "--preset", "paper",
+                             "--checkpoint_dir", str(ckpt), "--from_scratch"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert not grid_dir.exists()  # nothing built, trained or written
+
+
+def test_paper_preset_starts_each_size_from_its_checkpoint_and_vocabulary(tmp_path, capsys):
+    ckpt = _fake_checkpoints(tmp_path / "ckpt", ["t5-v1_1-small", "t5-v1_1-base",
+                                                 "t5-v1_1-large"])
+    assert experiments.main(["--output_dir", str(tmp_path / "grid"), "--preset", "paper",
+                             "--checkpoint_dir", str(ckpt), "--dry_run", "--methods", "sbs_llm",
+                             "--fractions", "0.5", "--seeds", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 * 3
+    for line in lines:
+        name, command = line.split(" :: ")
+        flags = shlex.split(command)
+        folder = f"{ckpt}/t5-v1_1-{name.split('/')[1].rsplit('_', 1)[1]}"
+        assert f"--gin.INITIAL_CHECKPOINT_PATH='{folder}'" in flags
+        assert f"--gin_bindings=tasks.data_config.vocabulary_path='{folder}/spiece.model'" in flags
+        assert "--gin.DATA_SUBSET='per_seed'" in flags and "--gin.RANDOM_SEED=2" in flags
+        assert "--gin_bindings=RunConfig.test_every_eval = True" in flags
+    assert grid.hf_checkpoint_name("flan_t5_xl") == "flan-t5-xl"
+
+
+def test_paper_preset_from_scratch_on_real_data(dss_data_dir, tmp_path, monkeypatch, capsys):
+    """The paper preset from random init on a tiny model: SVAMP, 12.5% of the released train
+    split, 10 steps with test decoded at steps 5 and 10; a finished cell before it keeps its
+    number and times the ETA. The report's three test statistics come from these runs."""
     for name in ("XLA_FLAGS", "SBS_DATA_DIR", "SBS_VOCAB"):
         monkeypatch.delenv(name, raising=False)
     grid_dir = tmp_path / "grid"
-    # Caps every batch exceeds: one padded shape, so the train step compiles once.
-    argv = ["--preset", "ci", "--methods", "sbs_llm", "--output_dir", str(grid_dir),
-            "--source_dir", str(dss_data_dir),
+    argv = ["--preset", "paper", "--from_scratch", "--datasets", "svamp",
+            "--methods", "standard_ft,sbs_llm", "--fractions", "0.125", "--models",
+            "t5_1_1_tiny", "--seeds", "0", "--train_steps", "10", "--gin_file",
+            "gin/quickstart.gin", "--output_dir", str(grid_dir), "--source_dir",
+            str(dss_data_dir), "--gin_bindings", "BATCH_SIZE = 16", "--gin_bindings",
+            "EVAL_PERIOD = 5", "--gin_bindings", "RunConfig.max_decode_len = 8",
+            "--gin_bindings", "RunConfig.warmup_steps = 0",
+            # Caps every batch exceeds: one padded shape, so the train step compiles once.
             "--gin_bindings", 'TASK_FEATURE_LENGTHS = {"inputs": 48, "targets": 16}']
+    recipe = Recipe(("gin/quickstart.gin",), 10, grid.PRESETS["paper"].recipe.gin_bindings
+                    + tuple(a for i, a in enumerate(argv) if argv[i - 1] == "--gin_bindings"),
+                    data_subset="per_seed")
+    first = Cell("svamp", "standard_ft", 0.125, "t5_1_1_tiny", 0)
+    _write_finished(grid_dir, [first], recipe, random.Random(4), wall_s=120.0)
     assert experiments.main(argv) == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
-    assert "[svamp/t5_1_1_tiny/sbs_llm/12.5pct/seed0 train] step 10/10" in out
-    assert (grid_dir / "data" / "svamp" / "info.json").exists()
-    assert (grid_dir / "data" / "spiece.model").exists()
+    name = "svamp/t5_1_1_tiny/sbs_llm/12.5pct/seed0"
+    assert f"[grid] cell 2/2: {name} | 1 finished, 1 to run, ETA 2m" in out
+    assert f"[{name} train] step 10/10" in out and f"[grid] done 2/2 {name}" in out
 
-    cell_dir = grid_dir / "svamp" / "t5_1_1_tiny" / "sbs_llm" / "12.5pct" / "seed0"
+    cell_dir = grid_dir / name
     record = json.loads((cell_dir / report.RESULTS_FILE).read_text())
     metrics = json.loads((cell_dir / "metrics.json").read_text())
-    assert record["accuracy"] == metrics["accuracy"] and 0.0 <= record["accuracy"] <= 100.0
-    assert metrics["split"] == "test" and metrics["num_examples"] == 200
+    assert record["accuracy"] == metrics["accuracy"] and metrics["split"] == "test"
+    assert record["initial_checkpoint"] is None
+    assert record["settings"]["data_subset"] == "per_seed"
     run = json.loads((cell_dir / "model" / "run_config.json").read_text())
-    assert run["data_fraction"] == 0.125 and run["train_steps"] == 10
-    assert (run["mixture_or_task_name"], run["rationale_mixture_name"]) == \
-        ("svamp_label_llm", "svamp_rationale")
+    assert (run["data_subset"], run["test_every_eval"], run["data_fraction"]) == (
+        "per_seed", True, 0.125)
+    history = [json.loads(line)
+               for line in (cell_dir / "model" / "eval_history.jsonl").read_text().splitlines()]
+    test = {h["step"]: h for h in history if h["split"] == "test"}
+    assert sorted(test) == [5, 10] and {h["num_examples"] for h in test.values()} == {200}
+    assert record["test_at_last_step"] == test[10]["accuracy"] and record["last_step"] == 10
+    assert record["max_test_over_evals"] == max(h["accuracy"] for h in test.values())
+    # The eval CLI at the best-valid step decodes what the train loop decoded at that step.
+    assert record["accuracy"] == test[record["best_step"]]["accuracy"]
 
+    with open(grid_dir / "results.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["method"] == "sbs_llm")
+    for column, field in (("test_at_best_valid", "accuracy"),
+                          ("test_at_last_step", "test_at_last_step"),
+                          ("max_test_over_evals", "max_test_over_evals")):
+        assert float(row[f"{column}_mean"]) == pytest.approx(record[field], abs=1e-4)
     markdown = (grid_dir / "results.md").read_text()
-    assert "### svamp, t5_1_1_tiny" in markdown
-    assert f"| step-by-step (teacher labels) | {record['accuracy']:.2f} (n=1) |" in markdown
+    assert markdown.startswith("# Grid results: T5 from random init\n")
+    assert f"| step-by-step (teacher labels) | {record['max_test_over_evals']:.2f} (n=1) |" \
+        in markdown
     assert "| paper, T5-Base: standard fine-tuning [1] | 62.63 (at 100%) |" in markdown
 
     assert experiments.main(argv) == 0
-    assert "1 cells: 1 finished, 0 to run" in capsys.readouterr().out
+    assert "2 cells: 2 finished, 0 to run" in capsys.readouterr().out
 
 
 def test_dry_run_shows_the_train_command_under_its_launcher(tmp_path, capsys):
