@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from sbs_jax import report
+from sbs_jax import console, report
 from sbs_jax.grid import (
     METHODS,
     PRESETS,
@@ -170,7 +170,7 @@ def prepare_data(datasets: Iterable[str], data_dir: pathlib.Path, source_dir: st
         return
     from sbs_jax.data import build, records
 
-    print(f"[grid] training a vocabulary on {', '.join(real)}", flush=True)
+    console.say(f"[grid] training a vocabulary on {', '.join(real)}")
     build.ensure_vocabulary(str(data_dir), [
         r for dataset in real for r in records.read_split(str(data_dir / dataset), "train")],
         vocab_size=vocab_size)
@@ -207,15 +207,6 @@ def estimate_seconds(finished: Sequence[dict], todo: Sequence[Cell]) -> float | 
     return total
 
 
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    minutes = round(seconds / 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
-
-
 def run_grid(cells: Sequence[Cell], recipe: Recipe, grid_dir: str | os.PathLike, env: dict,
              keep_going: bool = False, train_prefix: Sequence[str] = ()) -> tuple[list[dict], list[tuple[Cell, str]]]:
     """Runs every unfinished cell in order; returns (finished records, failures).
@@ -226,29 +217,30 @@ def run_grid(cells: Sequence[Cell], recipe: Recipe, grid_dir: str | os.PathLike,
     """
     grid_dir = pathlib.Path(grid_dir)
     records, todo = split_finished(cells, recipe, grid_dir)
-    print(f"[grid] {len(cells)} cells: {len(cells) - len(todo)} finished, {len(todo)} to run",
-          flush=True)
+    console.say(f"[grid] {len(cells)} cells: {len(cells) - len(todo)} finished, {len(todo)} to "
+                "run")
     number = {cell: index for index, cell in enumerate(cells, 1)}
     failures: list[tuple[Cell, str]] = []
     for position, cell in enumerate(todo):
-        eta = format_duration(estimate_seconds(records, todo[position:]))
-        print(f"[grid] cell {number[cell]}/{len(cells)}: {cell.name} | {len(records)} finished, "
-              f"{len(todo) - position} to run, ETA {eta}", flush=True)
+        eta = estimate_seconds(records, todo[position:])
+        console.say(f"[grid] cell {number[cell]}/{len(cells)}: {cell.name} | {len(records)} "
+                    f"finished, {len(todo) - position} to run, ETA "
+                    f"{'-' if eta is None else console.format_duration(eta)}")
         cell_dir = grid_dir / cell.name
         cell_dir.mkdir(parents=True, exist_ok=True)
         try:
             record = run_cell(cell, recipe, cell_dir, env, train_prefix)
         except CellFailed as e:
             failures.append((cell, str(e)))
-            print(f"[grid] FAILED {cell.name}: {e}", flush=True)
+            console.say(f"[grid] FAILED {cell.name}: {e}")
             if not keep_going:
                 break
             continue
         write_json_atomic(cell_dir / report.RESULTS_FILE, record)
         records.append(record)
-        print(f"[grid] done {number[cell]}/{len(cells)} {cell.name}: test accuracy "
-              f"{record['accuracy']:.2f}% at best valid, {format_duration(record['wall_s'])}",
-              flush=True)
+        console.say(f"[grid] done {number[cell]}/{len(cells)} {cell.name}: test accuracy "
+                    f"{record['accuracy']:.2f}% at best valid, "
+                    f"{console.format_duration(record['wall_s'])}")
     return records, failures
 
 
@@ -377,9 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(pathlib.Path(paths["markdown"]).read_text(encoding="utf-8"))
     for kind, path in paths.items():
-        print(f"[grid] wrote {kind}: {path}")
+        console.say(f"[grid] wrote {kind}: {path}")
     for cell, message in failures:
-        print(f"[grid] failed: {cell.name}: {message}", file=sys.stderr)
+        console.say(f"[grid] failed: {cell.name}: {message}", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -8,6 +8,7 @@ import csv
 import json
 import pathlib
 import random
+import re
 import shlex
 import statistics
 
@@ -276,8 +277,6 @@ def test_eta_comes_from_finished_cells_of_the_same_kind():
             Cell("esnli", "sbs_llm", 1.0, "t5_1_1_small", 0)]    # all: 440 / 3
     assert experiments.estimate_seconds(done, todo) == pytest.approx(100 + 70 + 440 / 3)
     assert experiments.estimate_seconds([], todo) is None
-    assert [experiments.format_duration(s) for s in (None, 42, 125, 3 * 3600 + 600)] == [
-        "-", "42s", "2m", "3h10m"]
 
 
 def _fake_checkpoints(root, names, files=("config.json", "spiece.model", "model.safetensors")):
@@ -350,8 +349,9 @@ def test_paper_preset_from_scratch_on_real_data(dss_data_dir, tmp_path, monkeypa
     assert experiments.main(argv) == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
     name = "svamp/t5_1_1_tiny/sbs_llm/12.5pct/seed0"
-    assert f"[grid] cell 2/2: {name} | 1 finished, 1 to run, ETA 2m" in out
-    assert f"[{name} train] step 10/10" in out and f"[grid] done 2/2 {name}" in out
+    assert f"[grid] cell 2/2: {name} | 1 finished, 1 to run, ETA 2m00s" in out
+    assert re.search(rf"\[{name} train\] \S+ \S+ step 10/10", out)
+    assert f"[grid] done 2/2 {name}" in out
 
     cell_dir = grid_dir / name
     record = json.loads((cell_dir / report.RESULTS_FILE).read_text())
