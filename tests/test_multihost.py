@@ -23,7 +23,6 @@ from sbs_jax.distributed import (
     ClusterSpec,
     DistributedSetupError,
     batch_shard_layout,
-    first_slurm_host,
     resolve_cluster,
 )
 
@@ -31,12 +30,26 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = REPO_ROOT / "launch" / "local_multihost.sh"
 
 
-# --- start-up rules (pure) ---------------------------------------------------------------------
+# --- whether and how to start (pure) -----------------------------------------------------------
+
+
+def _slurm_env(**extra: str) -> dict[str, str]:
+    env = {"SLURM_JOB_ID": "4100", "SLURM_NTASKS": "8", "SLURM_PROCID": "5",
+           "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[007-008]",
+           "SLURM_STEP_NUM_NODES": "2"}
+    env.update(extra)
+    return env
 
 
 def test_single_process_when_nothing_is_set():
     assert resolve_cluster(environ={}, tpu_vm=False) == ClusterSpec("single")
     assert not resolve_cluster(environ={"JAX_NUM_PROCESSES": "1"}, tpu_vm=False).is_multiprocess
+
+
+def test_single_task_of_a_launcher_is_a_single_process():
+    for env in (_slurm_env(SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0"),
+                {"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"}):
+        assert resolve_cluster(environ=env, tpu_vm=False) == ClusterSpec("single")
 
 
 def test_jax_environment_variables():
@@ -52,44 +65,41 @@ def test_explicit_arguments_override_environment():
     assert spec == ClusterSpec("flags", "host-a:99", 2, 1)
 
 
-def _slurm_env(**extra: str) -> dict[str, str]:
-    env = {"SLURM_JOB_ID": "4100", "SLURM_NTASKS": "8", "SLURM_PROCID": "5",
-           "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[007-008]",
-           "SLURM_STEP_NUM_NODES": "2"}
-    env.update(extra)
-    return env
+def test_launchers_are_left_to_jax_detection():
+    # JAX reads the coordinator, count and id from the launcher's variables itself.
+    assert resolve_cluster(environ=_slurm_env(), tpu_vm=False) == ClusterSpec(
+        "slurm", None, None, None)
+    ompi = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "2",
+            "OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.0.0.1:34911"}
+    assert resolve_cluster(environ=ompi, tpu_vm=False) == ClusterSpec("ompi", None, None, None)
+    assert resolve_cluster(environ={}, tpu_vm=True) == ClusterSpec("tpu", None, None, None)
 
 
-def test_slurm_one_process_per_gpu():
-    spec = resolve_cluster(environ=_slurm_env(), tpu_vm=False)
-    # port 61440 + 4100 % 4096: every task derives the same one from the job id
-    assert spec == ClusterSpec("slurm", "gpu007:61444", 8, 5, (1,))
-
-
-def test_slurm_one_process_per_node_sees_all_devices():
-    env = _slurm_env(SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="0",
-                     JAX_COORDINATOR_PORT="5000")
-    assert resolve_cluster(environ=env, tpu_vm=False) == ClusterSpec("slurm", "gpu007:5000", 2, 1)
-
-
-def test_slurm_gpus_per_task_already_narrowed():
-    spec = resolve_cluster(environ=_slurm_env(CUDA_VISIBLE_DEVICES="1"), tpu_vm=False)
-    assert spec.local_device_ids is None
-
-
-def test_jax_variables_win_over_slurm_and_tpu():
+def test_jax_variables_win_over_launchers_and_may_leave_the_rest_to_them():
     env = _slurm_env(JAX_COORDINATOR_ADDRESS="n1:7", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0")
     assert resolve_cluster(environ=env, tpu_vm=True).source == "env"
-    assert resolve_cluster(environ={}, tpu_vm=True).source == "tpu"
+    # a coordinator of one's own choosing; SLURM supplies the process count and id
+    partial = resolve_cluster(environ=_slurm_env(JAX_COORDINATOR_ADDRESS="n1:7"), tpu_vm=False)
+    assert partial == ClusterSpec("env", "n1:7", None, None)
 
 
-@pytest.mark.parametrize(
-    "nodelist, host",
-    [("node001", "node001"), ("node001,host2", "node001"), ("node[001-015],host2", "node001"),
-     ("node[003,007-015]", "node003"), ("gpu-a100-[12-13]", "gpu-a100-12")],
-)
-def test_first_slurm_host(nodelist, host):
-    assert first_slurm_host(nodelist) == host
+def test_slurm_one_task_per_node_sees_all_its_gpus():
+    # JAX alone would give each task the GPU of its local rank, here GPU 0 only.
+    env = _slurm_env(SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="0")
+    spec = resolve_cluster(environ=dict(env, CUDA_VISIBLE_DEVICES="0,1,2,3"), tpu_vm=False)
+    assert spec.local_device_ids == (0, 1, 2, 3)
+    spec = resolve_cluster(environ=dict(env, SLURM_GPUS_ON_NODE="8"), tpu_vm=False)
+    assert spec.local_device_ids == tuple(range(8))
+    spec = resolve_cluster(environ=dict(env, JAX_LOCAL_DEVICE_IDS="2,3"), tpu_vm=False)
+    assert spec.local_device_ids is None  # JAX reads that variable itself
+
+
+def test_slurm_one_task_per_gpu_keeps_jax_choice_unless_slurm_narrowed_it():
+    assert resolve_cluster(environ=_slurm_env(CUDA_VISIBLE_DEVICES="0,1,2,3"),
+                           tpu_vm=False).local_device_ids is None
+    # --gpus-per-task=1: the task's only GPU is device 0, whatever its local rank
+    narrowed = resolve_cluster(environ=_slurm_env(CUDA_VISIBLE_DEVICES="5"), tpu_vm=False)
+    assert narrowed.local_device_ids == (0,)
 
 
 @pytest.mark.parametrize(
@@ -103,7 +113,7 @@ def test_first_slurm_host(nodelist, host):
          r"process_id=2 must be in \[0, 2\)"),
         ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
          "JAX_NUM_PROCESSES='two' is not an integer"),
-        (_slurm_env(SLURM_PROCID=""), "SLURM_PROCID='' is not an integer"),
+        (_slurm_env(SLURM_NTASKS="eight"), "SLURM_NTASKS='eight' is not an integer"),
     ],
 )
 def test_inconsistent_settings_fail_clearly(env, message):
@@ -151,10 +161,11 @@ def _free_port() -> int:
 
 
 def _process_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, PYTHONUNBUFFERED="1",
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
+                                "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, PYTHONUNBUFFERED="1",
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(name, None)
     env.update(extra)
     return env
 
@@ -175,6 +186,45 @@ def test_two_processes_sum_over_all_eight_devices(tmp_path):
         assert report["process_count"] == 2 and report["source"] == "env"
         assert report["local_devices"] == 4 and report["global_devices"] == 8
         # each device contributes its process index + 1: 4 * 1 + 4 * 2
+        assert report["sum"] == report["expected"] == 12.0
+
+
+# The per-task variables each launcher sets (SLURM `srun -n 2`, Open MPI `mpirun -np 2`), for
+# two tasks on 127.0.0.1; JAX's own detection reads them.
+LAUNCHER_VARIABLES = {
+    "slurm": lambda rank: {
+        "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
+        "SLURM_LOCALID": str(rank), "SLURM_STEP_NODELIST": "127.0.0.1",
+        "SLURM_STEP_NUM_NODES": "1"},
+    "ompi": lambda rank: {
+        "OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://127.0.0.1:34911",
+        "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": str(rank),
+        "OMPI_COMM_WORLD_LOCAL_RANK": str(rank)},
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHER_VARIABLES))
+def test_processes_find_each_other_from_the_launchers_variables(launcher):
+    port = _free_port()
+    procs = []
+    try:
+        for rank in range(2):
+            env = _process_env(JAX_COORDINATOR_PORT=str(port), SBS_INIT_TIMEOUT_S="60",
+                               **LAUNCHER_VARIABLES[launcher](rank))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "sbs_jax.distributed"], env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert [r["process_index"] for r in reports] == [0, 1]  # the launcher's ranks
+    for report in reports:
+        assert report["source"] == launcher and report["process_count"] == 2
         assert report["sum"] == report["expected"] == 12.0
 
 
