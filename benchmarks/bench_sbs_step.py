@@ -2,27 +2,36 @@
 
 Train step. Ours: `sbs_jax.trainer.make_train_step` (one jitted, buffer-donating step that runs
 the label view and the rationale view of the same examples, AdamW, clip 1.0, linear decay).
-Peer: the reference recipe in HF PyTorch on the same CPU — two forward passes (label, rationale)
-of `T5ForConditionalGeneration`, `alpha * label_loss + (1 - alpha) * rationale_loss`, backward,
-clip 1.0, `torch.optim.AdamW` + linear decay. Dropout 0.1 on in both. Every target token is real
-(no padding), so tokens/s = batch x (input + label + input + rationale) per step.
-
-Decoding. Ours: `sbs_jax.decoding.generate(method="greedy")`; peer: HF `generate` greedy. Same
-weights (ours imported from the HF model), EOS disabled in both so each decodes exactly
-`--decode_len` tokens per row; the outputs are compared.
+Peer (benchmarks/hf_peer.py): the reference recipe in HF PyTorch on the same device — two
+forward passes (label, rationale) of `T5ForConditionalGeneration`, `alpha * label_loss +
+(1 - alpha) * rationale_loss`, backward, clip 1.0, AdamW + linear decay. Dropout 0.1 on in both.
+Every target token is real (no padding), so tokens/s = batch x (input + label + input +
+rationale) per step. Decoding. Ours: `sbs_jax.decoding.generate(method="greedy")`; peer: HF
+`generate` greedy; EOS disabled in both so each decodes exactly `--decode_len` tokens per row.
 
 MFU = model FLOPs per second (benchmarks/flops.py) / the device peak (benchmarks/peak.py: on a
 CPU the best large-matmul rate in the compute dtype measured in this run, before and after the
 timings, the higher of the two; on a GPU/TPU the published bf16 peak of its device kind).
-With `--dtype bfloat16` on a CPU, HF also runs under bf16 autocast as a second peer (train and
-decode), and every row also gives its FLOP/s as a fraction of the fp32 peak (the goal's
-denominator). Rounds alternate ours and the peers so load from other processes hits all alike;
-medians are reported. Prints a markdown table, then JSON.
-Goals on CPU: train ratio >= 2, train MFU >= 60%, decode ratio >= 3. On a GPU (no HF peer):
 
-    python benchmarks/bench_sbs_step.py --config t5_1_1_large --dtype bfloat16
+One batch (the default; the CPU figures): ours and the peers in one process with the same
+weights, rounds alternating so load from other processes hits all alike, medians; with
+`--dtype bfloat16` HF also runs under CPU bf16 autocast as a second peer, and every row also
+gives its FLOP/s as a fraction of the fp32 peak. Goals on CPU: train ratio >= 2, train MFU >=
+60%, decode ratio >= 3.
 
-    python benchmarks/bench_sbs_step.py [--config t5_1_1_small] [--rounds 3] [--json_out F]
+Several batches (`--batches 8 32 64`, what benchmarks/accelerator_check.sh runs on a GPU): the
+peer first, in its own process (bf16 autocast + fused AdamW; bf16 weights for generate), then
+ours in this one, batch sizes in increasing order; a batch that runs out of memory on one side
+is recorded as such and larger ones are skipped there. Per batch: seconds, tokens/s, MFU,
+compile seconds (first call minus a timed call) and peak device memory (JAX
+`memory_stats()["peak_bytes_in_use"]`, process-wide; torch `max_memory_allocated`). Imports no
+TensorFlow, SeqIO or gin: a GPU host with jax, flax, optax, orbax, torch and transformers runs it.
+
+    python benchmarks/bench_sbs_step.py [--config t5_1_1_small] [--dtype bfloat16] [--rounds 3]
+    python benchmarks/bench_sbs_step.py --config t5_1_1_large --dtype bfloat16 --scan_layers \
+        --batches 8 32 64 --decode_batches 8 32 [--json_out F]
+
+Prints a markdown table, then JSON.
 """
 
 from __future__ import annotations
@@ -32,7 +41,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,19 +49,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flops
+import hf_peer
 import peak
+import step_sweep
 
 
-def _view(rng: np.random.Generator, vocab: int, batch: int, input_len: int,
-          target_len: int) -> dict[str, np.ndarray]:
-    enc = rng.integers(2, vocab, (batch, input_len)).astype(np.int32)
-    targets = rng.integers(2, vocab, (batch, target_len)).astype(np.int32)
-    dec = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
-    return {"encoder_input_tokens": enc, "decoder_input_tokens": dec,
-            "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
-
-
-def sbs_step(config, params, alpha: float) -> tuple[Callable, Callable]:
+def sbs_step(config, params, alpha: float, num_microbatches: int = 1
+             ) -> tuple[Callable, Callable]:
     """Our sbs train step (`trainer.make_train_step`, AdamW) on one device, from `params`:
     (to_device, run): `to_device({view: numpy batch})` places a batch, `run(placed)` steps the
     state it keeps and returns the loss (not waited for)."""
@@ -67,7 +69,8 @@ def sbs_step(config, params, alpha: float) -> tuple[Callable, Callable]:
     tx = optim.make_optimizer(schedule)
     state = {"s": trainer.init_state(part, config, tx, seed=0, params=params)}
     step = trainer.make_train_step(part, models.T5(config), tx, schedule,
-                                   trainer.StepOptions(alpha=alpha))
+                                   trainer.StepOptions(alpha=alpha,
+                                                       num_microbatches=num_microbatches))
 
     def to_device(batches: dict) -> dict:
         return {v: trainer.global_batch(b, part.batch_sharding, len(b["encoder_input_tokens"]))
@@ -79,75 +82,28 @@ def sbs_step(config, params, alpha: float) -> tuple[Callable, Callable]:
     return to_device, run
 
 
-def _ours_train(config, params, batches: dict, alpha: float) -> Callable[[], None]:
-    to_device, step = sbs_step(config, params, alpha)
+def _ours_train(config, params, batches: dict, alpha: float,
+                num_microbatches: int = 1) -> Callable[[], None]:
+    to_device, step = sbs_step(config, params, alpha, num_microbatches)
     placed = to_device(batches)
     return lambda: step(placed).block_until_ready()
 
 
-def _hf_models(config, params) -> tuple[Any, Any]:
-    """Two HF PyTorch copies (decoding, training) of our params, through our hub-style export."""
-    from transformers import T5ForConditionalGeneration
-
-    from sbs_jax.models import save_hf
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf(config, params, tmp)
-        return tuple(T5ForConditionalGeneration.from_pretrained(tmp) for _ in range(2))
-
-
-def _hf_train(model, batches: dict, alpha: float, bf16: bool) -> Callable[[], None]:
-    """The reference recipe's step; `bf16` runs the forwards under CPU bf16 autocast (oneDNN)."""
-    import torch
-
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / 10_000))
-    tensors = {v: (torch.tensor(b["encoder_input_tokens"], dtype=torch.long),
-                   torch.tensor(b["decoder_target_tokens"], dtype=torch.long))
-               for v, b in batches.items()}
-
-    def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            label = model(input_ids=tensors["label"][0], labels=tensors["label"][1]).loss
-            rationale = model(input_ids=tensors["rationale"][0],
-                              labels=tensors["rationale"][1]).loss
-        (alpha * label + (1 - alpha) * rationale).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    return run
-
-
-def _hf_decode(model, enc: np.ndarray, decode_len: int, bf16: bool, outputs: dict,
-               name: str) -> Callable[[], None]:
-    """HF `generate`, greedy, EOS off (exactly `decode_len` new tokens); output in outputs[name]."""
-    import torch
-    from transformers import GenerationConfig
-
-    model.eval()
-    gen = GenerationConfig(decoder_start_token_id=0, eos_token_id=None, pad_token_id=0,
-                           max_new_tokens=decode_len, do_sample=False)
-    tokens = torch.tensor(enc, dtype=torch.long)
-
-    def run():
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            outputs[name] = model.generate(input_ids=tokens, generation_config=gen).numpy()[:, 1:]
-    return run
-
-
 def _median_timings(fns: dict[str, Callable[[], None]], rounds: int,
-                    settle_s: float) -> dict[str, float]:
-    """Median seconds of each function over `rounds`, the order reversed every other round.
+                    settle_s: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds of each function over `rounds`, the order reversed every other round, and
+    the seconds of each one's first call (compilation, warm-up).
 
     Each timed call starts after `settle_s` of idle: the previous call's worker threads keep
     spinning for a while after it returns (PyTorch's OpenMP pool), and on 2 cores that slowed
     the next call by ~5% in a one-process A/B (ours after torch matmuls 3.84 s, after a 0.5 s
     pause 3.62 s, alone 3.64 s).
     """
-    for fn in fns.values():  # warm-up / compile
+    first = {}
+    for name, fn in fns.items():  # warm-up / compile
+        start = time.perf_counter()
         fn()
+        first[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
@@ -156,7 +112,7 @@ def _median_timings(fns: dict[str, Callable[[], None]], rounds: int,
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}, first
 
 
 def _row(name: str, seconds: float, tokens: int, flop: int, peaks: dict[str, float | None],
@@ -187,33 +143,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="t5_1_1_small", help="a sbs_jax.models config name")
-    parser.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
-    parser.add_argument("--scan_layers", action="store_true")
-    parser.add_argument("--remat_policy", default="none", help="none, full, minimal, dots")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--input_len", type=int, default=256)
-    parser.add_argument("--label_len", type=int, default=8)
-    parser.add_argument("--rationale_len", type=int, default=64)
-    parser.add_argument("--decode_len", type=int, default=64, help="new tokens per row")
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--settle_s", type=float, default=0.5,
-                        help="idle seconds before each timed call (lets spinning threads stop)")
-    parser.add_argument("--no_hf", action="store_true",
-                        help="skip the PyTorch peer (automatic off the CPU)")
-    parser.add_argument("--no_decode", action="store_true", help="time the train step only")
-    parser.add_argument("--json_out", help="also write the JSON result to this file")
-    args = parser.parse_args(argv)
-
+def single_batch(args: argparse.Namespace, config) -> dict:
+    """Ours and the HF peers (on a CPU) in one process on one batch, with the same weights."""
     import jax
 
-    from sbs_jax import decoding, malloc, models
+    from sbs_jax import decoding, models
 
-    config = models.get_config(args.config, dtype=args.dtype, scan_layers=args.scan_layers,
-                               remat_policy=args.remat_policy)
     device = jax.devices()[0]
     use_hf = not args.no_hf and device.platform == "cpu"
     # bf16 compute on a CPU: HF also runs under bf16 autocast, and MFU is also given against
@@ -222,22 +157,21 @@ def main(argv: list[str] | None = None) -> dict:
     peak_dtypes = sorted({args.dtype, "float32"}) if device.platform == "cpu" else [args.dtype]
     peaks_before = {d: peak.device_peak(dtype=d) for d in peak_dtypes}
 
-    rng = np.random.default_rng(0)
-    batches = {"label": _view(rng, config.vocab_size, args.batch, args.input_len, args.label_len),
-               "rationale": _view(rng, config.vocab_size, args.batch, args.input_len,
-                                  args.rationale_len)}
+    batches = hf_peer.random_views(config.vocab_size, args.batch, args.input_len,
+                                   args.label_len, args.rationale_len)
     # Unscanned float32 params (the HF export's layout); the compute dtype is config.dtype.
     params = models.init_params(models.get_config(args.config), jax.random.PRNGKey(0))
     if use_hf:
-        hf_model, hf_train_model = _hf_models(models.get_config(args.config), params)
+        hf_model, hf_train_model = (hf_peer.hf_model(models.get_config(args.config), params)
+                                    for _ in range(2))
     if config.scan_layers:
         params = models.stack_layers(params)
 
-    train_fns = {"ours": _ours_train(config, params, batches, args.alpha)}
+    train_fns = {"ours": _ours_train(config, params, batches, args.alpha, args.num_microbatches)}
     if use_hf:
         for name, bf16 in hf_peers.items():
-            train_fns[name] = _hf_train(hf_train_model, batches, args.alpha, bf16)
-    train_s = _median_timings(train_fns, args.rounds, args.settle_s)
+            train_fns[name] = hf_peer.train_fn(hf_train_model, batches, args.alpha, bf16)
+    train_s, train_first = _median_timings(train_fns, args.rounds, args.settle_s)
 
     enc = batches["rationale"]["encoder_input_tokens"]
     decode_fns, outputs = {}, {}
@@ -248,9 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
         decode_fns["ours"] = ours_decode
         if use_hf:
             for name, bf16 in hf_peers.items():
-                decode_fns[name] = _hf_decode(hf_model, enc, args.decode_len, bf16, outputs, name)
-    decode_s = (_median_timings(decode_fns, args.rounds, args.settle_s) if decode_fns
-                else {})
+                decode_fns[name] = hf_peer.decode_fn(hf_model, enc, args.decode_len, bf16,
+                                                     outputs, name)
+    decode_s, decode_first = (_median_timings(decode_fns, args.rounds, args.settle_s)
+                              if decode_fns else ({}, {}))
     peaks_after = {d: peak.device_peak(dtype=d) for d in peak_dtypes}
     peak_used = {d: max(peaks_before[d]["peak_flops_per_s"] or 0.0,
                         peaks_after[d]["peak_flops_per_s"] or 0.0) or None for d in peak_dtypes}
@@ -273,25 +208,71 @@ def main(argv: list[str] | None = None) -> dict:
                          peaks, {k: v for k, v in decode_s.items() if k != "ours"}))
         rows += [_row(f"greedy decode, {peer_names[k]} generate", v, new_tokens, decode_flops,
                       peaks) for k, v in decode_s.items() if k != "ours"]
-
-    result = {
-        "config": args.config, "dtype": args.dtype, "scan_layers": args.scan_layers,
-        "remat_policy": args.remat_policy, "batch": args.batch, "input_len": args.input_len,
-        "label_len": args.label_len, "rationale_len": args.rationale_len,
-        "decode_len": args.decode_len, "rounds": args.rounds, "settle_s": args.settle_s,
-        "device": {"platform": device.platform, "device_kind": device.device_kind,
-                   "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
-        "load_average": os.getloadavg(), "allocator": malloc.active_allocator(),
+    print(markdown_table(rows))
+    return {
+        "batch": args.batch, "settle_s": args.settle_s,
         "peak": {"before": peaks_before, "after": peaks_after, "used_flops_per_s": peak_used},
-        "sbs_step_flops": step_flops, "sbs_step_tokens": step_tokens,
-        "rows": rows,
+        "sbs_step_flops": step_flops, "sbs_step_tokens": step_tokens, "rows": rows,
+        "compile_s": {"train": train_first["ours"] - train_s["ours"],
+                      "decode": (decode_first["ours"] - decode_s["ours"]) if decode_s else None},
         "same_greedy_tokens": {k: bool(np.array_equal(outputs["ours"], v))
                                for k, v in outputs.items() if k != "ours"},
         "greedy_token_agreement": {k: float(np.mean(outputs["ours"] == v))
                                    for k, v in outputs.items() if k != "ours"},
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="t5_1_1_small", help="a sbs_jax.models config name")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
+    parser.add_argument("--scan_layers", action="store_true")
+    parser.add_argument("--remat_policy", default="none", help="none, minimal, full")
+    parser.add_argument("--num_microbatches", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, nargs="+",
+                        help="a set of batch sizes, the peer in its own process (GPU runs)")
+    parser.add_argument("--decode_batches", type=int, nargs="*", default=[8, 32],
+                        help="with --batches: the batch sizes to decode")
+    parser.add_argument("--input_len", type=int, default=256)
+    parser.add_argument("--label_len", type=int, default=8)
+    parser.add_argument("--rationale_len", type=int, default=64)
+    parser.add_argument("--decode_len", type=int, default=64, help="new tokens per row")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--settle_s", type=float, default=0.5,
+                        help="idle seconds before each timed call (lets spinning threads stop)")
+    parser.add_argument("--no_hf", action="store_true", help="skip the PyTorch peer")
+    parser.add_argument("--no_decode", action="store_true", help="time the train step only")
+    parser.add_argument("--json_out", help="also write the JSON result to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    from sbs_jax import malloc, models
+
+    config = models.get_config(args.config, dtype=args.dtype, scan_layers=args.scan_layers,
+                               remat_policy=args.remat_policy)
+    # The peer's process runs (and exits) before this one's JAX takes the device.
+    peer = None if args.no_hf or not args.batches else step_sweep.peer_process(args)
+    run = (single_batch(args, config) if not args.batches
+           else step_sweep.sweep(args, config, peer, _ours_train))
+    import jax
+
+    device = jax.devices()[0]
+    result = {
+        "config": args.config, "dtype": args.dtype, "scan_layers": args.scan_layers,
+        "remat_policy": args.remat_policy, "num_microbatches": args.num_microbatches,
+        "input_len": args.input_len, "label_len": args.label_len,
+        "rationale_len": args.rationale_len, "decode_len": args.decode_len,
+        "rounds": args.rounds,
+        "device": {"platform": device.platform, "device_kind": device.device_kind,
+                   "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
+        "load_average": os.getloadavg(), "allocator": malloc.active_allocator(),
+        "jax_version": jax.__version__, **run,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
-    print(markdown_table(rows))
     print(json.dumps(result, indent=2))
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -300,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from sbs_jax import malloc
 
     malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/malloc.py)

@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sbs_step
+import hf_peer
 
 _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\(.*?op_name=\"([^\"]*)\"", re.M)
@@ -81,7 +82,7 @@ def _program(what: str, config, batch: int, input_len: int, target_lens: tuple[i
 
     params = models.init_params(config, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
-    batches = {view: bench_sbs_step._view(rng, config.vocab_size, batch, input_len, length)
+    batches = {view: hf_peer.random_view(rng, config.vocab_size, batch, input_len, length)
                for view, length in zip(("label", "rationale"), target_lens)}
     if what == "train":
         return bench_sbs_step._ours_train(config, params, batches, 0.5), "train_step"

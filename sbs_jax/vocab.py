@@ -19,8 +19,8 @@ import os
 import tempfile
 from collections.abc import Iterable
 
-import sentencepiece as spm
-
+# sentencepiece is imported where a vocabulary is trained: the model and decoding need only the
+# ids below, on hosts (a bare GPU box) that may not have it.
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 # Source and target code points of the single normalisation rule (see the module docstring).
 QUIET_IDENTITY_RULE = "10FFFF\tFFFD\n"
@@ -41,6 +41,8 @@ def train_vocab(texts: Iterable[str], output_prefix: str, vocab_size: int = 512)
     `vocab_size` counts the three specials and the 256 byte pieces, so use at least 512. The
     limit is soft: a small corpus yields fewer pieces rather than an error.
     """
+    import sentencepiece as spm
+
     if vocab_size < 3 + 256 + 1:
         raise ValueError(f"vocab_size={vocab_size} leaves no room for pieces; use >= 512")
     sentences = [t for t in texts if t]
