@@ -1,15 +1,20 @@
 """Convert between a HF T5 directory and our orbax checkpoint (MODEL_DIR).
 
-    python -m sbs_jax.convert --to=hf --model_dir=RUN [--step=N] --hf_dir=OUT [--vocab=spm.model]
+    python -m sbs_jax.convert --to=hf --model_dir=RUN [--step=N] --hf_dir=OUT [--overwrite]
     python -m sbs_jax.convert --to=ours --hf_dir=HF --model_dir=RUN
 
 --to=hf exports a trained student so `T5ForConditionalGeneration.from_pretrained(OUT)` gives
-the same logits. The architecture comes from MODEL_DIR/model_config.json when present, else
-from the run's run_config.json (model_name + overrides) or --model_name, with every size read
-from the checkpoint's own parameter shapes.
+the same logits and `AutoTokenizer.from_pretrained(OUT)` the same input ids as training: the
+run's own vocabulary (MODEL_DIR/spiece.model) goes with it as spiece.model + tokenizer.json.
+The architecture comes from MODEL_DIR/model_config.json when present, else from the run's
+run_config.json (model_name + overrides) or --model_name, with every size read from the
+checkpoint's own parameter shapes. --vocab names the vocabulary of a MODEL_DIR that recorded
+none (one that differs from the run's is refused). A non-empty OUT is refused unless
+--overwrite. Exported files are world-readable (0644).
 --to=ours writes step 0 of MODEL_DIR (params plus the fresh AdamW state that step 0 of
-training starts from) and model_config.json; use it as INITIAL_CHECKPOINT_PATH or with
-eval / infer. (Training also reads a HF directory as INITIAL_CHECKPOINT_PATH directly.)
+training starts from), model_config.json and the HF folder's spiece.model (pinned as in
+training); use it as INITIAL_CHECKPOINT_PATH or with eval / infer. (Training also reads a HF
+directory as INITIAL_CHECKPOINT_PATH directly.)
 """
 
 from __future__ import annotations
@@ -63,7 +68,10 @@ def config_to_json(config: T5Config) -> str:
 
 
 def config_from_json(text: str, source: str) -> T5Config:
-    fields = json.loads(text)
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
     known = {f.name for f in dataclasses.fields(T5Config)}
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -88,12 +96,34 @@ def base_config(model_dir: str, model_name: str | None) -> T5Config:
     return get_config(model_name, **overrides)
 
 
+def export_vocabulary(model_dir: str, vocab: str | None) -> str | None:
+    """The vocabulary to ship with an export: the run's pinned one (--vocab must have its
+    bytes), else --vocab, else None (a warning says the export has no tokenizer)."""
+    from sbs_jax import run_files
+
+    pinned = run_files.run_vocabulary(model_dir)
+    if pinned and vocab:
+        run_files.check_same_vocabulary((f"MODEL_DIR={model_dir} was trained with", pinned),
+                                        ("--vocab", vocab))
+    if not (pinned or vocab):
+        print(f"sbs-convert: warning: {model_dir} records no vocabulary ({run_files.VOCAB_FILE}) "
+              "and no --vocab was given: the export has no tokenizer", file=sys.stderr)
+    return pinned or vocab
+
+
 def export_to_hf(model_dir: str, hf_dir: str, step: int | None = None,
-                 model_name: str | None = None, vocab: str | None = None) -> T5Config:
-    """Our checkpoint (a step, default the latest) -> HF directory; returns the config."""
+                 model_name: str | None = None, vocab: str | None = None,
+                 overwrite: bool = False) -> T5Config:
+    """Our checkpoint (a step, default the latest) -> HF directory with the run's tokenizer;
+    returns the config."""
     from sbs_jax import checkpoints
     from sbs_jax.models.hf import save_hf
 
+    target = epath.Path(hf_dir)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"--hf_dir {hf_dir} is not empty; pass --overwrite to write into "
+                              "it, or choose an empty folder")
+    vocab = export_vocabulary(model_dir, vocab)
     params = checkpoints.load_params(model_dir, step)
     config = config_from_params(params, base_config(model_dir, model_name))
     save_hf(config, params, hf_dir, vocab=vocab)
@@ -101,10 +131,11 @@ def export_to_hf(model_dir: str, hf_dir: str, step: int | None = None,
 
 
 def import_from_hf(hf_dir: str, model_dir: str) -> T5Config:
-    """HF directory -> step 0 of our checkpoint plus model_config.json; returns the config."""
+    """HF directory -> step 0 of our checkpoint plus model_config.json and the folder's
+    vocabulary; returns the config."""
     import optax
 
-    from sbs_jax import checkpoints, optim
+    from sbs_jax import checkpoints, optim, run_files
     from sbs_jax.models.hf import load_hf
 
     if checkpoints.latest_step(model_dir) is not None:
@@ -117,6 +148,7 @@ def import_from_hf(hf_dir: str, model_dir: str) -> T5Config:
     finally:
         checkpointer.close()
     (epath.Path(model_dir) / MODEL_CONFIG_FILE).write_text(config_to_json(config))
+    run_files.pin(model_dir, run_files.checkpoint_vocabulary(hf_dir), None)
     return config
 
 
@@ -132,12 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model_name", default=None,
                         help="--to=hf: architecture name when MODEL_DIR does not record it")
     parser.add_argument("--vocab", default=None,
-                        help="--to=hf: SentencePiece model to ship as spiece.model")
+                        help="--to=hf: SentencePiece model to ship when MODEL_DIR records none")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--to=hf: write into a non-empty --hf_dir")
     args = parser.parse_args(argv)
     try:
         if args.to == "hf":
             config = export_to_hf(args.model_dir, args.hf_dir, args.step, args.model_name,
-                                  args.vocab)
+                                  args.vocab, args.overwrite)
             target = args.hf_dir
         else:
             config = import_from_hf(args.hf_dir, args.model_dir)

@@ -1,9 +1,12 @@
 """Write predictions JSONL for a task split or for your own inputs.
 
-    python -m sbs_jax.infer --gin_file=gin/quickstart.gin --gin.MODEL_DIR="'/tmp/run'" \
-        --split=test --output=/tmp/preds.jsonl --output_rationale
-    python -m sbs_jax.infer --gin_file=gin/quickstart.gin --gin.MODEL_DIR="'/tmp/run'" \
-        --input_file=questions.jsonl --output=/tmp/preds.jsonl
+    python -m sbs_jax.infer --model_dir=/tmp/run --split=test --output=/tmp/preds.jsonl \
+        --output_rationale
+    python -m sbs_jax.infer --model_dir=/tmp/run --input_file=questions.jsonl \
+        --output=/tmp/preds.jsonl
+
+--model_dir configures the job from the run itself (tasks, vocabulary, caps, data folder), as
+for sbs-eval; the run's --gin_file flags work too.
 
 Each line is `{"id", "input", "target", "prediction", "answer"[, "rationale"]}` (no `target`
 for --input_file): `prediction` is the decoded text, `answer` what the task's metric compares
@@ -13,9 +16,11 @@ rationale task's `explain:` inputs of the same examples (like the reference's
 --output_rationale). `input` is the task's input text with its prefix (never decoded tokens: NLI
 inputs hold EOS as a separator). --input_file takes JSONL (`.jsonl`/`.json`/`.ndjson`: one object
 a line with `input`, or `premise` and `hypothesis` for NLI, and optionally `id`) or plain text
-(any other name: one input a line; blank lines skipped; ids are line numbers). The inputs go
-through the label task's own preprocessors (prefix, NLI separator, tokenizer, EOS), so they are
-formatted exactly as in training.
+(any other name: one input a line; blank lines skipped; ids are line numbers); lines end at
+"\n" only (a U+2028 inside a JSON string is text) and must be UTF-8. The inputs go through the
+label task's own preprocessors (prefix, NLI separator, tokenizer, EOS), so they are formatted
+exactly as in training. Inputs longer than TASK_FEATURE_LENGTHS["inputs"] are cut to it as in
+training: one warning says how many, and their lines carry `"truncated": true`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import sys
 from collections.abc import Sequence
 
 from sbs_jax import eval as eval_cli
-from sbs_jax import gin_utils, malloc
+from sbs_jax import malloc
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -69,17 +74,29 @@ def _jsonl_input(path: str, line_no: int, line: str) -> tuple[str | None, str]:
     return (None if example_id is None else str(example_id)), text
 
 
-def read_inputs(path: str) -> list[tuple[str, str]]:
-    """(id, record input text) per input of a JSONL or plain-text file, in file order."""
+def _lines(path: str) -> list[str]:
+    """The file's lines, split at "\n" only (a trailing "\r" dropped), each decoded as UTF-8."""
     from etils import epath
 
     file = epath.Path(path)
     if not file.exists():
         raise FileNotFoundError(f"--input_file {path}: no such file")
-    is_jsonl = file.name.lower().endswith(JSONL_SUFFIXES)
+    lines = []
+    for line_no, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
+        try:
+            lines.append(raw.removesuffix(b"\r").decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InputFileError(f"--input_file {path}:{line_no}: not UTF-8 (byte "
+                                 f"{raw[exc.start]:#04x} at column {exc.start + 1})") from None
+    return lines
+
+
+def read_inputs(path: str) -> list[tuple[str, str]]:
+    """(id, record input text) per input of a JSONL or plain-text file, in file order."""
+    is_jsonl = path.lower().endswith(JSONL_SUFFIXES)
     inputs: list[tuple[str, str]] = []
     first_line: dict[str, int] = {}
-    for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
         example_id, text = _jsonl_input(path, line_no, line) if is_jsonl else (None, line)
@@ -135,6 +152,20 @@ def _split_rationale_set(task: str, split: str, examples, input_cap: int, target
     return evaluation.subset_rows(explain, [by_id[i] for i in examples.ids])
 
 
+UNCAPPED = 1 << 20  # an input cap nothing reaches: the tokens before any cut
+
+
+def truncated_rows(examples, load_uncapped, input_cap: int) -> list[int]:
+    """Rows whose inputs were cut to `input_cap`: read again uncapped (only when some row has
+    reached the cap) and compared by length."""
+    if all(len(tokens) < input_cap for tokens in examples.inputs):
+        return []
+    whole = load_uncapped()
+    by_id = {example_id: len(tokens) for example_id, tokens in zip(whole.ids, whole.inputs)}
+    return [row for row, (example_id, tokens) in enumerate(zip(examples.ids, examples.inputs))
+            if by_id[example_id] > len(tokens)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # from the command line: choose the C allocator before XLA loads
         malloc.ensure_preloaded()
@@ -146,42 +177,74 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="predict these inputs instead of --split: JSONL (.jsonl/.json/"
                              ".ndjson; 'input' or 'premise'+'hypothesis', optional 'id') or "
                              "plain text, one input a line")
-    args = gin_utils.parse_gin_flags(parser, argv)
-    import jax
-    from etils import epath
+    args, cfg = eval_cli.parse_run_flags(parser, argv)
+    from tasks import config as tasks_config
 
-    from sbs_jax import console, evaluation, run_config, train_loop
+    with tasks_config.overrides_restored():
+        eval_cli.use_run_data(parser, cfg)
+        return _infer(parser, args, cfg)
+
+
+def _read_examples(args, cfg):
+    """(label EvalSet, rationale EvalSet or None, truncated rows) for --input_file or --split."""
+    from sbs_jax import evaluation, train_loop
     from sbs_jax.data import pipeline
 
-    cfg, step, config, params, batch_sharding = eval_cli.load_model(parser, args)
     lengths = cfg.task_feature_lengths
+    cap = lengths["inputs"]
     rationale_len = lengths.get("rationale_targets", lengths["targets"])
     rationale_task = rationale_task_for(cfg.mixture_or_task_name, cfg.rationale_mixture_name)
     explain = None
+    if args.input_file:
+        inputs = read_inputs(args.input_file)[: args.max_examples]
+        examples = input_set(cfg.mixture_or_task_name, inputs, cap)
+        truncated = truncated_rows(
+            examples, lambda: input_set(cfg.mixture_or_task_name, inputs, UNCAPPED), cap)
+        if args.output_rationale:
+            train_loop.check_task(rationale_task, "RATIONALE_MIXTURE_NAME")
+            explain = input_set(rationale_task, inputs, cap)
+    else:
+        examples = evaluation.subset(
+            pipeline.eval_set(cfg.mixture_or_task_name, args.split, cap, lengths["targets"]),
+            args.max_examples)
+        truncated = truncated_rows(examples, lambda: pipeline.eval_set(
+            cfg.mixture_or_task_name, args.split, UNCAPPED, lengths["targets"]), cap)
+        if args.output_rationale:
+            explain = _split_rationale_set(rationale_task, args.split, examples, cap,
+                                           rationale_len)
+    return examples, explain, truncated
+
+
+def _infer(parser, args, cfg) -> int:
+    import jax
+    from etils import epath
+
+    from sbs_jax import console, evaluation, run_config
+
+    step, config, params, batch_sharding = eval_cli.load_model(parser, args, cfg)
     try:
-        if args.input_file:
-            inputs = read_inputs(args.input_file)[: args.max_examples]
-            examples = input_set(cfg.mixture_or_task_name, inputs, lengths["inputs"])
-            if args.output_rationale:
-                train_loop.check_task(rationale_task, "RATIONALE_MIXTURE_NAME")
-                explain = input_set(rationale_task, inputs, lengths["inputs"])
-        else:
-            examples = evaluation.subset(
-                pipeline.eval_set(cfg.mixture_or_task_name, args.split, lengths["inputs"],
-                                  lengths["targets"]), args.max_examples)
-            if args.output_rationale:
-                explain = _split_rationale_set(rationale_task, args.split, examples,
-                                               lengths["inputs"], rationale_len)
+        examples, explain, truncated = _read_examples(args, cfg)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    cap = cfg.task_feature_lengths["inputs"]
+    if truncated and jax.process_index() == 0:
+        console.say(f"{parser.prog}: warning: {len(truncated)} of {len(examples.ids)} inputs are "
+                    f"longer than the {cap}-token input cap (TASK_FEATURE_LENGTHS['inputs']) and "
+                    f"were cut to it, as in training (first: id "
+                    f"{examples.ids[truncated[0]]!r}); their lines say \"truncated\": true",
+                    file=sys.stderr)
     batch_size = args.batch_size or cfg.eval_batch_size
     predictions = evaluation.decode_texts(config, params, examples, batch_size,
                                           cfg.max_decode_len, batch_sharding=batch_sharding)
     rationales = None
     if explain is not None:
-        rationales = evaluation.decode_texts(config, params, explain, batch_size, rationale_len,
-                                             batch_sharding=batch_sharding)
+        lengths = cfg.task_feature_lengths
+        rationales = evaluation.decode_texts(
+            config, params, explain, batch_size, lengths.get("rationale_targets",
+                                                             lengths["targets"]),
+            batch_sharding=batch_sharding)
     answers = examples.answers(predictions)
+    cut = set(truncated)
     lines = []
     for row, example_id in enumerate(examples.ids):
         record = {"id": example_id, "input": examples.inputs_text[row]}
@@ -191,10 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         record["answer"] = answers[row]
         if rationales is not None:
             record["rationale"] = rationales[row]
+        if row in cut:
+            record["truncated"] = True
         lines.append(json.dumps(record, ensure_ascii=False))
     if jax.process_index() == 0:
         run_config.write_text(epath.Path(args.output), "\n".join(lines) + "\n")
-        console.say(f"{len(lines)} predictions (step {step}) written to {args.output}")
+        cut_note = f"; {len(truncated)} inputs truncated to {cap} tokens" if truncated else ""
+        console.say(f"{len(lines)} predictions (step {step}) written to {args.output}{cut_note}")
     return 0
 
 

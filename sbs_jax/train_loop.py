@@ -33,14 +33,16 @@ from sbs_jax import (
     convert,
     distributed,
     evaluation,
+    initial_checkpoint,
     models,
     optim,
     partitioning,
     run_config,
+    run_files,
     trainer,
 )
 from sbs_jax.data import pipeline
-from sbs_jax.vocab import padded_vocab_size
+from tasks import config as tasks_config
 
 SUMMARY_FILE = "run_summary.json"
 GIN_FILE = "config.gin"
@@ -78,62 +80,6 @@ def check_task(name: str, setting: str) -> seqio.Task | seqio.Mixture:
 
 def task_vocab_size(task: seqio.Task | seqio.Mixture) -> int:
     return int(task.output_features["targets"].vocabulary.vocab_size)
-
-
-# T5Config fields that change how a model runs, not what it is: these model_overrides apply on
-# top of a HF checkpoint's own config; any other override must agree with the checkpoint.
-RUNTIME_FIELDS = frozenset({"dropout_rate", "dtype", "scan_layers", "remat_policy"})
-
-
-def _hf_config(path: str, cfg: run_config.RunConfig) -> models.T5Config:
-    """A HF folder's T5Config with the run's runtime overrides; refuses conflicting sizes."""
-    from sbs_jax.models.hf import config_from_hf
-
-    config_file = epath.Path(path) / "config.json"
-    config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
-    conflicts = {k: (v, getattr(config, k, None)) for k, v in cfg.model_overrides.items()
-                 if k not in RUNTIME_FIELDS and getattr(config, k, None) != v}
-    if conflicts:
-        raise ValueError(
-            f"RunConfig.model_overrides {sorted(conflicts)} disagree with "
-            f"INITIAL_CHECKPOINT_PATH={path!r}: "
-            + ", ".join(f"{k}={v!r} vs {c!r}" for k, (v, c) in conflicts.items()))
-    runtime = {k: v for k, v in cfg.model_overrides.items() if k in RUNTIME_FIELDS}
-    return dataclasses.replace(config, **runtime)
-
-
-def load_initial(path: str, cfg: run_config.RunConfig, vocab_size: int
-                 ) -> tuple[models.T5Config, Any]:
-    """Model config + host params from INITIAL_CHECKPOINT_PATH (a HF folder or our MODEL_DIR)."""
-    source = epath.Path(path)
-    if (source / "config.json").exists():
-        from sbs_jax.models.hf import load_hf
-
-        config = _hf_config(path, cfg)
-        _, params = load_hf(path, scan_layers=config.scan_layers)
-    elif checkpoints.latest_step(path) is not None:
-        config = models.get_config(cfg.model_name, vocab_size=padded_vocab_size(vocab_size),
-                                   **cfg.model_overrides)
-        params = checkpoints.load_params(path)
-        scanned = "layers" in params["encoder"]
-        if config.scan_layers != scanned:  # the run's layout, whichever the source had
-            params = (models.stack_layers if config.scan_layers else models.unstack_layers)(params)
-    else:
-        raise FileNotFoundError(
-            f"INITIAL_CHECKPOINT_PATH={path!r} is neither a HF T5 folder (config.json) nor a "
-            "MODEL_DIR with a finalised checkpoint")
-    if config.vocab_size < vocab_size:
-        raise ValueError(
-            f"INITIAL_CHECKPOINT_PATH={path!r} has vocab_size {config.vocab_size}, smaller than "
-            f"the task vocabulary ({vocab_size} pieces)")
-    return config, params
-
-
-def _check_params_match(params: Any, partitioner: trainer.Partitioner, source: str) -> None:
-    want = jax.tree.map(lambda x: tuple(x.shape), partitioner.abstract_params)
-    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-        raise ValueError(f"parameters from {source} do not match the model config's shapes")
 
 
 class _Preemption:
@@ -206,25 +152,32 @@ class _Setup:
     schedule: Any
     batches: pipeline.PairedBatches
     num_shards: int
+    vocabulary_path: str | None  # the task vocabulary's file, pinned into MODEL_DIR
+    initial: initial_checkpoint.Initial | None
+
+
+def _vocabulary_file(task: seqio.Task | seqio.Mixture) -> str | None:
+    return getattr(task.output_features["targets"].vocabulary, "sentencepiece_model_file", None)
 
 
 def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, Any]:
+    run_files.choose_training_vocabulary(cfg.model_dir, cfg.initial_checkpoint_path)
     label_task = check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
     if cfg.rationale_mixture_name is not None:
         check_task(cfg.rationale_mixture_name, "RATIONALE_MIXTURE_NAME")
     mesh = partitioning.make_mesh(cfg.mesh_shape)
     trainer.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches)
     vocab_size = task_vocab_size(label_task)
-    initial_params = None
+    initial_params, initial = None, initial_checkpoint.origin(cfg)
     if cfg.initial_checkpoint_path and not from_checkpoint:
-        model_config, initial_params = load_initial(cfg.initial_checkpoint_path, cfg, vocab_size)
-    elif cfg.initial_checkpoint_path:
-        model_config = _initial_config(cfg, vocab_size)
+        model_config, initial_params, initial = initial_checkpoint.load(cfg, vocab_size)
     else:
-        model_config = models.get_config(
-            cfg.model_name, **{"vocab_size": padded_vocab_size(vocab_size), **cfg.model_overrides})
+        model_config = initial_checkpoint.model_config(cfg, vocab_size)
     partitioner = trainer.Partitioner(
         mesh, partitioning.logical_axis_rules(cfg.fsdp), model_config)
+    if initial_params is not None:
+        initial_checkpoint.check_params_match(initial_params, partitioner.abstract_params,
+                                              model_config, cfg)
     tx, schedule = optimizer(cfg)
     shard_id, num_shards = distributed.process_batch_shard(mesh)
     # Packed steps have a varying number of rows: a multiple of what the mesh and the
@@ -238,7 +191,8 @@ def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, An
         length_buckets=pipeline.length_buckets(cfg.task_feature_lengths, cfg.fixed_batch_shapes),
         pack_row_multiple=math.lcm(max(1, cfg.batch_size // 8),
                                    data_shards * cfg.num_microbatches))
-    return _Setup(model_config, partitioner, tx, schedule, batches, num_shards), initial_params
+    return _Setup(model_config, partitioner, tx, schedule, batches, num_shards,
+                  _vocabulary_file(label_task), initial), initial_params
 
 
 def _eval_sets(cfg: run_config.RunConfig) -> dict[str, pipeline.EvalSet]:
@@ -263,16 +217,13 @@ def _read_eval_history(model_dir: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _initial_config(cfg: run_config.RunConfig, vocab_size: int) -> models.T5Config:
-    """The model config of a run that started from INITIAL_CHECKPOINT_PATH (for resuming)."""
-    if (epath.Path(cfg.initial_checkpoint_path) / "config.json").exists():
-        return _hf_config(cfg.initial_checkpoint_path, cfg)
-    return models.get_config(
-        cfg.model_name, **{"vocab_size": padded_vocab_size(vocab_size), **cfg.model_overrides})
-
-
 def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
     """Trains to TRAIN_STEPS (resuming if MODEL_DIR has a checkpoint); returns the summary."""
+    with tasks_config.overrides_restored():  # the run's vocabulary, for this run only
+        return _train(cfg, operative_gin)
+
+
+def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
     is_lead = jax.process_index() == 0
     start_time = time.time()
     try:
@@ -296,12 +247,13 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
         if data_state:  # a step written by `sbs-convert --to=ours` has no data position yet
             setup.batches.restore(data_state)
     else:
-        if initial_params is not None:
-            _check_params_match(initial_params, part, cfg.initial_checkpoint_path)
         state = trainer.init_state(part, setup.model_config, setup.tx, cfg.random_seed,
                                    params=initial_params)
+        if initial_params is not None and is_lead:
+            console.say(f"initialised from {setup.initial.describe()}")
     if is_lead:
         run_config.save(cfg)
+        run_files.pin(cfg.model_dir, setup.vocabulary_path, tasks_config.data_dir())
         run_config.write_text(epath.Path(cfg.model_dir) / convert.MODEL_CONFIG_FILE,
                               convert.config_to_json(setup.model_config))
         if operative_gin is not None:
@@ -419,6 +371,7 @@ def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
         writer.flush()
     summary = {
         "step": step, "train_steps": cfg.train_steps, "resumed_from": resume_step,
+        "initialised_from": dataclasses.asdict(setup.initial) if setup.initial else None,
         "final_train_metrics": logged, "eval_metrics": eval_metrics,
         "best_step": best_step, "best_metric": cfg.best_metric,
         "tokens_per_s": timer.throughput.tokens_per_s,

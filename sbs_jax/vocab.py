@@ -10,6 +10,12 @@ encodes exactly as under `identity`; the point is a non-empty compiled rule tabl
 sentencepiece copy inside tf-text logs "precompiled_charsmap is empty" to stderr every time
 TensorFlow loads an identity-normalised model (once per dataset pipeline), with no way to
 silence it.
+
+Piece scores are rounded to multiples of 2**-8. Unigram segmentation picks the path with the
+highest sum of scores; sentencepiece sums in float32, HF `tokenizers` in float64, so where two
+paths hold the same pieces in another order ("00" + "0" and "0" + "00") rounding alone chose,
+differently in each. With rounded scores every sum is exact in both, ties stay ties, and both
+break them alike: the HF tokenizer we export (`sbs_jax.models.hf_tokenizer`) gives our ids.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Iterable
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 # Source and target code points of the single normalisation rule (see the module docstring).
 QUIET_IDENTITY_RULE = "10FFFF\tFFFD\n"
+SCORE_RESOLUTION = 2.0 ** -8  # exact float32 path sums up to 2**15 in magnitude
 EMBEDDING_MULTIPLE = 128
 
 
@@ -76,7 +83,21 @@ def train_vocab(texts: Iterable[str], output_prefix: str, vocab_size: int = 512)
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
+    _round_scores(output_prefix + ".model")
     return output_prefix + ".model"
+
+
+def _round_scores(model_path: str) -> None:
+    """Rewrites the model with every piece score a multiple of SCORE_RESOLUTION."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    with open(model_path, "rb") as f:
+        model.ParseFromString(f.read())
+    for piece in model.pieces:
+        piece.score = round(piece.score / SCORE_RESOLUTION) * SCORE_RESOLUTION
+    with open(model_path, "wb") as f:
+        f.write(model.SerializeToString())
 
 
 def load_vocab(model_path: str):

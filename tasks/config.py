@@ -10,7 +10,9 @@ synthetic tasks create their data, and that default vocabulary, the first time t
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import seqio
 
@@ -43,14 +45,31 @@ def data_dir() -> str:
             or os.environ.get("SBS_DATA_DIR") or DEFAULT_DATA_DIR)
 
 
-def _explicit_vocabulary_path() -> str | None:
+@contextlib.contextmanager
+def overrides_restored() -> Iterator[None]:
+    """Puts back the `set_data_dir` / `set_vocabulary_path` overrides on exit, so a job that
+    points the tasks at its run's files (train, eval, infer) leaves none behind in-process."""
+    saved = dict(_overrides)
+    try:
+        yield
+    finally:
+        _overrides.update(saved)
+
+
+def named_data_dir() -> str | None:
+    """The data folder named in-process or by gin (SBS_DATA_DIR is a default, not a name)."""
+    return _overrides["data_dir"] or data_config()["data_dir"]
+
+
+def named_vocabulary_path() -> str | None:
+    """The vocabulary someone named (override, gin, SBS_VOCAB); None means the default."""
     return (_overrides["vocabulary_path"] or data_config()["vocabulary_path"]
             or os.environ.get("SBS_VOCAB"))
 
 
 def vocabulary_path(for_synthetic: bool = False) -> str:
     """The SentencePiece model path; for the synthetic tasks, created when it is the default."""
-    explicit = _explicit_vocabulary_path()
+    explicit = named_vocabulary_path()
     path = explicit or os.path.join(data_dir(), "spiece.model")
     if not os.path.exists(path):
         if for_synthetic and explicit is None:

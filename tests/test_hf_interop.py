@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -182,11 +183,27 @@ def test_convert_cli_round_trip(hf_checkpoint, tmp_path, capsys):
     # Refuses to overwrite a run; says what is missing when the architecture is unknown.
     assert convert.main(["--to=ours", f"--hf_dir={path}", f"--model_dir={run}"]) == 2
     (run / convert.RUN_CONFIG_FILE).unlink()
-    assert convert.main(["--to=hf", f"--model_dir={run}", f"--hf_dir={out}"]) == 2
+    assert convert.main(["--to=hf", f"--model_dir={run}", f"--hf_dir={tmp_path / 'hf2'}"]) == 2
     assert "--model_name" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         convert.main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_convert_names_a_bad_config_or_damaged_weights(hf_checkpoint, tmp_path, capsys):
+    from sbs_jax import convert
+
+    _, path, _ = hf_checkpoint
+    for name, damage in (("config.json", lambda b: b[: len(b) // 2]),
+                         ("model.safetensors", lambda b: b[: len(b) - 100]),
+                         ("model.safetensors", lambda b: b"\xff" * 8 + b[8:])):
+        broken = tmp_path / f"broken_{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(path, broken)
+        (broken / name).write_bytes(damage((broken / name).read_bytes()))
+        assert convert.main(["--to=ours", f"--hf_dir={broken}",
+                             f"--model_dir={broken}_run"]) == 2
+        err = capsys.readouterr().err
+        assert f"sbs-convert: error: {broken / name}: " in err and "Traceback" not in err
 
 
 def test_transformers5_saved_unscaled_tied_model(tmp_path):

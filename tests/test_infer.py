@@ -83,6 +83,8 @@ def test_jsonl_inputs_keep_ids_order_and_decode_rationales(trained_run, tmp_path
     assert [r["id"] for r in rows] == ["q-b", "2", "7"]
     assert [r["input"] for r in rows] == ["predict: 1 2 3 + 4 5 6", "predict: 7 + 8",
                                           "predict: A man sleeps.</s>A person rests."]
+    # the NLI text is letters, byte pieces in the digits-only synthetic vocabulary: over 32 tokens
+    assert [r.pop("truncated", False) for r in rows] == [False, False, True]
     assert all(set(r) == {"id", "input", "prediction", "answer", "rationale"} for r in rows)
     assert all(isinstance(r["rationale"], str) for r in rows)
 
@@ -95,10 +97,12 @@ def test_jsonl_inputs_keep_ids_order_and_decode_rationales(trained_run, tmp_path
     ('["1 + 2"]\n', r"inputs.jsonl:1: expected a JSON object, got list"),
     ('{"input": ""}\n', r"inputs.jsonl:1: 'input' must be a non-empty string"),
     ('\n\n', r"inputs.jsonl: no inputs"),
+    (b'{"input": "1 + 2"}\n{"input": "3 \xff"}\n',
+     r"inputs.jsonl:2: not UTF-8 \(byte 0xff at column 14\)"),
 ])
 def test_malformed_input_records_are_named(tmp_path, content, problem):
     source = tmp_path / "inputs.jsonl"
-    source.write_text(content)
+    source.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     with pytest.raises(infer_cli.InputFileError, match=problem):
         infer_cli.read_inputs(str(source))
 

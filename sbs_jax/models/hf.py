@@ -5,7 +5,8 @@ pytorch_model.bin, the latter with `torch.load(weights_only=True)` so no arbitra
 ever unpickled. Export writes what the hub ships for T5 1.1 / Flan-T5 (untied: separate
 `lm_head.weight` and `"tie_word_embeddings": false`) or v1.0 (tied, scaled logits), so both
 transformers 4.x and 5.x load it right, plus generation_config.json and, given a vocabulary,
-spiece.model with its tokenizer config.
+spiece.model with a tokenizer.json that encodes as our pipeline does (`hf_tokenizer`). Every
+exported file is world-readable. Unreadable inputs raise CheckpointError naming the file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,11 +209,11 @@ def hf_state_from_params(params: dict, config: T5Config) -> dict[str, np.ndarray
 
 
 def _read_state(directory: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
     elif (directory / "model.safetensors").exists():
         files = ["model.safetensors"]
     elif (directory / "pytorch_model.bin").exists():
@@ -223,9 +223,13 @@ def _read_state(directory: pathlib.Path) -> dict[str, np.ndarray]:
                                 "pytorch_model.bin")
     state = {}
     for name in files:
-        with safe_open(str(directory / name), framework="flax") as f:
-            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                state[key] = np.asarray(f.get_tensor(key))
+        try:
+            with safe_open(str(directory / name), framework="flax") as f:
+                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    state[key] = np.asarray(f.get_tensor(key))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{directory / name}: unreadable safetensors file ({e}); "
+                                  "truncated or damaged?") from None
     return state
 
 
@@ -239,9 +243,22 @@ def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refusing to unpickle non-tensor objects "
                               f"(weights_only=True): {e}") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable PyTorch file ({e}); truncated or "
+                              "damaged?") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
     return {k: v.float().numpy() for k, v in state.items()}
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def load_hf(path: PathLike, **config_overrides: Any) -> tuple[T5Config, dict]:
@@ -250,7 +267,7 @@ def load_hf(path: PathLike, **config_overrides: Any) -> tuple[T5Config, dict]:
     config_file = directory / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: not a HF model directory")
-    hf_config = json.loads(config_file.read_text())
+    hf_config = _read_json(config_file)
     config = config_from_hf(hf_config, str(config_file))
     if config_overrides:
         config = dataclasses.replace(config, **config_overrides)
@@ -264,20 +281,22 @@ def load_hf(path: PathLike, **config_overrides: Any) -> tuple[T5Config, dict]:
 
 
 def save_hf(config: T5Config, params: dict, path: PathLike, vocab: PathLike | None = None) -> None:
-    """Writes a HF `from_pretrained` directory (safetensors, configs, optional tokenizer)."""
+    """Writes a HF `from_pretrained` directory (safetensors, configs, the tokenizer when a
+    vocabulary is given), every file mode 0644."""
     from safetensors.numpy import save_file
+
+    from sbs_jax.models.hf_tokenizer import write_tokenizer_files
 
     directory = pathlib.Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     state = hf_state_from_params(jax.device_get(params), config)
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+    written = [directory / "model.safetensors", directory / "config.json",
+               directory / "generation_config.json"]
+    save_file(state, str(written[0]), metadata={"format": "pt"})
+    written[1].write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
     generation = {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
-    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    written[2].write_text(json.dumps(generation, indent=2) + "\n")
     if vocab is not None:
-        shutil.copyfile(vocab, directory / "spiece.model")
-        specials = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
-        tokenizer = {"tokenizer_class": "T5Tokenizer", "extra_ids": 0,
-                     "model_max_length": 512, "legacy": True, **specials}
-        (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer, indent=2) + "\n")
-        (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+        written += write_tokenizer_files(str(vocab), directory)
+    for file in written:
+        file.chmod(0o644)

@@ -1,0 +1,229 @@
+"""What a MODEL_DIR keeps besides checkpoints, so that eval, infer and convert need nothing else.
+
+    run_config.json    the resolved RunConfig: tasks, model name and overrides, caps, mesh
+    model_config.json  the T5Config the checkpoints hold
+    spiece.model       a copy of the run's SentencePiece vocabulary
+    data_config.json   {"data_dir", "vocabulary": {"file", "sha256", "source"}}
+
+The vocabulary is pinned by content: a run restarted, evaluated or exported with another file
+(SBS_VOCAB, gin `tasks.data_config.vocabulary_path`, the data folder's default, or a different
+INITIAL_CHECKPOINT_PATH vocabulary) is refused with both paths and hashes named, instead of
+decoding with pieces the model never saw. `run_bindings` turns run_config.json back into gin
+bindings, so `--model_dir DIR` alone configures eval and infer as the run was configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+from etils import epath
+
+from sbs_jax import run_config
+
+VOCAB_FILE = "spiece.model"
+DATA_CONFIG_FILE = "data_config.json"
+# RunConfig fields that say how a job is laid out on the machine, not what the run is: a gin
+# file given to eval/infer keeps its own values of these (e.g. another mesh on other hardware).
+LAYOUT_FIELDS = frozenset({"mesh_shape", "fsdp", "num_microbatches", "pack",
+                           "async_checkpointing"})
+
+
+class VocabularyError(ValueError):
+    """Two vocabularies that must be one file differ; the message names both and their hashes."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _short(sha: str) -> str:
+    return sha[:12]
+
+
+def check_same_vocabulary(first: tuple[str, str], second: tuple[str, str]) -> None:
+    """Raises VocabularyError unless the two (description, path) files have the same bytes."""
+    (what_a, path_a), (what_b, path_b) = first, second
+    sha_a, sha_b = file_sha256(path_a), file_sha256(path_b)
+    if sha_a != sha_b:
+        raise VocabularyError(
+            f"{what_a} {path_a} (sha256 {_short(sha_a)}) and {what_b} {path_b} (sha256 "
+            f"{_short(sha_b)}) are different vocabularies; use the first (unset the other), or "
+            "start a new MODEL_DIR")
+
+
+def read_data_config(model_dir: str) -> dict | None:
+    path = epath.Path(model_dir) / DATA_CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def run_vocabulary(model_dir: str) -> str | None:
+    """MODEL_DIR's pinned vocabulary copy (checked against its recorded hash), or None for a
+    run that recorded none."""
+    record = read_data_config(model_dir) or {}
+    pinned = record.get("vocabulary")
+    if not pinned:
+        return None
+    path = epath.Path(model_dir) / pinned.get("file", VOCAB_FILE)
+    if not path.exists():
+        raise VocabularyError(f"{epath.Path(model_dir) / DATA_CONFIG_FILE} pins the vocabulary "
+                              f"sha256 {_short(pinned['sha256'])} but {path} is missing")
+    sha = file_sha256(path)
+    if sha != pinned["sha256"]:
+        raise VocabularyError(f"{path} (sha256 {_short(sha)}) is not the vocabulary the run "
+                              f"recorded (sha256 {_short(pinned['sha256'])}, from "
+                              f"{pinned.get('source')})")
+    return str(path)
+
+
+def checkpoint_vocabulary(path: str) -> str | None:
+    """The vocabulary that goes with INITIAL_CHECKPOINT_PATH: a HF folder's spiece.model, or the
+    pinned copy of one of our MODEL_DIRs; None when it has none."""
+    folder = epath.Path(path)
+    if (folder / "config.json").exists():
+        return str(folder / VOCAB_FILE) if (folder / VOCAB_FILE).exists() else None
+    return run_vocabulary(path)
+
+
+NAMED = "the task vocabulary (SBS_VOCAB / tasks.data_config.vocabulary_path)"
+
+
+def _agree(sources: list[tuple[str, str]]) -> str | None:
+    """The first (description, path) source's path, after checking every other one, and the
+    vocabulary named by SBS_VOCAB / gin, has the same bytes. None when there is no source."""
+    from tasks import config as tasks_config
+
+    named = tasks_config.named_vocabulary_path()
+    if named and sources and not os.path.exists(named):
+        raise VocabularyError(f"{NAMED} {named} does not exist; {sources[0][0]} {sources[0][1]}")
+    if named:
+        sources = [*sources, (NAMED, named)]
+    for other in sources[1:]:
+        check_same_vocabulary(sources[0], other)
+    return sources[0][1] if sources else None
+
+
+def choose_training_vocabulary(model_dir: str, initial_checkpoint_path: str | None
+                               ) -> str | None:
+    """Points the tasks at the vocabulary a training run must use and returns it (None: the
+    tasks' usual resolution applies). Call inside `tasks.config.overrides_restored()`.
+
+    First the run's own pinned copy (a restart), then INITIAL_CHECKPOINT_PATH's vocabulary (so a
+    HF t5-v1_1 folder brings its spiece.model). A vocabulary named by SBS_VOCAB or gin must have
+    the same bytes as each of them.
+    """
+    from tasks import config as tasks_config
+
+    sources = []
+    pinned = run_vocabulary(model_dir)
+    if pinned:
+        sources.append((f"MODEL_DIR={model_dir} was trained with", pinned))
+    initial = checkpoint_vocabulary(initial_checkpoint_path) if initial_checkpoint_path else None
+    if initial:
+        sources.append((f"INITIAL_CHECKPOINT_PATH={initial_checkpoint_path} comes with", initial))
+    chosen = _agree(sources)
+    if chosen:
+        tasks_config.set_vocabulary_path(chosen)
+    return chosen
+
+
+def pin(model_dir: str, vocabulary_path: str | None, data_dir: str | None) -> None:
+    """(Lead process.) Copies the run's vocabulary into MODEL_DIR, readable by all, and records
+    its hash and the data folder in data_config.json."""
+    directory = epath.Path(model_dir)
+    if data_dir and "://" not in data_dir:
+        data_dir = os.path.abspath(data_dir)
+    record: dict = {"data_dir": data_dir}
+    if vocabulary_path:
+        sha = file_sha256(vocabulary_path)
+        target = directory / VOCAB_FILE
+        if not target.exists() or file_sha256(target) != sha:
+            tmp = directory / (VOCAB_FILE + ".tmp")
+            epath.Path(vocabulary_path).copy(tmp, overwrite=True)
+            if "://" not in str(tmp):
+                os.chmod(tmp, 0o644)
+            tmp.replace(target)
+        record["vocabulary"] = {"file": VOCAB_FILE, "sha256": sha, "source": vocabulary_path}
+    run_config.write_text(directory / DATA_CONFIG_FILE, json.dumps(record, indent=1) + "\n")
+
+
+def use_run_data(model_dir: str) -> list[str]:
+    """Points the tasks at MODEL_DIR's vocabulary and data folder for eval / infer (call inside
+    `tasks.config.overrides_restored()`); returns notes for the console.
+
+    The vocabulary is always the run's; one named by SBS_VOCAB or gin must have its bytes. The
+    data folder is a gin `tasks.data_config.data_dir` binding, else the run's (while it exists),
+    else the usual SBS_DATA_DIR / default.
+    """
+    from tasks import config as tasks_config
+
+    record = read_data_config(model_dir)
+    if record is None:
+        note = (f"{model_dir} records no vocabulary or data folder ({DATA_CONFIG_FILE}): using "
+                "the tasks' own (SBS_VOCAB / SBS_DATA_DIR / gin tasks.data_config)")
+        return [note]
+    notes = []
+    pinned = run_vocabulary(model_dir)
+    if pinned:
+        tasks_config.set_vocabulary_path(
+            _agree([(f"MODEL_DIR={model_dir} was trained with", pinned)]))
+    recorded = record.get("data_dir")
+    if recorded and not tasks_config.named_data_dir():
+        if epath.Path(recorded).exists():
+            env = os.environ.get("SBS_DATA_DIR")
+            if env and os.path.abspath(env) != recorded:
+                notes.append(f"data folder: the run's {recorded} (SBS_DATA_DIR={env} ignored; "
+                             "bind tasks.data_config.data_dir to choose another)")
+            tasks_config.set_data_dir(recorded)
+        else:
+            notes.append(f"the run's data folder {recorded} is gone: reading "
+                         f"{tasks_config.data_dir()}")
+    return notes
+
+
+def _gin_value(value) -> str:
+    """A gin literal for a run_config.json value (JSON lists back to the tuples gin expects)."""
+    if isinstance(value, list):
+        value = tuple(value)
+    return repr(value)
+
+
+def run_bindings(model_dir: str, identity_only: bool) -> list[str]:
+    """Gin bindings that give RunConfig the values saved in MODEL_DIR/run_config.json (every
+    field, or with `identity_only` those that say what the run is: not its layout or the
+    settings a restart may change). Fields bound to a macro in the parsed gin config set that
+    macro, so a later `--gin.NAME=...` still overrides them. [] when MODEL_DIR has no record."""
+    import gin
+
+    path = epath.Path(model_dir) / run_config.CONFIG_FILE
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(run_config.RunConfig)}
+    bindings = []
+    for name, value in sorted(saved.items()):
+        if name not in fields or name == "model_dir":
+            continue
+        if identity_only and (name in LAYOUT_FIELDS or name in run_config.RESUMABLE_CHANGES):
+            continue
+        try:
+            current = str(gin.query_parameter(f"RunConfig.{name}"))
+        except ValueError:
+            current = ""
+        if current.startswith("%"):
+            bindings += [f"{current[1:]} = {_gin_value(value)}",
+                         f"RunConfig.{name} = {current}"]
+        else:
+            bindings.append(f"RunConfig.{name} = {_gin_value(value)}")
+    return bindings
