@@ -118,8 +118,10 @@ def run_cell(cell: Cell, recipe: Recipe, cell_dir: pathlib.Path, env: dict,
     run_logged(train_command(cell, recipe, str(model_dir), train_prefix), cell_dir / "train.log",
                f"[{cell.name} train]", env)
     metrics_path = cell_dir / "metrics.json"
+    # An unfinished cell (no results.json) re-scores its run: the metrics file is replaced.
     run_logged([sys.executable, "-m", "sbs_jax.eval", *flags, "--split=test", "--step=best",
-                f"--output={metrics_path}"], cell_dir / "eval.log", f"[{cell.name} eval]", env)
+                f"--output={metrics_path}", "--overwrite"], cell_dir / "eval.log",
+               f"[{cell.name} eval]", env)
     accuracy, metrics = read_accuracy(metrics_path)
     with open(model_dir / CONFIG_FILE, encoding="utf-8") as f:
         initial_checkpoint = json.load(f).get("initial_checkpoint_path")
