@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from test_trainer import _config as trainer_config
 
 from sbs_jax import convert, run_config, run_files, train_loop
 from sbs_jax import eval as eval_cli
@@ -18,21 +19,13 @@ from sbs_jax import infer as infer_cli
 from sbs_jax.vocab import train_vocab
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = {"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32, "num_encoder_layers": 1,
-        "num_decoder_layers": 1, "dropout_rate": 0.0}
 LONG_INPUT = " ".join(["9"] * 60) + " + 1"  # over the 32-token input cap
 
 
 def _config(model_dir, **overrides) -> run_config.RunConfig:
-    fields = {
-        "model_dir": str(model_dir), "mixture_or_task_name": "synthetic_label_gt",
-        "rationale_mixture_name": "synthetic_rationale", "model_name": "t5_1_1_tiny",
-        "model_overrides": TINY, "train_steps": 2, "batch_size": 8,
-        "task_feature_lengths": {"inputs": 32, "targets": 64}, "learning_rate": 1e-3,
-        "schedule": "constant", "checkpoint_period": 2, "eval_period": 0, "log_period": 1,
-        "eval_batch_size": 8, "max_decode_len": 8, "async_checkpointing": False}
-    fields.update(overrides)
-    return run_config.RunConfig(**fields)
+    """test_trainer's tiny synthetic run: 2 steps, decodes of 8 tokens."""
+    return trainer_config(model_dir, **{"train_steps": 2, "eval_batch_size": 8,
+                                        "max_decode_len": 8, **overrides})
 
 
 def _sha(path) -> str:
