@@ -25,10 +25,10 @@ from sbs_jax import run_config
 
 VOCAB_FILE = "spiece.model"
 DATA_CONFIG_FILE = "data_config.json"
-# RunConfig fields that say how a job is laid out on the machine, not what the run is: a gin
-# file given to eval/infer keeps its own values of these (e.g. another mesh on other hardware).
-LAYOUT_FIELDS = frozenset({"mesh_shape", "fsdp", "num_microbatches", "pack",
-                           "async_checkpointing"})
+# What a run was trained on, as eval and infer read it: with --gin_file flags these still come
+# from MODEL_DIR (the gin files' other values, e.g. a mesh for other hardware, are kept).
+RUN_IDENTITY = ("mixture_or_task_name", "rationale_mixture_name", "model_name",
+                "model_overrides", "task_feature_lengths")
 
 
 class VocabularyError(ValueError):
@@ -201,9 +201,9 @@ def _gin_value(value) -> str:
 
 def run_bindings(model_dir: str, identity_only: bool) -> list[str]:
     """Gin bindings that give RunConfig the values saved in MODEL_DIR/run_config.json (every
-    field, or with `identity_only` those that say what the run is: not its layout or the
-    settings a restart may change). Fields bound to a macro in the parsed gin config set that
-    macro, so a later `--gin.NAME=...` still overrides them. [] when MODEL_DIR has no record."""
+    field, or with `identity_only` the RUN_IDENTITY ones). Fields bound to a macro in the parsed
+    gin config set that macro, so a later `--gin.NAME=...` still overrides them. [] when
+    MODEL_DIR has no record."""
     import gin
 
     path = epath.Path(model_dir) / run_config.CONFIG_FILE
@@ -215,7 +215,7 @@ def run_bindings(model_dir: str, identity_only: bool) -> list[str]:
     for name, value in sorted(saved.items()):
         if name not in fields or name == "model_dir":
             continue
-        if identity_only and (name in LAYOUT_FIELDS or name in run_config.RESUMABLE_CHANGES):
+        if identity_only and name not in RUN_IDENTITY:
             continue
         try:
             current = str(gin.query_parameter(f"RunConfig.{name}"))

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import stat
 import subprocess
 import sys
@@ -56,21 +57,33 @@ def run_dir(tmp_path_factory, data_dir):
     return model_dir
 
 
-def _fresh_env(tmp_path, other_vocab) -> dict:
-    """A new login shell: PATH, PYTHONPATH and a HOME whose default data folder holds another
-    vocabulary (what a cached one looks like); no SBS_* variables, no XLA device flags."""
-    cache = tmp_path / "home" / ".cache" / "sbs_jax" / "data"
-    cache.mkdir(parents=True)
-    (cache / "spiece.model").write_bytes(pathlib.Path(other_vocab).read_bytes())
+def _fresh_env(tmp_path) -> dict:
+    """A new login shell: PATH, PYTHONPATH and an empty HOME; no SBS_* variables, no XLA
+    device flags."""
+    (tmp_path / "home").mkdir()
     return {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home"),
             "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO_ROOT))}
 
 
+def _stale_copy(run_dir, data_dir, other_vocab, work) -> pathlib.Path:
+    """The run as if trained on a data folder whose default spiece.model was replaced since:
+    a copy of the run pointing at a copy of the data holding another vocabulary."""
+    shutil.copytree(data_dir / "synthetic", work / "data" / "synthetic")
+    shutil.copyfile(other_vocab, work / "data" / "spiece.model")
+    shutil.copytree(run_dir, work / "run")
+    record = json.loads((work / "run" / run_files.DATA_CONFIG_FILE).read_text())
+    record["data_dir"] = str(work / "data")
+    (work / "run" / run_files.DATA_CONFIG_FILE).write_text(json.dumps(record))
+    return work / "run"
+
+
 @pytest.fixture(scope="module")
-def fresh_shell(run_dir, tmp_path_factory, other_vocab):
-    """eval, infer and convert --model_dir run at once, each in a fresh environment."""
+def fresh_shell(run_dir, data_dir, tmp_path_factory, other_vocab):
+    """eval, infer and convert --model_dir of the stale copy run at once, each in a fresh
+    environment; returns (work folder, the copy, {command: (exit code, stdout, stderr)})."""
     work = tmp_path_factory.mktemp("fresh_shell")
-    env = _fresh_env(work, other_vocab)
+    env = _fresh_env(work)
+    run_dir = _stale_copy(run_dir, data_dir, other_vocab, work)
     inputs = work / "questions.jsonl"
     # U+2028 inside a JSON string is text, not a line break.
     inputs.write_text(json.dumps({"id": "q1", "input": "1 2 + 3\u2028"}, ensure_ascii=False)
@@ -90,7 +103,7 @@ def fresh_shell(run_dir, tmp_path_factory, other_vocab):
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=600)
         results[name] = (proc.returncode, out, err)
-    return work, results
+    return work, run_dir, results
 
 
 def test_a_run_pins_its_vocabulary_data_folder_and_settings(run_dir, data_dir):
@@ -108,22 +121,30 @@ def test_a_run_pins_its_vocabulary_data_folder_and_settings(run_dir, data_dir):
     assert summary["initialised_from"] is None and summary["resumed_from"] is None
 
 
-def test_eval_model_dir_in_a_fresh_shell(fresh_shell, run_dir):
-    _, results = fresh_shell
+def test_eval_model_dir_in_a_fresh_shell(fresh_shell):
+    _, copy, results = fresh_shell
     code, out, err = results["eval"]
     assert code == 0, err[-3000:]
-    written = run_dir / "eval_synthetic_label_gt_test_step2.json"
+    written = copy / "eval_synthetic_label_gt_test_step2.json"
     metrics = json.loads(written.read_text())
     assert metrics["task"] == "synthetic_label_gt" and metrics["split"] == "test"
     assert metrics["step"] == 2 and metrics["num_examples"] == 8
     assert f"metrics written to {written}" in out
 
 
-def test_infer_model_dir_in_a_fresh_shell(fresh_shell):
-    work, results = fresh_shell
+def test_infer_model_dir_in_a_fresh_shell(fresh_shell, run_dir, data_dir, monkeypatch):
+    work, _, results = fresh_shell
     code, out, err = results["infer"]
     assert code == 0, err[-3000:]
     rows = [json.loads(line) for line in (work / "preds.jsonl").read_text().split("\n") if line]
+    # The training form on the original run predicts the same: the pinned vocabulary was used.
+    monkeypatch.setenv("SBS_DATA_DIR", str(data_dir))
+    assert infer_cli.main(["--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR='{run_dir}'",
+                           f"--input_file={work / 'questions.jsonl'}",
+                           "--gin_bindings=RunConfig.max_decode_len = 8",
+                           f"--output={work / 'same.jsonl'}"]) == 0
+    same = [json.loads(line) for line in (work / "same.jsonl").read_text().split("\n") if line]
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in same]
     assert [r["id"] for r in rows] == ["q1", "q2"]
     assert rows[0]["input"] == "predict: 1 2 + 3\u2028" and "truncated" not in rows[0]
     assert rows[1]["truncated"] is True
@@ -136,7 +157,7 @@ def test_convert_model_dir_in_a_fresh_shell_ships_the_runs_tokenizer(fresh_shell
                                                                       data_dir):
     from transformers import AutoTokenizer
 
-    work, results = fresh_shell
+    work, _, results = fresh_shell
     code, _, err = results["convert"]
     assert code == 0, err[-3000:]
     hf_dir = work / "hf"
@@ -157,8 +178,9 @@ def test_convert_model_dir_in_a_fresh_shell_ships_the_runs_tokenizer(fresh_shell
         [list(x) for x in ours.inputs]
 
 
-def test_eval_refuses_another_vocabulary_and_an_existing_output(fresh_shell, run_dir,
-                                                                other_vocab, monkeypatch, capsys):
+def test_eval_refuses_another_vocabulary_and_an_existing_output(fresh_shell, other_vocab,
+                                                                monkeypatch, capsys):
+    _, run_dir, _ = fresh_shell
     monkeypatch.delenv("SBS_DATA_DIR", raising=False)
     monkeypatch.setenv("SBS_VOCAB", other_vocab)
     with pytest.raises(SystemExit) as exit_info:
