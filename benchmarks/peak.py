@@ -69,8 +69,8 @@ def jax_matmul_flops_per_s(size: int, repeats: int, dtype: str = "float32") -> f
 
     keys = jax.random.split(jax.random.PRNGKey(0))
     a, b = (jax.random.normal(k, (size, size), jnp.dtype(dtype)) for k in keys)
-    # Accumulated and returned in float32, as the model's dots are (models.layers.dot_general):
-    # XLA:CPU runs a bf16 dot on its AMX kernels only in that form.
+    # Returned in float32: the fastest form of a bf16 dot on XLA:CPU (only that one reaches its
+    # bf16 matmul kernels), so the peak is the best the device gives.
     matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     seconds = _best_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
     return 2 * size ** 3 / seconds

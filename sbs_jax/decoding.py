@@ -5,20 +5,27 @@ time), then runs a `lax.while_loop` of one-token decoder steps that stops when e
 (or, for beam search, every batch item by HF's stopping rules) is finished. Beam search follows
 HF `generate` exactly (2 x num_beams candidates per step, finished score = sum of log-probs /
 generated_length ** length_penalty with EOS counted, HF's early-stopping heuristic), so both give
-the same tokens. Each (config, method, options) compiles once; jax caches per input shape.
+the same tokens. Each (config, method, options, mesh) compiles once; jax caches per input shape.
+
+Given a mesh and logical axis rules (the training run's), decoding runs on that mesh as training
+does: params sharded by their logical axes, the batch over the data axes, the model's activation
+and cache constraints resolved by the rules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sbs_jax.models import cpu_kernels
-from sbs_jax.models.t5 import T5, T5Config
+from sbs_jax import partitioning
+from sbs_jax.models.t5 import T5, T5Config, abstract_params
 from sbs_jax.vocab import EOS_ID
 
 METHODS = ("greedy", "beam", "sample")
@@ -51,9 +58,9 @@ def _sampling_filter(logits: jax.Array, temperature: jax.Array, top_k: int) -> j
 
 
 def _token_by_token(config: T5Config, max_len: int, sample: bool, top_k: int,
-                    eos_id: int, rows_kernel: bool) -> Callable:
+                    eos_id: int) -> Callable:
     """Greedy (argmax) or sampled decoding; sequences are 0 after their EOS."""
-    model = T5(config, rows_kernel)
+    model = T5(config)
 
     def run(params, tokens, temperature, rng):
         batch = tokens.shape[0]
@@ -102,9 +109,9 @@ def _reorder_cache(cache: Any, flat_indices: jax.Array, batch_axis: int) -> Any:
 
 
 def _beam_search(config: T5Config, max_len: int, num_beams: int, length_penalty: float,
-                 early_stopping: bool | str, eos_id: int, rows_kernel: bool) -> Callable:
+                 early_stopping: bool | str, eos_id: int) -> Callable:
     """HF's vectorised beam search (transformers >= 4.50) over a fixed-shape KV cache."""
-    model = T5(config, rows_kernel)
+    model = T5(config)
     keep = 2 * num_beams
     top_mask = jnp.arange(keep) < num_beams
     batch_axis = 1 if config.scan_layers else 0
@@ -190,31 +197,52 @@ def _beam_search(config: T5Config, max_len: int, num_beams: int, length_penalty:
 @functools.lru_cache(maxsize=64)
 def _compiled(config: T5Config, method: str, max_len: int, num_beams: int,
               length_penalty: float, early_stopping: bool | str, top_k: int,
-              eos_id: int, rows_kernel: bool) -> Callable:
+              eos_id: int, mesh: Mesh | None = None, axis_rules: tuple | None = None
+              ) -> Callable:
+    """The jitted decoder; with a mesh, with the params' and the batch's shardings as the
+    training run lays them out (call it inside `mesh_context`)."""
     if method == "beam":
-        fn = _beam_search(config, max_len, num_beams, length_penalty, early_stopping, eos_id,
-                          rows_kernel)
+        fn = _beam_search(config, max_len, num_beams, length_penalty, early_stopping, eos_id)
     else:
-        fn = _token_by_token(config, max_len, method == "sample", top_k, eos_id, rows_kernel)
-    return jax.jit(fn)
+        fn = _token_by_token(config, max_len, method == "sample", top_k, eos_id)
+    if mesh is None:
+        return jax.jit(fn)
+    params = partitioning.params_shardings(abstract_params(config), mesh, axis_rules)
+    batch = partitioning.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(fn, in_shardings=(params, batch, replicated, replicated), out_shardings=batch)
+
+
+def mesh_context(mesh: Mesh | None, axis_rules: Sequence[tuple[str, Any]] | None
+                 ) -> contextlib.AbstractContextManager:
+    """The mesh and logical axis rules made current (as the trainer traces its step), so the
+    model's activation and cache constraints resolve; nothing without a mesh."""
+    stack = contextlib.ExitStack()
+    if mesh is not None:
+        stack.enter_context(jax.set_mesh(mesh))
+        stack.enter_context(nn.logical_axis_rules(axis_rules))
+    return stack
 
 
 def generate(config: T5Config, params: Any, encoder_input_tokens: Any, max_decode_len: int,
              method: str = "greedy", num_beams: int = 4, length_penalty: float = 1.0,
              early_stopping: bool | str = True, temperature: float = 1.0, top_k: int = 0,
-             rng: jax.Array | None = None, eos_id: int = EOS_ID) -> jax.Array:
+             rng: jax.Array | None = None, eos_id: int = EOS_ID, mesh: Mesh | None = None,
+             axis_rules: Sequence[tuple[str, Any]] | None = None) -> jax.Array:
     """Decoded tokens int32 [batch, max_decode_len], 0 after each sequence's EOS.
 
     greedy: argmax each step. beam: HF-equivalent beam search, best hypothesis returned.
     sample: temperature / top-k sampling from `rng` (required). The decoder starts from id 0.
-    bf16 decoding on one AVX-512 BF16 CPU device runs each step's projections and
-    cross-attention as `cpu_kernels` custom calls (same products, float32 sums in another order;
-    SBS_JAX_ROWS_KERNEL=0 turns them off).
+    `mesh` + `axis_rules` (e.g. `partitioning.logical_axis_rules(fsdp)`): decode on that mesh,
+    params sharded by their logical axes and the batch (divisible by the data shards) over
+    (data, fsdp); the tokens come back with the batch sharding.
     """
     if method not in METHODS:
         raise ValueError(f"generate: unknown method {method!r}; use one of {METHODS}")
     if max_decode_len < 1:
         raise ValueError(f"generate: max_decode_len must be >= 1, got {max_decode_len}")
+    if (mesh is None) != (axis_rules is None):
+        raise ValueError("generate: pass both mesh and axis_rules, or neither")
     tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"generate: encoder_input_tokens must be [batch, length], got shape "
@@ -228,9 +256,10 @@ def generate(config: T5Config, params: Any, encoder_input_tokens: Any, max_decod
             raise ValueError(f"generate: temperature must be > 0, got {temperature}")
     else:
         rng = jax.random.PRNGKey(0)
+    rules = None if axis_rules is None else tuple(tuple(rule) for rule in axis_rules)
     fn = _compiled(config, method, int(max_decode_len), int(num_beams) if method == "beam" else 0,
                    float(length_penalty) if method == "beam" else 0.0,
                    early_stopping if method == "beam" else False,
-                   int(top_k) if method == "sample" else 0, int(eos_id),
-                   cpu_kernels.rows_kernel_usable(config.dtype, params, tokens))
-    return fn(params, tokens, jnp.float32(temperature), rng)
+                   int(top_k) if method == "sample" else 0, int(eos_id), mesh, rules)
+    with mesh_context(mesh, rules):
+        return fn(params, tokens, jnp.float32(temperature), rng)

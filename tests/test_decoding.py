@@ -118,9 +118,41 @@ def test_sampling(model):
 def test_compiled_once_per_shape(model):
     _, config, params, enc = model
     decoding.generate(config, params, enc, MAX_LEN)
-    fn = decoding._compiled(config, "greedy", MAX_LEN, 0, 0.0, False, 0, 1, False)
+    fn = decoding._compiled(config, "greedy", MAX_LEN, 0, 0.0, False, 0, 1, None, None)
     compiled = fn._cache_size()
     decoding.generate(config, params, enc[::-1].copy(), MAX_LEN)
     assert fn._cache_size() == compiled
     decoding.generate(config, params, enc[:2], MAX_LEN)
     assert fn._cache_size() == compiled + 1
+
+
+def test_decoding_on_the_training_mesh(model):
+    """Params sharded as in training (fsdp + model axes), the batch over the data axes: the same
+    tokens as on one device."""
+    from sbs_jax import partitioning
+    from sbs_jax.models import abstract_params
+
+    _, config, params, enc = model
+    mesh = partitioning.make_mesh((2, 2, 2))
+    rules = partitioning.logical_axis_rules(fsdp=True)
+    want_params = partitioning.params_shardings(abstract_params(config), mesh, rules)
+    placed = jax.device_put(params, want_params)
+    for method in ("greedy", "beam"):
+        got = decoding.generate(config, placed, enc, MAX_LEN, method=method, mesh=mesh,
+                                axis_rules=rules)
+        assert got.sharding.is_equivalent_to(partitioning.batch_sharding(mesh), 2)
+        np.testing.assert_array_equal(
+            np.asarray(got), np.asarray(decoding.generate(config, params, enc, MAX_LEN,
+                                                          method=method)))
+    fn = decoding._compiled(config, "greedy", MAX_LEN, 0, 0.0, False, 0, 1, mesh, rules)
+    with decoding.mesh_context(mesh, rules):
+        compiled = fn.lower(placed, enc, np.float32(1.0), jax.random.PRNGKey(0)).compile()
+    params_in, tokens_in = compiled.input_shardings[0][:2]
+    assert tokens_in.spec == partitioning.batch_sharding(mesh).spec
+    leaves = jax.tree_util.tree_leaves(params_in)
+    for got, want, leaf in zip(leaves, jax.tree_util.tree_leaves(want_params),
+                               jax.tree_util.tree_leaves(params)):
+        assert got.is_equivalent_to(want, leaf.ndim)
+    assert sum(not s.is_fully_replicated for s in leaves) > len(leaves) // 2
+    with pytest.raises(ValueError, match="axis_rules"):
+        decoding.generate(config, params, enc, MAX_LEN, mesh=mesh)

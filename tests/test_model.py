@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 
 from sbs_jax.models import T5, abstract_params, get_config, init_params, stack_layers
-from sbs_jax.models.layers import Dropout, dot_general, keep_mask, matmul
+from sbs_jax.models.layers import Dropout, dot, keep_mask
 from sbs_jax.models.t5 import unstack_layers
 
 VOCAB = 512
@@ -136,58 +136,57 @@ def test_bf16_compute_with_fp32_params(model_and_params):
     assert np.abs(np.asarray(out, np.float32) - base).max() < 0.1 * np.abs(base).max()
 
 
-def test_matmul_has_the_gradients_of_jnp_dot():
-    keys = jax.random.split(jax.random.PRNGKey(3), 3)
-    x = jax.random.normal(keys[0], (2, 5, 6))
-    kernel = jax.random.normal(keys[1], (6, 4))
-    weights = jax.random.normal(keys[2], (2, 5, 4))
-    ours = jax.value_and_grad(lambda a, b: jnp.sum(jnp.tanh(matmul(a, b)) * weights), (0, 1))
-    ref = jax.value_and_grad(lambda a, b: jnp.sum(jnp.tanh(jnp.dot(a, b)) * weights), (0, 1))
-    (value, grads), (ref_value, ref_grads) = ours(x, kernel), ref(x, kernel)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-    for got, want in zip(grads, ref_grads):
-        assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
-
 def test_bf16_dot_accumulates_in_fp32_and_keeps_the_dtype():
     keys = jax.random.split(jax.random.PRNGKey(4), 2)
     x = jax.random.normal(keys[0], (16, 512)).astype(jnp.bfloat16)
-    kernel = jax.random.normal(keys[1], (512, 64)).astype(jnp.bfloat16)
-    dims = (((1,), (0,)), ((), ()))
-    exact = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
-    got = jax.jit(dot_general, static_argnums=2)(x, kernel, dims)
+    kernel = jax.random.normal(keys[1], (512, 64))  # float32 params, bf16 compute
+    exact = np.asarray(x, np.float64) @ np.asarray(kernel.astype(jnp.bfloat16), np.float64)
+    got = jax.jit(dot)(x, kernel)
     assert got.dtype == jnp.bfloat16
     # One bf16 rounding of an fp32 sum: within bf16's half-ulp (2^-9) of the exact value.
     np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2 ** -8, atol=1e-2)
-    grads = jax.grad(lambda a, b: jnp.sum(matmul(a, b).astype(jnp.float32)), (0, 1))(x, kernel)
-    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
-
-
-def test_matmul_returns_the_fp32_accumulator_on_request():
-    keys = jax.random.split(jax.random.PRNGKey(5), 3)
-    x = jax.random.normal(keys[0], (2, 8, 64)).astype(jnp.bfloat16)
-    kernel = jax.random.normal(keys[1], (64, 32))  # float32 params, bf16 compute
-    weights = jax.random.normal(keys[2], (2, 8, 32))
-
-    def loss(dot):
-        return lambda a, b: jnp.sum(jnp.tanh(dot(a, b)) * weights)
-
-    def ref_dot(a, b):
-        return jnp.dot(a, b.astype(a.dtype), preferred_element_type=jnp.float32)
-
-    out = matmul(x, kernel, jnp.float32)
-    assert out.dtype == jnp.float32
-    np.testing.assert_array_equal(out, ref_dot(x, kernel))
-    grads = jax.grad(loss(lambda a, b: matmul(a, b, jnp.float32)), (0, 1))(x, kernel)
-    ref_grads = jax.grad(loss(ref_dot), (0, 1))(x, kernel)
+    grads = jax.grad(lambda a, b: jnp.sum(dot(a, b).astype(jnp.float32)), (0, 1))(x, kernel)
     assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32]
-    # Both round the cotangent to bf16 for the dots; the kernel gradient of ours is summed in
-    # float32 and never rounded, JAX's own goes through a bf16 dot.
-    np.testing.assert_allclose(np.asarray(grads[0], np.float32),
-                               np.asarray(ref_grads[0], np.float32), rtol=2 ** -7, atol=1e-2)
-    np.testing.assert_allclose(grads[1], np.asarray(ref_grads[1], np.float32), rtol=2 ** -6,
-                               atol=2e-2)
+    logits = dot(x, kernel.T, kernel_axis=1, out_dtype=jnp.float32)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits, np.float64), exact, rtol=1e-5, atol=1e-4)
+
+
+def _dots(jaxpr) -> list:
+    """Every dot_general equation of a jaxpr, sub-jaxprs (pjit, remat, scan) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _dots(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _dots(sub)
+    return found
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_bf16_compute_runs_every_dot_in_bf16(scan_layers):
+    """Under bf16 compute every dot of the forward takes bf16 operands and returns bf16 (the
+    MLP's too), except the attention scores (float32 for the softmax) and the logits; in the
+    backward only those dots' transposes see a float32 operand (their cotangent)."""
+    cfg = get_config("t5_1_1_tiny", vocab_size=VOCAB, dtype="bfloat16", scan_layers=scan_layers)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+
+    def loss(p):
+        return jnp.sum(T5(cfg).apply({"params": p}, ENC, DEC) ** 2)
+
+    forward = _dots(jax.make_jaxpr(loss)(params).jaxpr)
+    assert all(v.aval.dtype == jnp.bfloat16 for eqn in forward for v in eqn.invars)
+    f32_out = [eqn.outvars[0].aval for eqn in forward if eqn.outvars[0].aval.dtype != jnp.bfloat16]
+    # scan traces one layer per stack: encoder, decoder self- and cross-attention
+    attention = 3 if scan_layers else cfg.num_encoder_layers + 2 * cfg.num_decoder_layers
+    assert sorted(a.ndim for a in f32_out) == [3] + [4] * attention  # logits, scores
+    backward = _dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    mixed = [eqn for eqn in backward if any(v.aval.dtype == jnp.float32 for v in eqn.invars)]
+    assert len(backward) == 3 * len(forward) and len(mixed) == 2 * len(f32_out)
 
 
 def test_keep_mask_is_bernoulli_per_element_and_follows_the_seed():

@@ -60,13 +60,16 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "linear": lambda x: x,
 }
 
-# "none": keep every activation; "full": recompute each layer in the backward pass;
-# "minimal": save matmul outputs without a batch dimension (T5X's "minimal").
+# What each layer keeps for the backward pass (`jax.checkpoint` policies; "none": no remat, keep
+# everything). "minimal" (T5X's) keeps the projections' outputs (dots without batch dimensions)
+# and recomputes the rest (norms, activations, attention); "dots" also keeps the attention dots;
+# "full" keeps only the layer's inputs; "offload" keeps minimal's dots in pinned host memory.
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 _V1_0 = {"mlp_activations": ("relu",), "logits_via_embedding": True}

@@ -9,10 +9,7 @@ relative position buckets shared by all layers of a stack, no 1/sqrt(d) attentio
 Every parameter and the main activations carry logical axis names (batch, length, embed, mlp,
 heads, kv, joined_kv, vocab, relpos_buckets, layers) that `sbs_jax.partitioning` maps to mesh
 axes. Decoding uses T5X-style `encode` / `decode` methods with a flax "cache" collection holding
-the self-attention keys/values, the (computed once) cross-attention keys/values and, for an
-untied head, a vocab-major copy of the output kernel (with `rows_kernel`: packed bf16 copies of
-every decoder kernel and the head, and bf16 cross-attention keys/values laid out for the
-kernels instead).
+the self-attention keys/values and the (computed once) cross-attention keys/values.
 """
 
 from __future__ import annotations
@@ -41,8 +38,6 @@ from sbs_jax.models.layers import (
     Embed,
     RelativePositionBias,
     RMSNorm,
-    dot_general,
-    packed_matmul,
 )
 
 Array = jax.Array
@@ -68,24 +63,22 @@ class DecoderLayer(nn.Module):
     deterministic: bool
     decode: bool = False
     max_decode_length: int = 0
-    rows_kernel: bool = False
 
     @nn.compact
     def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
                  position: Array | None) -> tuple[Array, None]:
         cfg = self.config
-        rows = self.decode and self.rows_kernel
         drop = Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         h = RMSNorm(cfg, name="pre_self_attention_layer_norm")(x)
         attn = Attention(cfg, self.deterministic, self.decode, False, self.max_decode_length,
-                         rows, name="self_attention")
+                         name="self_attention")
         x = x + drop(attn(h, h, self_bias, position))
         h = RMSNorm(cfg, name="pre_cross_attention_layer_norm")(x)
-        attn = Attention(cfg, self.deterministic, self.decode, True, rows_kernel=rows,
+        attn = Attention(cfg, self.deterministic, self.decode, True,
                          name="encoder_decoder_attention")
         x = x + drop(attn(h, encoded, cross_bias))
         h = RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
-        x = x + drop(MLP(cfg, self.deterministic, rows, name="mlp")(h))
+        x = x + drop(MLP(cfg, self.deterministic, name="mlp")(h))
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
@@ -157,7 +150,6 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     config: T5Config
     shared_embedding: nn.Module
-    rows_kernel: bool = False  # decoding steps project with cpu_kernels (see T5)
 
     @nn.compact
     def __call__(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
@@ -192,58 +184,26 @@ class Decoder(nn.Module):
         drop = Dropout(cfg.dropout_rate, deterministic=deterministic)
         y = drop(self.shared_embedding(decoder_input_tokens))
         y = _stack(cfg, DecoderLayer, cfg.num_decoder_layers, 4, deterministic=deterministic,
-                   decode=decode, max_decode_length=max_decode_length or 0,
-                   rows_kernel=self.rows_kernel)(
+                   decode=decode, max_decode_length=max_decode_length or 0)(
             y, encoded, self_bias.astype(jnp.float32), cross_bias, position)
         y = drop(RMSNorm(cfg, name="decoder_norm")(y))
-        if decode and self.rows_kernel:
-            logits = self._rows_kernel_logits(y)
-        elif cfg.logits_via_embedding:
+        if cfg.logits_via_embedding:
             logits = self.shared_embedding.attend(y * (cfg.emb_dim ** -0.5))
-        elif decode:
-            logits = self._decode_step_logits(y)
         else:
             logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), out_dtype="float32",
                            name="logits_dense")(y)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
-    def _decode_step_logits(self, y: Array) -> Array:
-        """The output projection of one decoding step, from a [vocab, embed] copy of its kernel.
-
-        Cached once per decode (like the cross-attention keys/values): for a handful of rows
-        XLA:CPU's dot over the vocab-major copy runs 2x faster than over the [embed, vocab]
-        kernel, and this projection is a quarter of a decoding step.
-        """
-        dtype = jnp.dtype(self.config.dtype)
-        kernel = nn.meta.unbox(self.variables["params"]["logits_dense"]["kernel"])
-        kernel_t = self.variable("cache", "logits_kernel_t", lambda: kernel.T.astype(dtype))
-        return dot_general(y.astype(dtype), kernel_t.value, (((y.ndim - 1,), (1,)), ((), ())),
-                           jnp.float32)
-
-    def _rows_kernel_logits(self, y: Array) -> Array:
-        """The output projection of one decoding step by the rows kernel (tied or not)."""
-        cfg = self.config
-        if cfg.logits_via_embedding:
-            return packed_matmul(self, y * (cfg.emb_dim ** -0.5), self.shared_embedding.embedding.T)
-        kernel = self.variables["params"]["logits_dense"]["kernel"]
-        return packed_matmul(self, y, nn.meta.unbox(kernel))
-
 
 class T5(nn.Module):
-    """Encoder-decoder T5. `__call__` gives float32 logits [batch, target_len, vocab].
-
-    `rows_kernel`: decoding steps (decode=True) multiply their rows by packed copies of the
-    decoder kernels and the LM head with `cpu_kernels.rows_matmul` (bf16 on AVX-512 BF16 CPUs;
-    `cpu_kernels.rows_kernel_usable` says when); the parameters are the same.
-    """
+    """Encoder-decoder T5. `__call__` gives float32 logits [batch, target_len, vocab]."""
 
     config: T5Config
-    rows_kernel: bool = False
 
     def setup(self):
         self.token_embedder = Embed(self.config)
         self.encoder = Encoder(self.config, self.token_embedder)
-        self.decoder = Decoder(self.config, self.token_embedder, self.rows_kernel)
+        self.decoder = Decoder(self.config, self.token_embedder)
 
     def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False,
                encoder_segment_ids: Array | None = None) -> Array:
