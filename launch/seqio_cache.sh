@@ -25,8 +25,8 @@ Runs locally with Beam's DirectRunner. On Google Cloud Dataflow pass Beam option
   PIPELINE_OPTIONS=--runner=DataflowRunner,--project=P,--region=R,--temp_location=gs://B/tmp,\
 --setup_file=./setup.py,--experiments=use_runner_v2 launch/seqio_cache.sh ...
 (data dir, vocabulary and cache dir must then be gs:// paths the workers can read).
-Training reads the cache with `PairedBatches(..., use_cached=True)` after
-`seqio.add_global_cache_dirs([DIR])`.
+Train, eval and infer read the cache with --gin.USE_CACHED_TASKS=True
+--seqio_additional_cache_dirs=DIR (T5X's flags).
 EOF
 }
 

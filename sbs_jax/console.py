@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, TextIO, TypeVar
+from typing import Any, Self, TextIO, TypeVar
 
 import jax
 
@@ -72,7 +73,7 @@ class CompileClock:
         if event.startswith(_COMPILE_EVENT_PREFIX) and threading.get_ident() == self._thread:
             self.seconds += duration
 
-    def __enter__(self) -> CompileClock:
+    def __enter__(self) -> Self:
         self._thread = threading.get_ident()
         jax.monitoring.register_event_duration_secs_listener(self._listen)
         return self
@@ -185,7 +186,7 @@ class StepTimer:
         self._unreported_s = 0.0
         self._shapes: set = set()
 
-    def __enter__(self) -> StepTimer:
+    def __enter__(self) -> Self:
         self.clock.__enter__()
         return self
 
@@ -285,8 +286,10 @@ class Progress:
             from tqdm import tqdm
 
             self._mode = "bar"
+            # A terminal that reports no size (0 x 0) would get no bar at all.
+            columns, lines = shutil.get_terminal_size()
             self._bar = tqdm(total=total, desc=description, unit=unit.rstrip("s") or unit,
-                             file=sys.stderr, leave=False, dynamic_ncols=True)
+                             file=sys.stderr, leave=False, ncols=columns, nrows=lines)
         else:
             self._mode = "lines"
             say(f"{description}: {total:,} {unit}")

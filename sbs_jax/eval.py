@@ -59,6 +59,7 @@ def parse_run_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     except gin_utils.GinConfigError as exc:
         _fail(parser, exc)
     args = parser.parse_args(rest)
+    gin_utils.add_seqio_cache_dirs(args.seqio_additional_cache_dirs)
     if not args.model_dir and not args.gin_file:
         parser.error("pass --model_dir=DIR (a training run's folder), or the run's --gin_file "
                      "flags and --gin.MODEL_DIR")
@@ -162,7 +163,7 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace,
         examples = evaluation.subset(
             pipeline.eval_set(cfg.mixture_or_task_name, args.split,
                               cfg.task_feature_lengths["inputs"],
-                              cfg.task_feature_lengths["targets"]),
+                              cfg.task_feature_lengths["targets"], cfg.use_cached_tasks),
             args.max_examples)
     except (ValueError, FileNotFoundError) as exc:
         _fail(parser, exc)

@@ -2,8 +2,9 @@
 
 Flags: repeated `--gin_file=PATH`, repeated `--gin_bindings='name.param = value'`,
 `--gin.NAME=VALUE` (shorthand for the binding `NAME = VALUE`: mostly the macros such as
-`--gin.MODEL_DIR="'/tmp/run'"`), and `--gin_search_paths=a,b` (where `--gin_file` and
-`include` look). The folder holding the shipped `gin/` is always searched first, so
+`--gin.MODEL_DIR="'/tmp/run'"`), `--gin_search_paths=a,b` (where `--gin_file` and
+`include` look), and T5X's `--seqio_additional_cache_dirs=a,b` (seqio task caches, read with
+`--gin.USE_CACHED_TASKS=True`). The folder holding the shipped `gin/` is always searched first, so
 `gin/sbs_base.gin` works from any directory, in a checkout and in an installed sbs-jax alike
 (as T5X puts its own configs on gin's search path): `sbs_jax/gin` is a link to the
 repository's `gin/` that the wheel stores as package data. Mistakes fail before any work starts,
@@ -42,7 +43,8 @@ class GinConfigError(ValueError):
 
 
 def add_gin_flags(parser: argparse.ArgumentParser) -> None:
-    """Adds --gin_file, --gin_bindings and --gin_search_paths (and documents --gin.NAME)."""
+    """Adds --gin_file, --gin_bindings and --gin_search_paths (and documents --gin.NAME), and
+    T5X's --seqio_additional_cache_dirs."""
     group = parser.add_argument_group(
         "gin", "T5X-style configuration; also --gin.NAME=VALUE as a shorthand for a binding "
         "(e.g. --gin.MODEL_DIR=\"'/tmp/run'\" --gin.TRAIN_STEPS=100)")
@@ -52,6 +54,9 @@ def add_gin_flags(parser: argparse.ArgumentParser) -> None:
                        help="one gin binding, e.g. \"RunConfig.schedule = 'cosine'\" (repeatable)")
     group.add_argument("--gin_search_paths", action="append", default=[],
                        help="comma-separated folders searched for gin files and includes")
+    parser.add_argument("--seqio_additional_cache_dirs", action="append", default=[],
+                        help="comma-separated folders of seqio task caches "
+                             "(launch/seqio_cache.sh), read with --gin.USE_CACHED_TASKS=True")
 
 
 def split_gin_shorthand(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -182,5 +187,14 @@ def parse_gin_flags(
         parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths, shorthand)
     except GinConfigError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    add_seqio_cache_dirs(args.seqio_additional_cache_dirs)
     return args
 
+
+def add_seqio_cache_dirs(flag_values: Sequence[str]) -> None:
+    """Puts the --seqio_additional_cache_dirs folders on seqio's cache search path."""
+    cache_dirs = [d for entry in flag_values for d in entry.split(",") if d]
+    if cache_dirs:
+        import seqio
+
+        seqio.add_global_cache_dirs(cache_dirs)

@@ -138,13 +138,14 @@ def input_set(task_name: str, inputs: Sequence[tuple[str, str]], input_cap: int,
         postprocess_fn=task.postprocess_fn)
 
 
-def _split_rationale_set(task: str, split: str, examples, input_cap: int, target_cap: int):
+def _split_rationale_set(task: str, split: str, examples, input_cap: int, target_cap: int,
+                         use_cached: bool = False):
     """The rationale task's examples of `split` aligned row by row with `examples` by id."""
     from sbs_jax import evaluation, train_loop
     from sbs_jax.data import pipeline
 
     train_loop.check_task(task, "RATIONALE_MIXTURE_NAME")
-    explain = pipeline.eval_set(task, split, input_cap, target_cap)
+    explain = pipeline.eval_set(task, split, input_cap, target_cap, use_cached)
     by_id = {example_id: row for row, example_id in enumerate(explain.ids)}
     missing = [i for i in examples.ids if i not in by_id]
     if missing:
@@ -204,14 +205,15 @@ def _read_examples(args, cfg):
             train_loop.check_task(rationale_task, "RATIONALE_MIXTURE_NAME")
             explain = input_set(rationale_task, inputs, cap)
     else:
+        cached = cfg.use_cached_tasks
         examples = evaluation.subset(
-            pipeline.eval_set(cfg.mixture_or_task_name, args.split, cap, lengths["targets"]),
-            args.max_examples)
+            pipeline.eval_set(cfg.mixture_or_task_name, args.split, cap, lengths["targets"],
+                              cached), args.max_examples)
         truncated = truncated_rows(examples, lambda: pipeline.eval_set(
-            cfg.mixture_or_task_name, args.split, UNCAPPED, lengths["targets"]), cap)
+            cfg.mixture_or_task_name, args.split, UNCAPPED, lengths["targets"], cached), cap)
         if args.output_rationale:
             explain = _split_rationale_set(rationale_task, args.split, examples, cap,
-                                           rationale_len)
+                                           rationale_len, cached)
     return examples, explain, truncated
 
 

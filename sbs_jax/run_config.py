@@ -34,7 +34,7 @@ RESUMABLE_CHANGES = frozenset({
     "model_dir", "train_steps", "checkpoint_period", "eval_period", "log_period",
     "keep_checkpoints", "eval_split", "eval_batch_size", "eval_max_examples", "max_decode_len",
     "async_checkpointing", "initial_checkpoint_path", "best_metric", "pack", "test_every_eval",
-    "fixed_batch_shapes",
+    "fixed_batch_shapes", "use_cached_tasks",
 })
 
 
@@ -57,6 +57,8 @@ class RunConfig:
     alpha: float = 0.5
     data_fraction: float = 1.0
     data_subset: str = "nested"  # which examples a fraction keeps: pipeline.fraction_seed
+    # Read the tasks from the seqio cache (launch/seqio_cache.sh; --seqio_additional_cache_dirs)
+    use_cached_tasks: bool = False
     random_seed: int = 0
     mesh_shape: tuple = (-1, 1, 1)
     fsdp: bool = True

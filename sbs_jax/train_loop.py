@@ -165,6 +165,7 @@ def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, An
     label_task = check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
     if cfg.rationale_mixture_name is not None:
         check_task(cfg.rationale_mixture_name, "RATIONALE_MIXTURE_NAME")
+    check_splits(cfg)
     mesh = partitioning.make_mesh(cfg.mesh_shape)
     trainer.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches)
     vocab_size = task_vocab_size(label_task)
@@ -189,24 +190,47 @@ def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, An
         num_shards=num_shards, data_fraction=cfg.data_fraction,
         fraction_seed=pipeline.fraction_seed(cfg.data_subset, cfg.random_seed), pack=cfg.pack,
         length_buckets=pipeline.length_buckets(cfg.task_feature_lengths, cfg.fixed_batch_shapes),
+        use_cached=cfg.use_cached_tasks,
         pack_row_multiple=math.lcm(max(1, cfg.batch_size // 8),
                                    data_shards * cfg.num_microbatches))
     return _Setup(model_config, partitioner, tx, schedule, batches, num_shards,
                   _vocabulary_file(label_task), initial), initial_params
 
 
-def _eval_sets(cfg: run_config.RunConfig) -> dict[str, pipeline.EvalSet]:
+def _eval_splits(cfg: run_config.RunConfig) -> list[str]:
     """The splits each eval decodes: EVAL_SPLIT (first EVAL_MAX_EXAMPLES; it picks the best
     checkpoint) and, with `test_every_eval`, the whole test split, as the reference logs it."""
-    def read(split: str) -> pipeline.EvalSet:
-        return pipeline.eval_set(cfg.mixture_or_task_name, split,
-                                 cfg.task_feature_lengths["inputs"],
-                                 cfg.task_feature_lengths["targets"])
+    return [cfg.eval_split] + (["test"] if cfg.test_every_eval and cfg.eval_split != "test"
+                               else [])
 
-    sets = {cfg.eval_split: evaluation.subset(read(cfg.eval_split), cfg.eval_max_examples)}
-    if cfg.test_every_eval and cfg.eval_split != "test":
-        sets["test"] = read("test")
+
+def _eval_sets(cfg: run_config.RunConfig) -> dict[str, pipeline.EvalSet]:
+    sets = {}
+    for split in _eval_splits(cfg):
+        examples = pipeline.eval_set(cfg.mixture_or_task_name, split,
+                                     cfg.task_feature_lengths["inputs"],
+                                     cfg.task_feature_lengths["targets"], cfg.use_cached_tasks)
+        sets[split] = (evaluation.subset(examples, cfg.eval_max_examples)
+                       if split == cfg.eval_split else examples)
     return sets
+
+
+def check_splits(cfg: run_config.RunConfig) -> None:
+    """Every split the run will read has examples (a look at shard listings or the seqio
+    cache's stats, nothing read), so a missing eval split stops the run before it compiles or
+    trains, not at its first evaluation with nothing saved."""
+    reads = {(cfg.mixture_or_task_name, "train"): ("MIXTURE_OR_TASK_NAME", "trained on")}
+    if cfg.rationale_mixture_name is not None:
+        reads[(cfg.rationale_mixture_name, "train")] = ("RATIONALE_MIXTURE_NAME", "trained on")
+    if cfg.eval_period > 0:
+        for split in _eval_splits(cfg):
+            reads.setdefault((cfg.mixture_or_task_name, split), (
+                "MIXTURE_OR_TASK_NAME", f"evaluated every EVAL_PERIOD={cfg.eval_period} steps"))
+    for (name, split), (setting, purpose) in reads.items():
+        try:
+            pipeline.count_examples(name, split, cfg.use_cached_tasks)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"{setting}={name!r}: split {split!r} ({purpose}): {exc}") from None
 
 
 def _read_eval_history(model_dir: str) -> list[dict]:

@@ -29,6 +29,9 @@ from tasks.sources import RecordSource
 
 LABEL_PREFIX = "predict: "
 RATIONALE_PREFIX = "explain: "
+# What each registered name yields, one line (`python -m tasks --list`).
+DESCRIPTIONS: dict[str, str] = {}
+_LABELS = {False: "gold label", True: "teacher label on train, gold on valid/test"}
 
 
 def round_trip_targets(output: str, example=None, is_target: bool = False, *, vocabulary):
@@ -62,8 +65,9 @@ def _output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
     }
 
 
-def _add_task(name: str, source, first_step, vocabulary, metric_fns,
+def _add_task(name: str, description: str, source, first_step, vocabulary, metric_fns,
               postprocess_fn=round_trip_targets) -> None:
+    DESCRIPTIONS[name] = description
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
@@ -79,6 +83,7 @@ def _add_task(name: str, source, first_step, vocabulary, metric_fns,
 
 
 def _add_mixture(name: str, tasks: list[str]) -> None:
+    DESCRIPTIONS[name] = "the same as " + ", ".join(tasks)
     if name in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.remove(name)
     seqio.MixtureRegistry.add(name, tasks, default_rate=1.0)
@@ -90,20 +95,26 @@ def register_dataset(dataset: str) -> None:
     source = RecordSource(dataset)
     label_metric = metrics.arithmetic_accuracy if dataset == "svamp" else metrics.accuracy
     for variant, teacher_labels in (("gt", False), ("llm", True)):
-        _add_task(f"{dataset}_label_{variant}", source,
+        _add_task(f"{dataset}_label_{variant}",
+                  f"'{LABEL_PREFIX}<input>' -> {_LABELS[teacher_labels]}", source,
                   functools.partial(preprocessors.to_label_example, prefix=LABEL_PREFIX,
                                     teacher_labels=teacher_labels),
                   vocabulary, [label_metric])
-        _add_task(f"{dataset}_standard_{variant}", source,
+        _add_task(f"{dataset}_standard_{variant}",
+                  f"'<input>' -> {_LABELS[teacher_labels]}, no prefix (standard "
+                  f"{'distillation' if teacher_labels else 'fine-tuning'})", source,
                   functools.partial(preprocessors.to_label_example, prefix="",
                                     teacher_labels=teacher_labels),
                   vocabulary, [label_metric])
     for suffix, teacher_labels in (("", True), ("_gt", False)):
-        _add_task(f"{dataset}_single_task{suffix}", source,
+        _add_task(f"{dataset}_single_task{suffix}",
+                  f"'<input>' -> '<rationale> So the answer is <label>.', "
+                  f"{_LABELS[teacher_labels]} (single-task baseline)", source,
                   functools.partial(preprocessors.to_single_task_example, prefix="",
                                     teacher_labels=teacher_labels),
                   vocabulary, [label_metric], extract_single_task_label)
-    _add_task(f"{dataset}_rationale", source,
+    _add_task(f"{dataset}_rationale", f"'{RATIONALE_PREFIX}<input>' -> teacher rationale",
+              source,
               functools.partial(preprocessors.to_rationale_example, prefix=RATIONALE_PREFIX),
               vocabulary, [])
     _add_mixture(f"{dataset}_label_mixture", [f"{dataset}_label_gt"])

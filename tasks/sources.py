@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import seqio
 
-from sbs_jax.data import records, synthetic
+from sbs_jax.data import records, synthetic, verify
 from sbs_jax.tf_setup import tf
 from tasks import config
 
@@ -44,16 +44,23 @@ class RecordSource(seqio.FileDataSource):
             return synthetic.ensure_dataset(root)
         return os.path.join(root, self._dataset)
 
-    def list_shards(self, split: str) -> Sequence[str]:
+    def _shards(self, split: str) -> list[verify.VerifiedShard]:
         directory = self.directory()
-        paths = records.shard_paths(directory, split)
-        if not paths:
+        shards = verify.verify_split(directory, split)
+        if not shards:
             raise FileNotFoundError(
                 f"no '{split}' record shards for {self._dataset!r} in {directory!r}: build them "
                 f"with `sbs-build-data --dataset {self._dataset} --data_dir ...` (or the teacher "
                 "job) and point SBS_DATA_DIR / tasks.data_config.data_dir at that folder"
             )
-        return paths
+        return shards
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        return [shard.path for shard in self._shards(split)]
+
+    def num_input_examples(self, split: str) -> int:
+        """Records of the split, as the verified shards' listings count them (none is read)."""
+        return sum(shard.num_records for shard in self._shards(split))
 
     def get_dataset(
         self,

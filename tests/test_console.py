@@ -1,11 +1,17 @@
-"""Console lines: time stamps, percent accuracies, progress without a terminal, and throughput
+"""Console lines: time stamps, percent accuracies, progress (a bar or lines), and throughput
 and ETA figures that leave compilation out."""
 
+import os
+import pty
 import re
+import select
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import REPO_ROOT
 
 from sbs_jax import console
 
@@ -72,3 +78,26 @@ def test_step_timer_reports_each_new_shape_as_a_compile():
     # the steps that did not compile: 4, 4, 8 and 4 rows of 3 tokens
     assert timer.throughput.total_steps == 4 and timer.throughput.total_tokens == 60
     assert tokens_per_s > 0 and float(state) == 4 * 12 + 2 * 24
+
+
+def test_progress_on_a_terminal_draws_a_bar_on_stderr():
+    """A pseudo-terminal that reports no size (as some containers do) still gets the bar."""
+    primary, secondary = pty.openpty()
+    code = ("from sbs_jax import console\n"
+            "list(console.Progress(4, 'decoding t').track([[0], [1], [2], [3]], len))\n"
+            "print('done')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=secondary,
+                            stdout=subprocess.PIPE, cwd=REPO_ROOT)
+    os.close(secondary)
+    drawn = b""
+    while select.select([primary], [], [], 120)[0]:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(primary)
+    assert proc.stdout.read() == b"done\n" and proc.wait(timeout=60) == 0
+    assert b"decoding t:" in drawn and b"/4 [" in drawn  # tqdm redraws at most every 0.1 s

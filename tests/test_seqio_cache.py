@@ -1,8 +1,10 @@
-"""launch/seqio_cache.sh caches a task with Beam's DirectRunner; the cached task yields the same
-examples as the task read from records."""
+"""launch/seqio_cache.sh caches tasks with Beam's DirectRunner; a cached task yields the same
+examples as the task read from records, and USE_CACHED_TASKS trains from the cache."""
 
+import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -13,8 +15,10 @@ import seqio
 import tasks
 from sbs_jax.data import pipeline, synthetic
 
-SCRIPT = str(pathlib.Path(__file__).resolve().parents[1] / "launch" / "seqio_cache.sh")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO_ROOT / "launch" / "seqio_cache.sh")
 TASK = "synthetic_label_gt"
+RATIONALE_TASK = "synthetic_rationale"
 
 
 def _run(*args, env=None):
@@ -28,11 +32,21 @@ def test_help_and_missing_arguments():
     assert result.returncode == 2 and "--output_cache_dir" in result.stderr
 
 
-def test_cached_task_yields_the_same_examples(tmp_path):
-    data_dir, cache_dir = str(tmp_path / "data"), str(tmp_path / "cache")
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """(data folder, cache folder): the synthetic dataset and its label and rationale tasks
+    cached by the launcher."""
+    root = tmp_path_factory.mktemp("seqio_cache")
+    data_dir, cache_dir = str(root / "data"), str(root / "cache")
     synthetic.ensure_dataset(data_dir, vocabulary_path=os.path.join(data_dir, "spiece.model"))
-    result = _run("--tasks", TASK, "--output_cache_dir", cache_dir, "--data_dir", data_dir)
+    result = _run("--tasks", f"{TASK},{RATIONALE_TASK}", "--output_cache_dir", cache_dir,
+                  "--data_dir", data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
+    return data_dir, cache_dir
+
+
+def test_cached_task_yields_the_same_examples(cached):
+    data_dir, cache_dir = cached
     assert os.path.exists(os.path.join(cache_dir, TASK, "COMPLETED"))
 
     tasks.set_data_dir(data_dir)
@@ -41,16 +55,57 @@ def test_cached_task_yields_the_same_examples(tmp_path):
         tasks.register_all()  # fresh Task objects look the cache up again
         lengths = {"inputs": 64, "targets": 16}
         fresh = pipeline.load_tokenized(TASK, "test", lengths)
-        cached = pipeline.load_tokenized(TASK, "test", lengths, use_cached=True)
+        from_cache = pipeline.load_tokenized(TASK, "test", lengths, use_cached=True)
     finally:
         seqio.set_global_cache_dirs([])
         tasks.register_all()
         tasks.set_data_dir(None)
-    assert sorted(cached) == sorted(fresh) and len(fresh) == synthetic.DEFAULT_SIZES["test"]
+    assert sorted(from_cache) == sorted(fresh) and len(fresh) == synthetic.DEFAULT_SIZES["test"]
     for example_id in fresh:
         for key in ("inputs", "targets"):
-            np.testing.assert_array_equal(cached[example_id][key], fresh[example_id][key])
-        assert cached[example_id]["inputs_pretokenized"] == fresh[example_id][
+            np.testing.assert_array_equal(from_cache[example_id][key], fresh[example_id][key])
+        assert from_cache[example_id]["inputs_pretokenized"] == fresh[example_id][
             "inputs_pretokenized"]
     with pytest.raises(AssertionError, match="does not exist in any of the task cache"):
         seqio.get_mixture_or_task(TASK).get_dataset(lengths, split="test", use_cached=True)
+
+
+def test_training_reads_the_cache_with_use_cached_tasks(cached, tmp_path):
+    """USE_CACHED_TASKS: train and eval read the cache alone (the data folder keeps its
+    info.json and vocabulary but no record shard)."""
+    data_dir, cache_dir = cached
+    no_shards = tmp_path / "data"
+    shutil.copytree(data_dir, no_shards, ignore=shutil.ignore_patterns("*.tfrecord"))
+    assert not list(no_shards.rglob("*.tfrecord"))
+    env = {**os.environ, "SBS_DATA_DIR": str(no_shards), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    model_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "sbs_jax.train", "--gin_file=gin/quickstart.gin",
+               "--gin.USE_CACHED_TASKS=True", f"--gin.MODEL_DIR='{model_dir}'",
+               "--gin.TRAIN_STEPS=2", "--gin.EVAL_PERIOD=2",
+               "--gin_bindings=RunConfig.warmup_steps=0",
+               "--gin_bindings=RunConfig.eval_max_examples=8",
+               '--gin.TASK_FEATURE_LENGTHS={"inputs": 16, "targets": 8}',
+               ('--gin.RunConfig.model_overrides={"emb_dim": 32, "num_heads": 2, "head_dim": 16, '
+                '"mlp_dim": 64, "num_encoder_layers": 1, "num_decoder_layers": 1}')]
+    missing = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                             timeout=300, check=False)
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert f"task {TASK!r} is not in any seqio cache folder" in missing.stderr
+    assert "--seqio_additional_cache_dirs" in missing.stderr
+    assert not (model_dir / "checkpoints").exists()
+
+    trained = subprocess.run([*command, f"--seqio_additional_cache_dirs={cache_dir}"],
+                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+                             check=False)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
+    summary = json.loads((model_dir / "run_summary.json").read_text())
+    assert summary["step"] == 2 and summary["eval_metrics"]["num_examples"] == 8
+    assert json.loads((model_dir / "run_config.json").read_text())["use_cached_tasks"] is True
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "sbs_jax.eval", "--model_dir", str(model_dir), "--split", "test",
+         "--max_examples", "8", "--output", str(tmp_path / "test.json"),
+         f"--seqio_additional_cache_dirs={cache_dir}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "test.json").read_text())["num_examples"] == 8

@@ -2,10 +2,13 @@
 
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
 import seqio
+from conftest import REPO_ROOT
 
 import tasks
 from sbs_jax.data import records, synthetic
@@ -163,3 +166,29 @@ def test_gin_binding_names_the_data_folder_and_vocabulary(monkeypatch, tmp_path)
         # Back to the defaults without clearing other tests' bindings.
         gin.bind_parameter("tasks.data_config.data_dir", None)
         gin.bind_parameter("tasks.data_config.vocabulary_path", None)
+
+
+def test_list_prints_every_task_and_mixture_once(capsys):
+    from tasks.__main__ import main
+
+    assert main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    registered = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
+    assert sorted(names) == sorted(registered) and len(set(names)) == len(names)
+    by_name = {line.split()[0]: line for line in lines}
+    assert by_name["cqa_label_llm"].split()[1] == "task"
+    assert "'predict: <input>' -> teacher label on train" in by_name["cqa_label_llm"]
+    assert "the same as cqa_rationale" in by_name["cqa_rationale_mixture"]
+    assert by_name["cqa_label_gt"].endswith("[accuracy]")
+
+
+def test_sbs_jax_tasks_lists_the_names_matching_a_pattern():
+    listed = subprocess.run([sys.executable, "-m", "sbs_jax.tasks", "--list", "^svamp_label"],
+                            capture_output=True, text=True, timeout=300, check=False,
+                            cwd=REPO_ROOT)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    lines = listed.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [
+        "svamp_label_gt", "svamp_label_llm", "svamp_label_mixture"]
+    assert lines[0].endswith("[arithmetic_accuracy]")

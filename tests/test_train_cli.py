@@ -183,6 +183,35 @@ def test_setup_errors_name_the_setting(capsys, tmp_path, quickstart_dir, cli_env
     assert not (tmp_path / "fresh" / "checkpoints").exists()
 
 
+def test_splits_the_run_reads_are_checked_before_step_1(toy_dir, tmp_path, capsys):
+    """Teacher output with a train split only: refused at start-up, naming the task, split and
+    folder, instead of crashing at the first evaluation with nothing saved."""
+    from sbs_jax.data import records, synthetic
+
+    folder = toy_dir / "svamp"
+    records.write_split(synthetic.generate(16, seed=0, split="train"), str(folder), "train")
+    records.write_info(str(folder), "svamp")
+    model_dir = tmp_path / "run"
+    argv = [*QUICK, f"--gin.MODEL_DIR='{model_dir}'",
+            "--gin.MIXTURE_OR_TASK_NAME='svamp_label_gt'",
+            "--gin.RATIONALE_MIXTURE_NAME='svamp_rationale'"]
+    err = _main_error(capsys, argv)
+    assert ("MIXTURE_OR_TASK_NAME='svamp_label_gt': split 'valid' (evaluated every "
+            "EVAL_PERIOD=6 steps)") in err and str(folder) in err
+    assert not (model_dir / "checkpoints").exists()
+    assert capsys.readouterr().out == ""  # no step ran
+    # An empty split is refused too; with test_every_eval, so is a missing test split.
+    records.write_shard([], str(folder), "valid", 0)
+    records.write_info(str(folder), "svamp")
+    err = _main_error(capsys, argv)
+    assert "task 'svamp_label_gt' has no examples in split 'valid'" in err
+    records.write_split(synthetic.generate(4, seed=0, split="valid"), str(folder), "valid")
+    records.write_info(str(folder), "svamp")
+    err = _main_error(capsys, [*argv, "--gin_bindings=RunConfig.test_every_eval=True"])
+    assert "split 'test'" in err and "no 'test' record shards" in err
+    assert not (model_dir / "checkpoints").exists()
+
+
 def test_shorthand_flags_become_bindings():
     rest, bindings = gin_utils.split_gin_shorthand(
         ["--gin.MODEL_DIR='/x'", "--split=test", "--gin.TRAIN_STEPS", "7"])

@@ -448,3 +448,32 @@ def eval_set(task_name: str, split: str = "valid", input_cap: int = 1024,
         inputs_text=[examples[i]["inputs_pretokenized"] for i in ids], targets=targets,
         vocabulary=task.output_features["targets"].vocabulary,
         metric_fns=list(task.metric_fns), postprocess_fn=post)
+
+
+def count_examples(name: str, split: str, use_cached: bool = False) -> int:
+    """Examples of a task or mixture split, without reading one: the seqio cache's stats, or
+    what the source's shard listings say. Raises, naming the task, split and folder, when the
+    split is missing (or the task is not in any seqio cache) and when it is empty."""
+    total = 0
+    for task in task_list(name):
+        if use_cached:
+            if not task.cache_dir:
+                raise FileNotFoundError(
+                    f"task {task.name!r} is not in any seqio cache folder (searched "
+                    f"{seqio.get_global_cache_dirs() or 'none'}): cache it with "
+                    f"`launch/seqio_cache.sh --tasks {task.name} --output_cache_dir DIR`, then "
+                    "pass --seqio_additional_cache_dirs=DIR, or train without USE_CACHED_TASKS")
+            try:
+                count = task.get_cached_stats(split)["examples"]
+            except ValueError:
+                raise FileNotFoundError(f"the seqio cache of task {task.name!r} in "
+                                        f"{task.cache_dir} has no {split!r} split") from None
+            where = f"the seqio cache {task.cache_dir}"
+        else:
+            count = task.num_input_examples(split)
+            source = task.source
+            where = source.directory() if hasattr(source, "directory") else str(source)
+        if count == 0:
+            raise ValueError(f"task {task.name!r} has no examples in split {split!r} ({where})")
+        total += count or 0
+    return total
