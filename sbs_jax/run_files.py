@@ -5,10 +5,11 @@
     spiece.model       a copy of the run's SentencePiece vocabulary
     data_config.json   {"data_dir", "vocabulary": {"file", "sha256", "source"}}
 
-The vocabulary is pinned by content: a run restarted, evaluated or exported with another file
-(SBS_VOCAB, gin `tasks.data_config.vocabulary_path`, the data folder's default, or a different
-INITIAL_CHECKPOINT_PATH vocabulary) is refused with both paths and hashes named, instead of
-decoding with pieces the model never saw. `run_bindings` turns run_config.json back into gin
+The vocabulary is pinned by content: a run restarted, evaluated or exported uses its copy, never
+the data folder's default spiece.model (which may have been rebuilt or be a stale cache), and a
+different file named by SBS_VOCAB, gin `tasks.data_config.vocabulary_path` or
+INITIAL_CHECKPOINT_PATH is refused with both paths and hashes named, instead of decoding with
+pieces the model never saw. `run_bindings` turns run_config.json back into gin
 bindings, so `--model_dir DIR` alone configures eval and infer as the run was configured.
 """
 
@@ -54,8 +55,8 @@ def check_same_vocabulary(first: tuple[str, str], second: tuple[str, str]) -> No
     if sha_a != sha_b:
         raise VocabularyError(
             f"{what_a} {path_a} (sha256 {_short(sha_a)}) and {what_b} {path_b} (sha256 "
-            f"{_short(sha_b)}) are different vocabularies; use the first (unset the other), or "
-            "start a new MODEL_DIR")
+            f"{_short(sha_b)}) are different vocabularies; a run has one: unset or correct the "
+            "second")
 
 
 def read_data_config(model_dir: str) -> dict | None:
@@ -154,6 +155,9 @@ def pin(model_dir: str, vocabulary_path: str | None, data_dir: str | None) -> No
             if "://" not in str(tmp):
                 os.chmod(tmp, 0o644)
             tmp.replace(target)
+        earlier = (read_data_config(model_dir) or {}).get("vocabulary") or {}
+        if earlier.get("sha256") == sha:  # a restart: the copy is the source now; keep the first
+            vocabulary_path = earlier.get("source", vocabulary_path)
         record["vocabulary"] = {"file": VOCAB_FILE, "sha256": sha, "source": vocabulary_path}
     run_config.write_text(directory / DATA_CONFIG_FILE, json.dumps(record, indent=1) + "\n")
 

@@ -279,11 +279,17 @@ def test_a_checkpoint_of_another_shape_names_tensor_shapes_and_model_gin(tmp_pat
                                  model_overrides={}))
 
 
-def test_a_restart_with_another_vocabulary_is_refused(run_dir, other_vocab, data_dir,
+def test_a_restart_with_another_vocabulary_is_refused(run_dir, other_vocab, data_dir, tmp_path,
                                                       monkeypatch):
+    run_dir = shutil.copytree(run_dir, tmp_path / "run")
     monkeypatch.setenv("SBS_DATA_DIR", str(data_dir))
     monkeypatch.setenv("SBS_VOCAB", other_vocab)
     with pytest.raises(train_loop.SetupError) as error:
         train_loop.train(_config(run_dir, train_steps=4))
     assert f"MODEL_DIR={run_dir} was trained with {run_dir / 'spiece.model'}" in str(error.value)
     assert other_vocab in str(error.value)
+    # Without it the run resumes on its own copy, and the record keeps where it came from.
+    monkeypatch.delenv("SBS_VOCAB")
+    record = (run_dir / run_files.DATA_CONFIG_FILE).read_text()
+    assert train_loop.train(_config(run_dir))["resumed_from"] == 2
+    assert (run_dir / run_files.DATA_CONFIG_FILE).read_text() == record
