@@ -336,6 +336,19 @@ def process_batch_shard(mesh: jax.sharding.Mesh) -> tuple[int, int]:
     return batch_shard_layout(grid, jax.process_index(), batch_axes=(0, 1))
 
 
+def value_of_process_0(value: int) -> int:
+    """Process 0's `value` on every process: what process 0 alone decided (a lock it took, a
+    checkpoint it verified). Every process must call this at the same point."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
 def _cross_process_sum() -> tuple[float, float]:
     """Each device contributes (its process index + 1); returns (sum over all devices, expected)."""
     import jax

@@ -86,7 +86,7 @@ def load(cfg: run_config.RunConfig, vocab_size: int
         config = hf_config(path, cfg)
         _, params = load_hf(path, scan_layers=config.scan_layers)
         origin = Initial(path, "HF")
-    elif (step := checkpoints.latest_step(path)) is not None:
+    elif (step := checkpoints.latest_good_step(path, ("params",))) is not None:
         config = model_config(cfg, vocab_size)
         params = checkpoints.load_params(path, step)
         scanned = "layers" in params.get("encoder", {})

@@ -134,14 +134,6 @@ def setting_name(field: str) -> str:
 _EXAMPLE_DIR = "\"'/path/to/run'\""
 
 
-def _positive(value) -> bool:
-    return value > 0
-
-
-def _non_negative(value) -> bool:
-    return value >= 0
-
-
 def _mesh_shape(value) -> bool:
     return (len(value) == 3 and all(_is_int(x) and (x > 0 or x == -1) for x in value)
             and list(value).count(-1) <= 1)
@@ -152,38 +144,40 @@ def _feature_lengths(value) -> bool:
             and all(isinstance(k, str) and _is_int(v) and v > 0 for k, v in value.items()))
 
 
+_POSITIVE = (lambda v: v > 0, "must be positive")
+_NOT_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 # Range rules, by field: (holds, what the value must be). Every field is also type-checked
 # against its annotation, so a new field needs an entry here only when it has a range.
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model_dir": (bool, "must name a folder"),
     "mixture_or_task_name": (bool, "must name a task or mixture"),
     "model_name": (bool, "must name a model config"),
-    "train_steps": (_positive, "must be positive"),
-    "batch_size": (_positive, "must be positive"),
+    "train_steps": _POSITIVE,
+    "batch_size": _POSITIVE,
     "task_feature_lengths": (_feature_lengths, ("must map 'inputs' and 'targets' (and "
                                                 "optionally 'rationale_targets') to positive "
                                                 "integers")),
     "alpha": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
     "data_fraction": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
     "data_subset": (lambda v: v in DATA_SUBSETS, f"must be one of {DATA_SUBSETS}"),
-    "random_seed": (_non_negative, "must be >= 0"),
+    "random_seed": _NOT_NEGATIVE,
     "mesh_shape": (_mesh_shape, ("must be 3 integers (data, fsdp, model), each positive or -1 "
                                  "(all remaining devices, at most once)")),
-    "num_microbatches": (_positive, "must be positive"),
+    "num_microbatches": _POSITIVE,
     "label_smoothing": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-    "z_loss": (_non_negative, "must be >= 0"),
-    "learning_rate": (_positive, "must be positive"),
-    "warmup_steps": (_non_negative, "must be >= 0"),
-    "weight_decay": (_non_negative, "must be >= 0"),
-    "clip_norm": (_positive, "must be positive (or None: no clipping)"),
-    "checkpoint_period": (_positive, "must be positive"),
-    "keep_checkpoints": (_positive, "must be positive"),
-    "eval_period": (_non_negative, "must be >= 0 (0: no periodic evaluation)"),
+    "z_loss": _NOT_NEGATIVE,
+    "learning_rate": _POSITIVE,
+    "warmup_steps": _NOT_NEGATIVE,
+    "weight_decay": _NOT_NEGATIVE,
+    "clip_norm": (_POSITIVE[0], "must be positive (or None: no clipping)"),
+    "checkpoint_period": _POSITIVE,
+    "keep_checkpoints": _POSITIVE,
+    "eval_period": (_NOT_NEGATIVE[0], "must be >= 0 (0: no periodic evaluation)"),
     "eval_split": (bool, "must name a split"),
-    "eval_batch_size": (_positive, "must be positive"),
-    "eval_max_examples": (_positive, "must be positive (or None: the whole split)"),
-    "max_decode_len": (_positive, "must be positive"),
-    "log_period": (_positive, "must be positive"),
+    "eval_batch_size": _POSITIVE,
+    "eval_max_examples": (_POSITIVE[0], "must be positive (or None: the whole split)"),
+    "max_decode_len": _POSITIVE,
+    "log_period": _POSITIVE,
 }
 
 

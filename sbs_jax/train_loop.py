@@ -1,10 +1,12 @@
 """The training loop: setup from a RunConfig, steps, eval, checkpoints, logs, preemption.
 
 Side effects live here (files, signals, the console); the math is in trainer.py. A run resumes
-from the newest finalised checkpoint in MODEL_DIR (params, optimizer state and the data
-iterator's position), so a run killed at any moment and restarted reaches the same parameters
-as one that never stopped. Only process 0 writes logs, configs and summaries; orbax coordinates
-the checkpoint writes of all processes.
+from the newest good checkpoint in MODEL_DIR (params, optimizer state and the data iterator's
+position; damaged steps are skipped, see checkpoints.py), so a run killed at any moment and
+restarted reaches the same parameters as one that never stopped. One trainer holds MODEL_DIR at
+a time (run_lock.py); a SIGTERM checkpoints after a step that every process agrees on
+(preemption.py). Only process 0 writes logs, configs and summaries; orbax coordinates the
+checkpoint writes of all processes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import time
 from typing import Any
 
@@ -37,8 +38,10 @@ from sbs_jax import (
     models,
     optim,
     partitioning,
+    preemption,
     run_config,
     run_files,
+    run_lock,
     trainer,
 )
 from sbs_jax.data import pipeline
@@ -82,26 +85,20 @@ def task_vocab_size(task: seqio.Task | seqio.Mixture) -> int:
     return int(task.output_features["targets"].vocabulary.vocab_size)
 
 
-class _Preemption:
-    """SIGTERM sets a flag; the loop checkpoints after the current step and exits."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: preemption handling stays off
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+def _non_finite_advice(model_dir: str, resumed_from: int | None) -> str:
+    """What a NaN/Inf says about MODEL_DIR's checkpoints. Steps this run saved passed the finite
+    check; a step it restored did not: its bytes may be damaged (or saved without checksums)."""
+    kept = checkpoints.latest_step(model_dir)
+    where = checkpoints.checkpoint_dir(model_dir)
+    if kept is None:
+        return (f"No checkpoint was saved in {where}; lower LEARNING_RATE or check the data "
+                "before resuming.")
+    if kept == resumed_from:
+        return (f"Step {kept} was restored from {where / str(kept)}, which may be damaged: move "
+                f"it aside (to {checkpoints.DAMAGED_SUBDIR}/) to resume from the step before "
+                "it, or start again with a new MODEL_DIR.")
+    return (f"The last good checkpoint (step {kept}) is kept in {where}; lower LEARNING_RATE or "
+            "check the data before resuming.")
 
 
 def _batch_tokens(local: dict, num_shards: int) -> int:
@@ -242,8 +239,13 @@ def _read_eval_history(model_dir: str) -> list[dict]:
 
 
 def train(cfg: run_config.RunConfig, operative_gin: str | None = None) -> dict:
-    """Trains to TRAIN_STEPS (resuming if MODEL_DIR has a checkpoint); returns the summary."""
-    with tasks_config.overrides_restored():  # the run's vocabulary, for this run only
+    """Trains to TRAIN_STEPS (resuming from MODEL_DIR's newest good checkpoint); returns the
+    summary. Holds MODEL_DIR's trainer lock throughout: a second trainer is a SetupError."""
+    try:
+        lock = run_lock.RunLock(cfg.model_dir).acquire()
+    except run_lock.ModelDirError as exc:
+        raise SetupError(str(exc)) from exc
+    with lock, tasks_config.overrides_restored():  # the run's vocabulary, for this run only
         return _train(cfg, operative_gin)
 
 
@@ -252,7 +254,7 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
     start_time = time.time()
     try:
         run_config.check_against_saved(cfg)
-        resume_step = checkpoints.latest_step(cfg.model_dir)
+        resume_step = checkpoints.latest_good_step(cfg.model_dir, set_aside=True)
         setup, initial_params = _setup(cfg, from_checkpoint=resume_step is not None)
     except (ValueError, FileNotFoundError) as exc:
         raise SetupError(str(exc)) from exc
@@ -263,8 +265,12 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
         best_metric=cfg.best_metric if evaluate_now else None,
         async_save=cfg.async_checkpointing)
     if resume_step is not None:
-        params, opt_state, data_state = checkpointer.restore(
-            resume_step, part.abstract_params, part.abstract_opt_state(setup.tx))
+        try:
+            params, opt_state, data_state = checkpointer.restore(
+                resume_step, part.abstract_params, part.abstract_opt_state(setup.tx))
+        except checkpoints.DamagedCheckpointError as exc:  # a step saved without checksums
+            checkpointer.close()
+            raise SetupError(str(exc)) from exc
         state = trainer.TrainState(
             step=jax.device_put(np.int32(resume_step), part.replicated),
             params=params, opt_state=opt_state)
@@ -310,19 +316,15 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
             bad = [k for k in _MUST_BE_FINITE
                    if k in values and not math.isfinite(float(values[k]))]
             if bad:
-                kept = checkpoints.latest_step(cfg.model_dir)
-                where = checkpoints.checkpoint_dir(cfg.model_dir)
-                saved = (f"The last good checkpoint (step {kept}) is kept in {where}"
-                         if kept is not None else f"No checkpoint was saved in {where}")
                 raise NonFiniteLossError(
                     f"{bad[0]} is {float(values[bad[0]])} at step {first + offset}; stopping. "
-                    f"{saved}; lower LEARNING_RATE or check the data before resuming.")
+                    + _non_finite_advice(cfg.model_dir, resume_step))
         if not fetched:
             return {}
         return {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1]}
 
     try:
-        with _Preemption() as preemption, timer:
+        with preemption.PreemptionNotice() as notice, timer:
             while step < cfg.train_steps:
                 local = next(setup.batches)
                 global_batches = {
@@ -335,9 +337,9 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
                 step += 1
                 pending.append(metrics)
                 final = step == cfg.train_steps
-                # Read the SIGTERM flag once a step: a signal landing between the save decision
-                # and the exit check must not exit without saving this step.
-                stop_requested = preemption.requested
+                # Asked once a step, on every process: a signal landing between the save
+                # decision and the exit check must not exit without saving this step.
+                stop_requested = notice.reached(step)
                 eval_due = evaluate_now and (step % cfg.eval_period == 0 or final)
                 save_due = (step % cfg.checkpoint_period == 0 or final or stop_requested
                             or (eval_due and cfg.best_metric is not None))

@@ -1,5 +1,7 @@
 """Orbax checkpoints: round trip across meshes, retention (last K + best), read-only queries."""
 
+import hashlib
+import json
 import os
 import shutil
 
@@ -11,11 +13,17 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sbs_jax import checkpoints
+from sbs_jax import checkpoints, checksums
 
 
 def _mesh(shape):
     return Mesh(np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape), ("data", "model"))
+
+
+def _abstract(tree):
+    """The restore target of a tree of arrays: shapes, dtypes and shardings."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree)
 
 
 def _state(mesh):
@@ -41,7 +49,7 @@ def test_round_trip_onto_a_different_mesh_keeps_values_and_data_state(tmp_path):
     target_params, target_opt = _state(other)
     reader = checkpoints.Checkpointer(str(tmp_path))
     got_params, got_opt, data = reader.restore(
-        10, checkpoints.abstract_like(target_params), checkpoints.abstract_like(target_opt)
+        10, _abstract(target_params), _abstract(target_opt)
     )
     reader.close()
     assert data == {"position": 10, "shard": [0, 1]}
@@ -154,7 +162,7 @@ def test_a_writer_removes_a_half_deleted_step_and_can_save_it_again(tmp_path):
     assert not (tmp_path / "checkpoints" / "2").exists()
     assert writer.all_steps() == [1]
     with pytest.raises(FileNotFoundError, match="step 2 not found"):
-        writer.restore(2, checkpoints.abstract_like(params), checkpoints.abstract_like(opt_state))
+        writer.restore(2, _abstract(params), _abstract(opt_state))
     writer.save(2, jax.tree.map(lambda x: x + 1, params), opt_state, {"step": 2})
     writer.close()
     assert checkpoints.all_steps(str(tmp_path)) == [1, 2]
@@ -171,15 +179,82 @@ def test_close_leaves_no_step_half_deleted(tmp_path):
     assert checkpoints.incomplete_steps(str(tmp_path)) == {}
 
 
-def test_a_damaged_params_item_is_a_clear_error(tmp_path):
+def _saved_steps(tmp_path, steps=(1, 2, 3), async_save=True):
+    """Steps whose params are the base params times the step number."""
     params, opt_state = _state(_mesh((1, 1)))
-    ckpt = checkpoints.Checkpointer(str(tmp_path))
-    ckpt.save(1, params, opt_state, None)
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep_last=5, async_save=async_save)
+    for step in steps:
+        ckpt.save(step, jax.tree.map(lambda x, s=step: x * s, params), opt_state, {"step": step})
     ckpt.close()
-    item = tmp_path / "checkpoints" / "1" / "params"
-    for path in item.rglob("*"):
-        if path.is_file() and path.name != "_METADATA":
-            path.unlink()
-    with pytest.raises(checkpoints.IncompleteCheckpointError,
-                       match=rf"step 1 in {item.parent} cannot be read"):
-        checkpoints.load_params(str(tmp_path), 1)
+    return params, opt_state
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_each_step_records_the_checksums_of_its_item_files(tmp_path, async_save):
+    _saved_steps(tmp_path, (1,), async_save)
+    step_dir = tmp_path / "checkpoints" / "1"
+    files = json.loads((step_dir / checksums.MANIFEST).read_text())["files"]
+    on_disk = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*")
+               if p.is_file() and p.parent != step_dir}
+    assert set(files) == on_disk and {name.split("/")[0] for name in files} == {
+        "params", "opt_state", "data"}
+    for name, digest in files.items():
+        data = (step_dir / name).read_bytes()
+        assert digest == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _damage(step_dir, kind):
+    """Damages the largest array data file of a step's params the way a disk or a person might."""
+    target = max((step_dir / "params" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    data = target.read_bytes()
+    if kind == "truncated":
+        target.write_bytes(data[: len(data) // 2])
+    elif kind == "overwritten":  # same size, other bytes
+        middle = len(data) // 2
+        target.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 8])
+                           + data[middle + 8:])
+    else:
+        target.unlink()
+    return str(target.relative_to(step_dir))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "overwritten", "deleted"])
+def test_a_damaged_newest_step_is_skipped_for_the_newest_good_one(tmp_path, capsys, kind):
+    params, opt_state = _saved_steps(tmp_path)
+    step_dir = tmp_path / "checkpoints" / "3"
+    damaged_file = _damage(step_dir, kind)
+    capsys.readouterr()
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert checkpoints.latest_step(str(tmp_path)) == 3  # the listing alone: cheap
+    assert checkpoints.latest_good_step(str(tmp_path)) == 2
+    np.testing.assert_array_equal(checkpoints.load_params(str(tmp_path))["b"], np.full(4, 2.0))
+    with pytest.raises(checkpoints.DamagedCheckpointError,
+                       match=rf"step 3 in {step_dir} is damaged: {damaged_file} "):
+        checkpoints.load_params(str(tmp_path), step=3)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"sbs_jax.checkpoints: skipping damaged checkpoint {step_dir}: {damaged_file} "), err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # readers
+    # A writer moves the step aside, resumes from step 2 and writes step 3 afresh.
+    writer = checkpoints.Checkpointer(str(tmp_path), keep_last=5)
+    assert writer.all_steps() == [1, 2]
+    assert (tmp_path / checkpoints.DAMAGED_SUBDIR / "3" / damaged_file).exists() != (
+        kind == "deleted")
+    restored, _, data = writer.restore(2, _abstract(params), _abstract(opt_state))
+    assert data == {"step": 2}
+    np.testing.assert_array_equal(np.asarray(restored["b"]), np.full(4, 2.0))
+    writer.save(3, jax.tree.map(lambda x: x * 3, params), opt_state, {"step": 3})
+    writer.close()
+    np.testing.assert_array_equal(checkpoints.load_params(str(tmp_path))["b"], np.full(4, 3.0))
+
+
+def test_a_step_saved_without_checksums_loads_with_one_line(tmp_path, capsys):
+    _saved_steps(tmp_path, (1,))
+    step_dir = tmp_path / "checkpoints" / "1"
+    (step_dir / checksums.MANIFEST).unlink()
+    capsys.readouterr()
+    for _ in range(2):
+        np.testing.assert_array_equal(checkpoints.load_params(str(tmp_path))["b"], np.ones(4))
+    note = (f"sbs_jax.checksums: {step_dir} has no {checksums.MANIFEST} (written before "
+            "checksums were recorded); reading it unverified")
+    assert capsys.readouterr().err.strip().splitlines() == [note]

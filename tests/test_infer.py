@@ -120,13 +120,13 @@ def test_a_bad_input_file_exits_2_naming_it_and_writes_nothing(trained_run, tmp_
 
 def _half_delete(model_dir, step):
     """What an interrupted keep-last-K deletion left behind in the quickstart: the step folder
-    with only `_CHECKPOINT_METADATA` and `commit_success.txt`."""
+    with only its own files (`_CHECKPOINT_METADATA`, checksums, `commit_success.txt`)."""
     step_dir = model_dir / "checkpoints" / str(step)
     for item in step_dir.iterdir():
         if item.is_dir():
             shutil.rmtree(item)
     assert sorted(p.name for p in step_dir.iterdir()) == ["_CHECKPOINT_METADATA",
-                                                           "commit_success.txt"]
+                                                           "checksums.json", "commit_success.txt"]
 
 
 def test_a_half_deleted_step_is_skipped_by_eval_infer_and_resume(trained_run, tmp_path, capsys):

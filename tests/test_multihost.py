@@ -160,6 +160,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _kill_the_rest(procs: list[subprocess.Popen]) -> None:
+    """Kills (and reaps) the processes of a test that are still running."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _process_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
@@ -216,10 +224,7 @@ def test_processes_find_each_other_from_the_launchers_variables(launcher):
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outputs = [proc.communicate(timeout=120) for proc in procs]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _kill_the_rest(procs)
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert [r["process_index"] for r in reports] == [0, 1]  # the launcher's ranks
@@ -257,10 +262,7 @@ def test_survivor_exits_with_clear_error_when_a_process_dies(tmp_path, victim):
         returncode = survivor.wait(timeout=90)
         elapsed = time.monotonic() - killed_at
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _kill_the_rest(procs)
     assert returncode != 0
     # bounded by the 10 s heartbeat (plus start-up noise on a loaded machine), not a hang
     assert elapsed < 60, elapsed
@@ -385,3 +387,40 @@ def test_two_processes_train_resume_and_match_one_process(training_runs):
     summary = json.loads((multi_dir / "run_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["num_devices"] == 8
     assert summary["resumed_from"] == 2 and summary["step"] == 4
+
+
+def test_sigterm_to_one_process_checkpoints_every_process_at_one_step(tmp_path):
+    """Preemption notices reach hosts at different times, or only one host: the save decision
+    must still be the same step everywhere (orbax's save is collective)."""
+    env = _process_env(SBS_DATA_DIR=str(tmp_path / "data"), SBS_HEARTBEAT_TIMEOUT_S="240")
+    port, model_dir = _free_port(), tmp_path / "run"
+    flags = [*TRAIN_FLAGS, "--gin.TRAIN_STEPS=100000", "--gin.EVAL_PERIOD=0",
+             "--gin.CHECKPOINT_PERIOD=100000", f"--gin.MODEL_DIR='{model_dir}'"]
+    procs, logs = [], [tmp_path / f"p{index}.log" for index in range(2)]
+    for index in range(2):
+        process_env = dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                           JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index))
+        with open(logs[index], "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "sbs_jax.train", *flags],
+                                          env=process_env, cwd=REPO_ROOT, stdout=log,
+                                          stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + 400
+        while "| loss" not in logs[0].read_text():  # both processes are stepping
+            assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            assert time.monotonic() < deadline, logs[0].read_text()[-3000:]
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)  # process 0 never gets a signal
+        codes = [proc.wait(timeout=300) for proc in procs]
+    finally:
+        _kill_the_rest(procs)
+    texts = [log.read_text() for log in logs]
+    assert codes == [143, 143], texts[0][-3000:] + texts[1][-3000:]
+    saved = re.search(r"SIGTERM: checkpoint of step (\d+) saved; exiting", texts[0])
+    assert saved, texts[0][-3000:]
+    step = int(saved.group(1))
+    from sbs_jax import checkpoints
+
+    assert checkpoints.all_steps(str(model_dir)) == [step]
+    assert checkpoints.latest_good_step(str(model_dir)) == step  # its checksums match
+    assert set(checkpoints.load_params(str(model_dir), step)) >= {"encoder", "decoder"}

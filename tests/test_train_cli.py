@@ -170,6 +170,16 @@ def test_settings_are_type_and_range_checked(capsys, tmp_path, binding, message)
     assert not os.listdir(tmp_path)
 
 
+def test_a_model_dir_that_cannot_be_a_folder_is_one_line(capsys, tmp_path):
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    for model_dir, problem in ((file, "is a file, not a folder"),
+                               (file / "run", "cannot be written (Not a directory)")):
+        err = _main_error(capsys, ["--gin_file=gin/quickstart.gin",
+                                   f"--gin.MODEL_DIR='{model_dir}'"])
+        assert err.strip() == f"sbs-train: error: MODEL_DIR={model_dir} {problem}"
+
+
 def test_setup_errors_name_the_setting(capsys, tmp_path, quickstart_dir, cli_env, monkeypatch):
     monkeypatch.setenv("SBS_DATA_DIR", cli_env["SBS_DATA_DIR"])
     fresh = f"--gin.MODEL_DIR='{tmp_path / 'fresh'}'"

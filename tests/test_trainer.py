@@ -1,12 +1,13 @@
 """The training loop in-process: standard mode, NaN guard with the last good checkpoint kept."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from sbs_jax import checkpoints, run_config, train_loop
+from sbs_jax import checkpoints, convert, partitioning, run_config, train_loop, trainer
 
 # A one-layer model keeps compiles short; batch 8 fits the default 8-device data mesh.
 TINY = {"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32, "num_encoder_layers": 1,
@@ -53,6 +54,30 @@ def test_a_non_finite_first_update_saves_nothing(tmp_path):
                        match="update_norm is inf at step 1; .*No checkpoint was saved"):
         train_loop.train(cfg)
     assert checkpoints.all_steps(str(tmp_path)) == []
+
+
+def test_a_nan_after_a_restore_names_the_restored_step_not_the_learning_rate(tmp_path):
+    train_loop.train(_config(tmp_path, train_steps=2))
+    # Step 2 rewritten with finite, checksummed parameters that overflow the next forward pass:
+    # damage no checksum can see (written so, or saved before checksums were recorded).
+    cfg = _config(tmp_path, train_steps=4)
+    model_config = convert.config_from_json((tmp_path / "model_config.json").read_text(), "")
+    part = trainer.Partitioner(partitioning.make_mesh(cfg.mesh_shape),
+                               partitioning.logical_axis_rules(cfg.fsdp), model_config)
+    reader = checkpoints.Checkpointer(str(tmp_path))
+    params, opt_state, data = reader.restore(2, part.abstract_params,
+                                             part.abstract_opt_state(train_loop.optimizer(cfg)[0]))
+    reader.close()
+    shutil.rmtree(tmp_path / "checkpoints" / "2")
+    writer = checkpoints.Checkpointer(str(tmp_path), async_save=False)
+    writer.save(2, jax.tree.map(lambda x: x * 1e30, params), opt_state, data)
+    writer.close()
+    with pytest.raises(train_loop.NonFiniteLossError) as error:
+        train_loop.train(cfg)
+    message = str(error.value)
+    assert "at step 3; stopping. Step 2 was restored from " in message
+    assert f"{tmp_path / 'checkpoints' / '2'}, which may be damaged" in message
+    assert "LEARNING_RATE" not in message and "good" not in message
 
 
 def test_standard_mode_trains_labels_only_and_evaluates(tmp_path):

@@ -61,7 +61,7 @@ class LocalBackend:
 
         if checkpoints.is_our_checkpoint(self.model):
             self.config, self.params = evaluation.load_trained(
-                self.model, checkpoints.latest_step(self.model))
+                self.model, evaluation.choose_step(self.model, "latest"))
         else:
             self.config, self.params = load_hf(self.model)
         self.vocab = load_vocab(self._vocab_path)
