@@ -112,8 +112,8 @@ def use_run_data(parser: argparse.ArgumentParser, cfg: run_config.RunConfig) -> 
 
 def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace,
                cfg: run_config.RunConfig):
-    """(step, T5Config, params on the run's mesh, batch sharding) for the flags; setup errors
-    exit 2 naming them."""
+    """(step, T5Config, params on the run's mesh, the mesh, its axis rules) for the flags; setup
+    errors exit 2 naming them."""
     from sbs_jax import distributed, evaluation, train_loop
 
     distributed.initialize_from_env()
@@ -121,11 +121,10 @@ def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace,
         train_loop.check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
         step = evaluation.choose_step(cfg.model_dir, args.step, cfg.best_metric)
         config, params = evaluation.load_trained(cfg.model_dir, step)
-        params, batch_sharding = evaluation.place_on_mesh(config, params, cfg.mesh_shape,
-                                                          cfg.fsdp)
+        params, mesh, rules = evaluation.place_on_mesh(config, params, cfg.mesh_shape, cfg.fsdp)
     except (ValueError, FileNotFoundError) as exc:
         _fail(parser, exc)
-    return step, config, params, batch_sharding
+    return step, config, params, mesh, rules
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,7 +152,7 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace,
     from sbs_jax import console, evaluation
     from sbs_jax.data import pipeline
 
-    step, config, params, batch_sharding = load_model(parser, args, cfg)
+    step, config, params, mesh, rules = load_model(parser, args, cfg)
     output = epath.Path(args.output or f"{cfg.model_dir}/eval_{cfg.mixture_or_task_name}_"
                                        f"{args.split}_step{step}.json")
     if output.exists() and not args.overwrite:
@@ -169,7 +168,7 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace,
         _fail(parser, exc)
     metrics, _ = evaluation.evaluate(config, params, examples,
                                      args.batch_size or cfg.eval_batch_size, cfg.max_decode_len,
-                                     batch_sharding=batch_sharding)
+                                     mesh=mesh, axis_rules=rules)
     result = {**metrics, "step": step, "split": args.split, "task": examples.task_name}
     if jax.process_index() == 0:
         run_config.write_text(output, json.dumps(result, indent=1) + "\n")

@@ -16,26 +16,27 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
-from sbs_jax import checkpoints, console, convert, decoding
+from sbs_jax import checkpoints, console, convert, decoding, models, partitioning
 from sbs_jax.data.pipeline import EvalSet
 from sbs_jax.models import T5Config
 
 
 def decode_texts(
     config: T5Config, params: Any, eval_set: EvalSet, batch_size: int, max_decode_len: int = 64,
-    input_cap: int | None = None, method: str = "greedy",
-    batch_sharding: NamedSharding | None = None,
+    input_cap: int | None = None, method: str = "greedy", mesh: Mesh | None = None,
+    axis_rules: Sequence[tuple[str, Any]] | None = None,
 ) -> list[str]:
     """Decoded strings for every example of `eval_set`, in its order.
 
-    With `batch_sharding` (the trainer's, over the data axes) each device decodes its share of
-    the rows, as in training; without it every device would decode the whole batch. Every
-    process must pass the same `eval_set` (they do: eval sets are read whole on each host).
-    Process 0 shows the progress.
+    With the run's `mesh` and `axis_rules` decoding runs on the mesh as training does (params
+    sharded as trained, each device decoding its share of the rows over the data axes); without
+    them every device would decode the whole batch. Every process must pass the same `eval_set`
+    (they do: eval sets are read whole on each host). Process 0 shows the progress.
     """
     rows_per_batch = batch_size
+    batch_sharding = None if mesh is None else partitioning.batch_sharding(mesh)
     if batch_sharding is not None:
         shards = _batch_shards(batch_sharding)
         rows_per_batch = -(-batch_size // shards) * shards
@@ -53,7 +54,8 @@ def decode_texts(
             placed = jax.make_array_from_callback(
                 padded.shape, batch_sharding, lambda index, rows=padded: rows[index])
             decoded = np.asarray(multihost_utils.process_allgather(
-                decoding.generate(config, params, placed, max_decode_len, method=method),
+                decoding.generate(config, params, placed, max_decode_len, method=method,
+                                  mesh=mesh, axis_rules=axis_rules),
                 tiled=True))
         for row, ids in zip(rows, decoded[: len(rows)]):
             texts[row] = eval_set.vocabulary.decode([int(t) for t in ids if t != 0])
@@ -83,11 +85,13 @@ def subset_rows(eval_set: EvalSet, rows: list[int]) -> EvalSet:
 
 def evaluate(
     config: T5Config, params: Any, eval_set: EvalSet, batch_size: int, max_decode_len: int = 64,
-    input_cap: int | None = None, batch_sharding: NamedSharding | None = None,
+    input_cap: int | None = None, mesh: Mesh | None = None,
+    axis_rules: Sequence[tuple[str, Any]] | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """(metrics from the task's metric_fns, raw decoded predictions)."""
+    """(metrics from the task's metric_fns, raw decoded predictions); `mesh`/`axis_rules` as
+    for `decode_texts`."""
     predictions = decode_texts(config, params, eval_set, batch_size, max_decode_len, input_cap,
-                               batch_sharding=batch_sharding)
+                               mesh=mesh, axis_rules=axis_rules)
     metrics = {k: float(v) for k, v in eval_set.score(predictions).items()}
     metrics["num_examples"] = float(len(predictions))
     return metrics, predictions
@@ -112,15 +116,15 @@ def choose_step(model_dir: str, step: str | int, best_metric: str | None = "accu
 
 
 def place_on_mesh(config: T5Config, params: Any, mesh_shape: Sequence[int], fsdp: bool
-                  ) -> tuple[Any, NamedSharding]:
-    """Host params sharded over the run's mesh the way the trainer shards them, and the batch
-    sharding to decode with: a model that needed a mesh to train is also evaluated on one."""
-    from sbs_jax import partitioning, trainer
-
-    part = trainer.Partitioner(partitioning.make_mesh(mesh_shape),
-                               partitioning.logical_axis_rules(fsdp), config)
+                  ) -> tuple[Any, Mesh, tuple]:
+    """(host params sharded over the run's mesh the way the trainer shards them, the mesh, its
+    logical axis rules) to decode with: a model that needed a mesh to train is also evaluated
+    on one."""
+    mesh = partitioning.make_mesh(mesh_shape)
+    rules = partitioning.logical_axis_rules(fsdp)
+    shardings = partitioning.params_shardings(models.abstract_params(config), mesh, rules)
     # As trainer.init_state places host params (every process holds the same values).
-    return jax.device_put(params, part.params_shardings), part.batch_sharding
+    return jax.device_put(params, shardings), mesh, rules
 
 
 def load_trained(model_dir: str, step: int) -> tuple[T5Config, Any]:

@@ -223,7 +223,7 @@ def _infer(parser, args, cfg) -> int:
 
     from sbs_jax import console, evaluation, run_config
 
-    step, config, params, batch_sharding = eval_cli.load_model(parser, args, cfg)
+    step, config, params, mesh, rules = eval_cli.load_model(parser, args, cfg)
     try:
         examples, explain, truncated = _read_examples(args, cfg)
     except (ValueError, FileNotFoundError) as exc:
@@ -237,14 +237,14 @@ def _infer(parser, args, cfg) -> int:
                     file=sys.stderr)
     batch_size = args.batch_size or cfg.eval_batch_size
     predictions = evaluation.decode_texts(config, params, examples, batch_size,
-                                          cfg.max_decode_len, batch_sharding=batch_sharding)
+                                          cfg.max_decode_len, mesh=mesh, axis_rules=rules)
     rationales = None
     if explain is not None:
         lengths = cfg.task_feature_lengths
         rationales = evaluation.decode_texts(
             config, params, explain, batch_size, lengths.get("rationale_targets",
                                                              lengths["targets"]),
-            batch_sharding=batch_sharding)
+            mesh=mesh, axis_rules=rules)
     answers = examples.answers(predictions)
     cut = set(truncated)
     lines = []

@@ -362,7 +362,7 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
                         with timer.evaluation(step) as took:
                             scores[split] = evaluation.evaluate(
                                 setup.model_config, state.params, examples, cfg.eval_batch_size,
-                                cfg.max_decode_len, batch_sharding=part.batch_sharding)[0]
+                                cfg.max_decode_len, mesh=part.mesh, axis_rules=part.rules)[0]
                         if is_lead:
                             console.say(f"eval step {step} ({split}): "
                                         f"{console.format_metrics(scores[split])} | {took}")

@@ -26,7 +26,7 @@ def test_sharded_eval_decodes_like_one_device(tiny_vocab_path):
     host_params = jax.device_get(state.params)
 
     sharded = evaluation.decode_texts(CONFIG, state.params, eval_set, 6, max_decode_len=6,
-                                      batch_sharding=part.batch_sharding)
+                                      mesh=mesh, axis_rules=part.rules)
     single = evaluation.decode_texts(CONFIG, host_params, eval_set, 6, max_decode_len=6)
     assert sharded == single
     assert len(set(single)) > 1  # a random model still decodes different rows differently
