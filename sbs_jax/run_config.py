@@ -146,9 +146,23 @@ def _feature_lengths(value) -> bool:
 
 _POSITIVE = (lambda v: v > 0, "must be positive")
 _NOT_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+
+
+def _named_in_optim(kind: str) -> tuple[str, ...]:
+    """optim.OPTIMIZERS / SCHEDULES, imported when a config is checked (optim imports optax)."""
+    from sbs_jax import optim
+
+    return getattr(optim, kind)
+
+
+def _one_of_optim(kind: str) -> tuple[Callable[[Any], bool], Callable[[], str]]:
+    return (lambda v: v in _named_in_optim(kind),
+            lambda: f"must be one of {_named_in_optim(kind)}")
+
+
 # Range rules, by field: (holds, what the value must be). Every field is also type-checked
 # against its annotation, so a new field needs an entry here only when it has a range.
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+_RANGES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     "model_dir": (bool, "must name a folder"),
     "mixture_or_task_name": (bool, "must name a task or mixture"),
     "model_name": (bool, "must name a model config"),
@@ -166,7 +180,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_microbatches": _POSITIVE,
     "label_smoothing": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     "z_loss": _NOT_NEGATIVE,
+    "optimizer": _one_of_optim("OPTIMIZERS"),
     "learning_rate": _POSITIVE,
+    "schedule": _one_of_optim("SCHEDULES"),
     "warmup_steps": _NOT_NEGATIVE,
     "weight_decay": _NOT_NEGATIVE,
     "clip_norm": (_POSITIVE[0], "must be positive (or None: no clipping)"),
@@ -223,6 +239,7 @@ def check_settings(config: RunConfig) -> None:
         problem = _type_error(value, annotation)
         if field in _RANGES:
             holds, requirement = _RANGES[field]
+            requirement = requirement() if callable(requirement) else requirement
             if problem is None and not holds(value):
                 problem = requirement
             elif problem is not None and annotation in (dict, tuple):

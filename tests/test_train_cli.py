@@ -159,6 +159,7 @@ def test_gin_mistakes_are_named(capsys, tmp_path):
     ("MESH_SHAPE='data'", "MESH_SHAPE='data' must be 3 integers (data, fsdp, model)"),
     ("MESH_SHAPE=(-1, -1, 2)", "MESH_SHAPE=(-1, -1, 2) must be 3 integers"),
     ("FSDP=1", "FSDP=1 must be True or False"),
+    ("RunConfig.optimizer='sgd'", "RunConfig.optimizer='sgd' must be one of ('adamw', "),
     ("RunConfig.log_period=0", "RunConfig.log_period=0 must be positive"),
     ("RunConfig.clip_norm=1e999", "RunConfig.clip_norm=inf must be a finite number"),
 ])
