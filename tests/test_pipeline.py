@@ -19,7 +19,10 @@ KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
+    """A data folder holding the synthetic dataset and its default vocabulary from the start,
+    so every test reads the same files whichever runs first (the cqa tasks read it too)."""
     path = str(tmp_path_factory.mktemp("pipeline_data"))
+    synthetic.ensure_dataset(path, vocabulary_path=os.path.join(path, "spiece.model"))
     tasks.set_data_dir(path)
     tasks.set_vocabulary_path(None)
     yield path
