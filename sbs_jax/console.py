@@ -1,24 +1,26 @@
-"""What train, eval and infer print: time-stamped lines, a decoding progress display, and the
-training throughput that leaves compilation out.
+"""What our CLIs print: time-stamped lines (`say`, and `LogFormatter` for those that log through
+`logging`), a decoding progress display, and the training throughput that leaves compilation out.
 
 Every batch shape the train step has not seen compiles it again, which takes seconds to minutes;
 a throughput or ETA that averaged those steps in would swing by orders of magnitude. So steps
 that compiled are timed apart (`CompileClock` sees jax's compile events), reported as
 `compile 12.3s`, and left out of tokens/s and of the time per step behind the ETA.
+
+jax is imported where it is used, so the data and teacher CLIs, which never start it, can
+time-stamp their lines without loading it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Self, TextIO, TypeVar
-
-import jax
 
 T = TypeVar("T")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # local time, the same on every CLI's lines
@@ -33,6 +35,13 @@ def timestamp(when: float | None = None) -> str:
 def say(message: str, file: TextIO | None = None) -> None:
     """Prints `message` after the current time (stdout unless `file`), flushed at once."""
     print(f"{timestamp()} {message}", file=file or sys.stdout, flush=True)
+
+
+class LogFormatter(logging.Formatter):
+    """`logging` records as `say` prints lines: the same time prefix (no milliseconds)."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return timestamp(record.created)
 
 
 def format_duration(seconds: float) -> str:
@@ -74,11 +83,15 @@ class CompileClock:
             self.seconds += duration
 
     def __enter__(self) -> Self:
+        import jax
+
         self._thread = threading.get_ident()
         jax.monitoring.register_event_duration_secs_listener(self._listen)
         return self
 
     def __exit__(self, *exc) -> None:
+        import jax
+
         jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
@@ -207,6 +220,8 @@ class StepTimer:
 
     def run(self, step_fn: Callable, state: Any, batch: Any, tokens: int) -> Any:
         """`step_fn(state, batch)`, timed; `tokens` = the real tokens of the batch."""
+        import jax
+
         self._settle()
         leaves, tree = jax.tree.flatten(batch)
         shapes = (tree, tuple(getattr(x, "shape", None) for x in leaves))

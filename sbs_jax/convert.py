@@ -99,15 +99,16 @@ def base_config(model_dir: str, model_name: str | None) -> T5Config:
 def export_vocabulary(model_dir: str, vocab: str | None) -> str | None:
     """The vocabulary to ship with an export: the run's pinned one (--vocab must have its
     bytes), else --vocab, else None (a warning says the export has no tokenizer)."""
-    from sbs_jax import run_files
+    from sbs_jax import console, run_files
 
     pinned = run_files.run_vocabulary(model_dir)
     if pinned and vocab:
         run_files.check_same_vocabulary((f"MODEL_DIR={model_dir} was trained with", pinned),
                                         ("--vocab", vocab))
     if not (pinned or vocab):
-        print(f"sbs-convert: warning: {model_dir} records no vocabulary ({run_files.VOCAB_FILE}) "
-              "and no --vocab was given: the export has no tokenizer", file=sys.stderr)
+        console.say(f"sbs-convert: warning: {model_dir} records no vocabulary "
+                    f"({run_files.VOCAB_FILE}) and no --vocab was given: the export has no "
+                    "tokenizer", file=sys.stderr)
     return pinned or vocab
 
 
@@ -179,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"sbs-convert: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {target}: {config}")
+    from sbs_jax import console
+
+    console.say(f"wrote {target}: {config}")
     return 0
 
 

@@ -86,7 +86,7 @@ def parse_run_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None
         _fail(parser, f"--model_dir={args.model_dir}: no {run_config.CONFIG_FILE} there; not a "
                       "training run's MODEL_DIR (or pass the run's --gin_file flags)")
     cfg = resolve(run_bindings)
-    from sbs_jax import console  # (imports jax: after the allocator was chosen)
+    from sbs_jax import console
 
     if args.gin_file:
         for key, value in sorted(cfg.to_json().items()):

@@ -24,7 +24,7 @@ import pathlib
 import sys
 import time
 
-from sbs_jax import experiments, report
+from sbs_jax import console, experiments, report
 from sbs_jax.data import records
 from sbs_jax.experiments import Cell, Recipe
 
@@ -54,7 +54,8 @@ def check_same_data(path: pathlib.Path, settings: dict) -> None:
 
 
 class Progress:
-    """Numbered, timed stage lines so a user always sees where the run is."""
+    """Numbered, time-stamped stage lines (with the time since the start) so a user always sees
+    where the run is."""
 
     def __init__(self, num_stages: int):
         self.num_stages, self.stage, self.start = num_stages, 0, time.time()
@@ -62,7 +63,7 @@ class Progress:
     def __call__(self, message: str) -> None:
         self.stage += 1
         elapsed = time.time() - self.start
-        print(f"[quickstart {self.stage}/{self.num_stages} +{elapsed:5.0f}s] {message}", flush=True)
+        console.say(f"[quickstart {self.stage}/{self.num_stages} +{elapsed:5.0f}s] {message}")
 
     def elapsed(self) -> float:
         return time.time() - self.start
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"teacher job ({args.teacher_backend} backend) writing TFRecords to "
              f"{info_path.parent}")
     if info_path.exists():
-        print(f"[teacher] already done: {info_path}", flush=True)
+        console.say(f"[teacher] already done: {info_path}")
     else:
         for split in sizes:
             try:

@@ -6,6 +6,7 @@ folders; teacher output folders are checked against their ledgers. Real processe
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -205,6 +206,9 @@ def test_the_build_makes_or_takes_the_vocabulary_and_keeps_other_splits(tmp_path
     args = ["--source_dir", str(source), "--data_dir", str(data), "--dataset", "svamp"]
     assert build.main(args) == 0, capsys.readouterr().err
     vocab = data / "spiece.model"
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" ", 3)[2] for line in lines] == ["training", "wrote", "vocabulary:"]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in lines)
     info = json.loads((data / "svamp" / "info.json").read_text())
     assert info["vocabulary"] == {"path": "../spiece.model", "sha256": records.file_sha256(
         str(vocab))}

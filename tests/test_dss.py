@@ -3,6 +3,7 @@ stats/build jobs. Each real split is read once per session."""
 
 import json
 import os
+import re
 
 import pytest
 
@@ -42,9 +43,14 @@ def test_stats_match_the_reference_figures(stats_rows):
 
 
 def test_stats_cli_prints_table_and_warns(dss_data_dir, capsys):
-    assert stats.main(["--data_dir", str(dss_data_dir), "--dataset", "svamp"]) == 0
-    out = capsys.readouterr().out
-    assert "svamp    test   200   200" in out and "74.0" in out
+    assert stats.main(["--data_dir", str(dss_data_dir), "--dataset", "svamp", "--dataset",
+                       "anli1"]) == 0
+    captured = capsys.readouterr()
+    assert "svamp    test   200   200" in captured.out and "74.0" in captured.out
+    assert captured.out.startswith("dataset  split")  # the table is data: no time prefix
+    # the warning line starts with the local time, as every CLI's status lines
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d warning: anli1 train inputs are not in the "
+                    "released data", captured.err)
 
 
 def test_formatted_examples_match_their_source_records(dss_data_dir, cqa_train):

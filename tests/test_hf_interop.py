@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -173,7 +174,10 @@ def test_convert_cli_round_trip(hf_checkpoint, tmp_path, capsys):
     (run / convert.RUN_CONFIG_FILE).write_text(json.dumps({"model_name": name,
                                                            "model_overrides": {}}))
     out = tmp_path / "hf"
+    capsys.readouterr()
     assert convert.main(["--to=hf", f"--model_dir={run}", f"--hf_dir={out}"]) == 0
+    assert re.match(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d wrote {re.escape(str(out))}: T5Config\(",
+                    capsys.readouterr().out)  # the local time first, as on every CLI's lines
     back_config, _ = load_hf(out)
     assert back_config == config
     enc, dec, targets = padded_batch(VOCAB, enc_len=30, dec_len=10)

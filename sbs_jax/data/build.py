@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 
+from sbs_jax import console
 from sbs_jax.data import dss, publish, records, synthetic
 
 ALL_DATASETS = dss.DSS_DATASETS + ("synthetic",)
@@ -146,11 +147,10 @@ def ensure_vocabulary(data_dir: str, train_records: list[records.Record],
             return target
         texts = vocabulary_texts(train_records)
         if not texts:
-            print(f"note: no vocabulary made: no train split was built to train {target} on "
-                  "(pass --vocab PATH, or build a train split)", flush=True)
+            console.say(f"note: no vocabulary made: no train split was built to train {target} "
+                        "on (pass --vocab PATH, or build a train split)")
             return None
-        print(f"training a {vocab_size}-piece vocabulary on {len(texts)} texts: {target}",
-              flush=True)
+        console.say(f"training a {vocab_size}-piece vocabulary on {len(texts)} texts: {target}")
         prefix = os.path.join(data_dir, f"spiece.{os.getpid()}.tmp")
         trained = train_vocab(texts, prefix, vocab_size)
         os.replace(f"{prefix}.vocab", os.path.join(data_dir, "spiece.vocab"))
@@ -233,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}\nNothing was published.", file=sys.stderr)
         return 2
     for path in paths:
-        print(f"wrote {path}")
+        console.say(f"wrote {path}")
     vocab_path = os.path.join(args.data_dir, VOCAB_FILE)
     if not args.no_vocab and os.path.exists(vocab_path):
-        print(f"vocabulary: {vocab_path}")
+        console.say(f"vocabulary: {vocab_path}")
     return 0
 
 

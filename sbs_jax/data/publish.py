@@ -22,6 +22,7 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 
+from sbs_jax import console
 from sbs_jax.data import records, verify
 from sbs_jax.data.records import Record
 
@@ -89,7 +90,7 @@ def _clean_stale(parent: str, name: str, directory: str) -> None:
         if entry.startswith(f".{name}.previous-") and not os.path.exists(directory):
             os.rename(path, directory)
         elif entry.startswith((f".{name}.staging-", f".{name}.previous-")):
-            print(f"removing {path}: left by an interrupted build", flush=True)
+            console.say(f"removing {path}: left by an interrupted build")
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -102,8 +103,7 @@ def _carry_over(directory: str, staging: str, splits: Sequence[str]) -> dict:
         try:
             paths = records.shard_paths(directory, split)
         except records.DatasetError as error:
-            print(f"warning: not keeping split {split!r} of the published folder: {error}",
-                  flush=True)
+            console.say(f"warning: not keeping split {split!r} of the published folder: {error}")
             continue
         for path in paths:
             target = os.path.join(staging, os.path.basename(path))

@@ -19,7 +19,7 @@ import math
 import os
 import sys
 
-from sbs_jax import metrics
+from sbs_jax import console, metrics
 from sbs_jax.data import dss
 from sbs_jax.data.parse import parse_completion
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for r in rows:
         if "warning" in r:
-            print(f"warning: {r['warning']}", file=sys.stderr)
+            console.say(f"warning: {r['warning']}", file=sys.stderr)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

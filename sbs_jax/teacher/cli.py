@@ -28,6 +28,7 @@ import math
 import os
 import sys
 
+from sbs_jax import console
 from sbs_jax.data.parse import DATASETS
 from sbs_jax.teacher.http_backend import STARTUP_CONNECT_S
 
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                     "num_samples": args.num_samples}
         stats = asyncio.run(job.run_job(examples, backend, prompt, options, settings))
     except job.JobInterrupted as exc:
-        print(f"sbs-teacher: {exc}; re-run the same command to resume", file=sys.stderr)
+        console.say(f"sbs-teacher: {exc}; re-run the same command to resume", file=sys.stderr)
         return 130
     except (TeacherUnavailable, ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"sbs-teacher: error: {redact(str(exc), api_key)}", file=sys.stderr)
@@ -197,8 +198,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(console.LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     logging.getLogger("httpcore2").setLevel(logging.WARNING)
     return run(args)
