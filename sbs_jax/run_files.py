@@ -3,7 +3,8 @@
     run_config.json    the resolved RunConfig: tasks, model name and overrides, caps, mesh
     model_config.json  the T5Config the checkpoints hold
     spiece.model       a copy of the run's SentencePiece vocabulary
-    data_config.json   {"data_dir", "vocabulary": {"file", "sha256", "source"}}
+    data_config.json   {"data_dir", "vocabulary": {"file", "sha256", "source"},
+                        "seqio_cache_dirs" (a USE_CACHED_TASKS run's --seqio_additional_cache_dirs)}
 
 The vocabulary is pinned by content: a run restarted, evaluated or exported uses its copy, never
 the data folder's default spiece.model (which may have been rebuilt or be a stale cache), and a
@@ -19,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 
 from etils import epath
 
@@ -139,13 +141,18 @@ def choose_training_vocabulary(model_dir: str, initial_checkpoint_path: str | No
     return chosen
 
 
-def pin(model_dir: str, vocabulary_path: str | None, data_dir: str | None) -> None:
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def pin(model_dir: str, vocabulary_path: str | None, data_dir: str | None,
+        seqio_cache_dirs: Sequence[str] = ()) -> None:
     """(Lead process.) Copies the run's vocabulary into MODEL_DIR, readable by all, and records
-    its hash and the data folder in data_config.json."""
+    its hash, the data folder and the seqio cache folders it read in data_config.json."""
     directory = epath.Path(model_dir)
-    if data_dir and "://" not in data_dir:
-        data_dir = os.path.abspath(data_dir)
-    record: dict = {"data_dir": data_dir}
+    record: dict = {"data_dir": _absolute(data_dir) if data_dir else data_dir}
+    if seqio_cache_dirs:
+        record["seqio_cache_dirs"] = [_absolute(d) for d in seqio_cache_dirs]
     if vocabulary_path:
         sha = file_sha256(vocabulary_path)
         target = directory / VOCAB_FILE
@@ -168,8 +175,11 @@ def use_run_data(model_dir: str) -> list[str]:
 
     The vocabulary is always the run's; one named by SBS_VOCAB or gin must have its bytes. The
     data folder is a gin `tasks.data_config.data_dir` binding, else the run's (while it exists),
-    else the usual SBS_DATA_DIR / default.
+    else the usual SBS_DATA_DIR / default. A USE_CACHED_TASKS run's seqio cache folders are
+    searched unless --seqio_additional_cache_dirs named some.
     """
+    import seqio
+
     from tasks import config as tasks_config
 
     record = read_data_config(model_dir)
@@ -193,6 +203,11 @@ def use_run_data(model_dir: str) -> list[str]:
         else:
             notes.append(f"the run's data folder {recorded} is gone: reading "
                          f"{tasks_config.data_dir()}")
+    cache_dirs = record.get("seqio_cache_dirs")
+    if cache_dirs and not seqio.get_global_cache_dirs():
+        notes.append(f"seqio cache: the run's {', '.join(cache_dirs)} (USE_CACHED_TASKS; "
+                     "--seqio_additional_cache_dirs chooses others)")
+        seqio.add_global_cache_dirs(cache_dirs)
     return notes
 
 

@@ -283,7 +283,8 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
             console.say(f"initialised from {setup.initial.describe()}")
     if is_lead:
         run_config.save(cfg)
-        run_files.pin(cfg.model_dir, setup.vocabulary_path, tasks_config.data_dir())
+        run_files.pin(cfg.model_dir, setup.vocabulary_path, tasks_config.data_dir(),
+                      seqio.get_global_cache_dirs() if cfg.use_cached_tasks else ())
         run_config.write_text(epath.Path(cfg.model_dir) / convert.MODEL_CONFIG_FILE,
                               convert.config_to_json(setup.model_config))
         if operative_gin is not None:

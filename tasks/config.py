@@ -47,13 +47,15 @@ def data_dir() -> str:
 
 @contextlib.contextmanager
 def overrides_restored() -> Iterator[None]:
-    """Puts back the `set_data_dir` / `set_vocabulary_path` overrides on exit, so a job that
-    points the tasks at its run's files (train, eval, infer) leaves none behind in-process."""
-    saved = dict(_overrides)
+    """Puts back the `set_data_dir` / `set_vocabulary_path` overrides and seqio's cache folders
+    on exit, so a job that points the tasks at its run's files (train, eval, infer) leaves none
+    behind in-process."""
+    saved, cache_dirs = dict(_overrides), list(seqio.get_global_cache_dirs())
     try:
         yield
     finally:
         _overrides.update(saved)
+        seqio.set_global_cache_dirs(cache_dirs)
 
 
 def named_data_dir() -> str | None:

@@ -44,10 +44,10 @@ def test_stages_and_training_progress_are_shown(quickstart):
     positions = [stdout.index(f"[quickstart {i}/6") for i in range(1, 7)]
     assert positions == sorted(positions)
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"  # console.say's local time, on every CLI's lines
-    assert len(re.findall(rf"^{stamp} \[quickstart \d/6 ", stdout, re.M)) == 6
+    assert len(re.findall(rf"^{stamp} \[quickstart \d/6 ", stdout, re.MULTILINE)) == 6
     assert "[teacher train]" in stdout and "[teacher test]" in stdout
     # the teacher job logs with the same time prefix (no milliseconds)
-    assert re.search(rf"^\[teacher train\] {stamp} INFO sbs_jax.teacher: done: ", stdout, re.M)
+    assert re.search(rf"^\[teacher train\] {stamp} INFO sbs_jax.teacher: done: ", stdout, re.MULTILINE)
     for method in ("sbs_llm", "standard_ft"):
         # the trainer's lines start with their time: `YYYY-MM-DD HH:MM:SS step 10/10 | ...`
         assert re.search(rf"synthetic/t5_1_1_tiny/{method}/100pct/seed0 train\] "

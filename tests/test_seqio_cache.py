@@ -1,5 +1,6 @@
 """launch/seqio_cache.sh caches tasks with Beam's DirectRunner; a cached task yields the same
-examples as the task read from records, and USE_CACHED_TASKS trains from the cache."""
+examples as the task read from records, USE_CACHED_TASKS trains from the cache, and the run
+records the cache so eval --model_dir finds it without the flag."""
 
 import json
 import os
@@ -11,9 +12,12 @@ import sys
 import numpy as np
 import pytest
 import seqio
+from test_model_dir import _fresh_env
 
 import tasks
+from sbs_jax import run_files
 from sbs_jax.data import pipeline, synthetic
+from tasks import config as tasks_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO_ROOT / "launch" / "seqio_cache.sh")
@@ -102,10 +106,39 @@ def test_training_reads_the_cache_with_use_cached_tasks(cached, tmp_path):
     summary = json.loads((model_dir / "run_summary.json").read_text())
     assert summary["step"] == 2 and summary["eval_metrics"]["num_examples"] == 8
     assert json.loads((model_dir / "run_config.json").read_text())["use_cached_tasks"] is True
+    recorded = json.loads((model_dir / run_files.DATA_CONFIG_FILE).read_text())
+    assert recorded["seqio_cache_dirs"] == [cache_dir]
+    # The run recorded its cache: eval --model_dir needs no flag, even in a fresh shell.
     evaluated = subprocess.run(
         [sys.executable, "-m", "sbs_jax.eval", "--model_dir", str(model_dir), "--split", "test",
-         "--max_examples", "8", "--output", str(tmp_path / "test.json"),
-         f"--seqio_additional_cache_dirs={cache_dir}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+         "--max_examples", "8", "--output", str(tmp_path / "test.json")],
+        cwd=tmp_path, env=_fresh_env(tmp_path), capture_output=True, text=True, timeout=600,
+        check=False)
     assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-3000:]
+    assert f"seqio cache: the run's {cache_dir}" in evaluated.stderr
     assert json.loads((tmp_path / "test.json").read_text())["num_examples"] == 8
+
+
+def test_a_run_records_its_cache_and_a_flag_chooses_another(tmp_path):
+    """eval/infer --model_dir search the run's seqio cache folders unless
+    --seqio_additional_cache_dirs named some; the job leaves seqio's folders as it found them."""
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    run_files.pin(str(model_dir), None, str(tmp_path / "data"), ["cache_a", "gs://b/cache"])
+    recorded = json.loads((model_dir / run_files.DATA_CONFIG_FILE).read_text())
+    assert recorded["seqio_cache_dirs"] == [os.path.abspath("cache_a"), "gs://b/cache"]
+    assert seqio.get_global_cache_dirs() == []
+    with tasks_config.overrides_restored():
+        run_files.use_run_data(str(model_dir))
+        assert seqio.get_global_cache_dirs() == recorded["seqio_cache_dirs"]
+    assert seqio.get_global_cache_dirs() == []
+    seqio.set_global_cache_dirs(["/flag/cache"])  # as --seqio_additional_cache_dirs puts it
+    try:
+        with tasks_config.overrides_restored():
+            assert not any("seqio cache" in n for n in run_files.use_run_data(str(model_dir)))
+            assert seqio.get_global_cache_dirs() == ["/flag/cache"]
+    finally:
+        seqio.set_global_cache_dirs([])
+    run_files.pin(str(model_dir), None, None)  # a run that read no cache records none
+    assert "seqio_cache_dirs" not in json.loads(
+        (model_dir / run_files.DATA_CONFIG_FILE).read_text())
