@@ -20,7 +20,8 @@ a line with `input`, or `premise` and `hypothesis` for NLI, and optionally `id`)
 "\n" only (a U+2028 inside a JSON string is text) and must be UTF-8. The inputs go through the
 label task's own preprocessors (prefix, NLI separator, tokenizer, EOS), so they are formatted
 exactly as in training. Inputs longer than TASK_FEATURE_LENGTHS["inputs"] are cut to it as in
-training: one warning says how many, and their lines carry `"truncated": true`.
+training: one warning says how many, and their lines carry `"truncated": true` (label input) or
+`"rationale_truncated": true` (the `explain:` input of --output_rationale).
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _read_examples(args, cfg):
-    """(label EvalSet, rationale EvalSet or None, truncated rows) for --input_file or --split."""
+    """(label EvalSet, rationale EvalSet or None, truncated rows of each) for --input_file or
+    --split."""
     from sbs_jax import evaluation, train_loop
     from sbs_jax.data import pipeline
 
@@ -195,7 +197,7 @@ def _read_examples(args, cfg):
     cap = lengths["inputs"]
     rationale_len = lengths.get("rationale_targets", lengths["targets"])
     rationale_task = rationale_task_for(cfg.mixture_or_task_name, cfg.rationale_mixture_name)
-    explain = None
+    explain, explain_truncated = None, []
     if args.input_file:
         inputs = read_inputs(args.input_file)[: args.max_examples]
         examples = input_set(cfg.mixture_or_task_name, inputs, cap)
@@ -204,6 +206,8 @@ def _read_examples(args, cfg):
         if args.output_rationale:
             train_loop.check_task(rationale_task, "RATIONALE_MIXTURE_NAME")
             explain = input_set(rationale_task, inputs, cap)
+            explain_truncated = truncated_rows(
+                explain, lambda: input_set(rationale_task, inputs, UNCAPPED), cap)
     else:
         cached = cfg.use_cached_tasks
         examples = evaluation.subset(
@@ -214,7 +218,21 @@ def _read_examples(args, cfg):
         if args.output_rationale:
             explain = _split_rationale_set(rationale_task, args.split, examples, cap,
                                            rationale_len, cached)
-    return examples, explain, truncated
+            explain_truncated = truncated_rows(explain, lambda: _split_rationale_set(
+                rationale_task, args.split, examples, UNCAPPED, rationale_len, cached), cap)
+    return examples, explain, truncated, explain_truncated
+
+
+def truncation_warning(prog: str, cap: int, ids: Sequence[str],
+                       cuts: Sequence[tuple[str, list[int], str]]) -> str:
+    """One warning for every kind of input cut to the cap; `cuts` holds (what, rows, the key
+    their lines carry)."""
+    counted = " and ".join(f"{len(rows)} of {len(ids)} {what} (first: id {ids[rows[0]]!r})"
+                           for what, rows, _ in cuts)
+    marks = " and ".join(f'"{key}": true' for _, _, key in cuts)
+    return (f"{prog}: warning: {counted} are longer than the {cap}-token input cap "
+            "(TASK_FEATURE_LENGTHS['inputs']) and were cut to it, as in training; their lines "
+            f"say {marks}")
 
 
 def _infer(parser, args, cfg) -> int:
@@ -225,16 +243,15 @@ def _infer(parser, args, cfg) -> int:
 
     step, config, params, mesh, rules = eval_cli.load_model(parser, args, cfg)
     try:
-        examples, explain, truncated = _read_examples(args, cfg)
+        examples, explain, truncated, explain_truncated = _read_examples(args, cfg)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     cap = cfg.task_feature_lengths["inputs"]
-    if truncated and jax.process_index() == 0:
-        console.say(f"{parser.prog}: warning: {len(truncated)} of {len(examples.ids)} inputs are "
-                    f"longer than the {cap}-token input cap (TASK_FEATURE_LENGTHS['inputs']) and "
-                    f"were cut to it, as in training (first: id "
-                    f"{examples.ids[truncated[0]]!r}); their lines say \"truncated\": true",
-                    file=sys.stderr)
+    cuts = [cut for cut in (("inputs", truncated, "truncated"),
+                            ("rationale inputs", explain_truncated, "rationale_truncated"))
+            if cut[1]]
+    if cuts and jax.process_index() == 0:
+        console.say(truncation_warning(parser.prog, cap, examples.ids, cuts), file=sys.stderr)
     batch_size = args.batch_size or cfg.eval_batch_size
     predictions = evaluation.decode_texts(config, params, examples, batch_size,
                                           cfg.max_decode_len, mesh=mesh, axis_rules=rules)
@@ -246,7 +263,7 @@ def _infer(parser, args, cfg) -> int:
                                                              lengths["targets"]),
             mesh=mesh, axis_rules=rules)
     answers = examples.answers(predictions)
-    cut = set(truncated)
+    marked = [(key, set(rows)) for _, rows, key in cuts]
     lines = []
     for row, example_id in enumerate(examples.ids):
         record = {"id": example_id, "input": examples.inputs_text[row]}
@@ -256,12 +273,12 @@ def _infer(parser, args, cfg) -> int:
         record["answer"] = answers[row]
         if rationales is not None:
             record["rationale"] = rationales[row]
-        if row in cut:
-            record["truncated"] = True
+        record.update({key: True for key, rows in marked if row in rows})
         lines.append(json.dumps(record, ensure_ascii=False))
     if jax.process_index() == 0:
         run_config.write_text(epath.Path(args.output), "\n".join(lines) + "\n")
-        cut_note = f"; {len(truncated)} inputs truncated to {cap} tokens" if truncated else ""
+        counts = " and ".join(f"{len(rows)} {what}" for what, rows, _ in cuts)
+        cut_note = f"; {counts} truncated to {cap} tokens" if cuts else ""
         console.say(f"{len(lines)} predictions (step {step}) written to {args.output}{cut_note}")
     return 0
 

@@ -70,7 +70,7 @@ def test_plain_text_inputs_predict_like_the_task_split(trained_run, tmp_path, ca
     assert "4 predictions (step 4)" in capsys.readouterr().out
 
 
-def test_jsonl_inputs_keep_ids_order_and_decode_rationales(trained_run, tmp_path):
+def test_jsonl_inputs_keep_ids_order_and_decode_rationales(trained_run, tmp_path, capsys):
     lines = [{"id": "q-b", "input": "1 2 3 + 4 5 6"}, {"input": "7 + 8"},
              {"id": 7, "premise": "A man sleeps.", "hypothesis": "A person rests."}]
     source = tmp_path / "inputs.jsonl"
@@ -84,9 +84,36 @@ def test_jsonl_inputs_keep_ids_order_and_decode_rationales(trained_run, tmp_path
     assert [r["input"] for r in rows] == ["predict: 1 2 3 + 4 5 6", "predict: 7 + 8",
                                           "predict: A man sleeps.</s>A person rests."]
     # the NLI text is letters, byte pieces in the digits-only synthetic vocabulary: over 32 tokens
+    # in both views
     assert [r.pop("truncated", False) for r in rows] == [False, False, True]
+    assert [r.pop("rationale_truncated", False) for r in rows] == [False, False, True]
     assert all(set(r) == {"id", "input", "prediction", "answer", "rationale"} for r in rows)
     assert all(isinstance(r["rationale"], str) for r in rows)
+    err = capsys.readouterr().err
+    assert ("1 of 3 inputs (first: id '7') and 1 of 3 rationale inputs (first: id '7') are longer "
+            "than the 32-token input cap") in err
+    assert 'their lines say "truncated": true and "rationale_truncated": true' in err
+
+
+def test_rationale_inputs_cut_alone_are_counted_and_marked(trained_run, tmp_path, capsys):
+    """The `explain:` prefix can take an input over the cap that its label view fits (here the
+    label task has no prefix): the rationale input is counted and its line marked."""
+    source = tmp_path / "inputs.txt"
+    source.write_text("1 + 2\n" + " ".join(["9"] * 25) + " + 1\n")  # 28 and 37 tokens
+    out = tmp_path / "preds.jsonl"
+    assert infer_cli.main([*_flags(trained_run), "--gin.MIXTURE_OR_TASK_NAME='synthetic_standard_gt'",
+                           f"--input_file={source}", f"--output={out}",
+                           "--output_rationale"]) == 0
+    rows = _rows(out)
+    assert [r["input"].startswith("9 9") for r in rows] == [False, True]
+    assert [(r.get("truncated", False), r.get("rationale_truncated", False)) for r in rows] == [
+        (False, False), (False, True)]
+    captured = capsys.readouterr()
+    assert ("warning: 1 of 2 rationale inputs (first: id '2') are longer than the 32-token "
+            'input cap') in captured.err
+    assert 'their lines say "rationale_truncated": true' in captured.err
+    assert "2 predictions (step 4) written to" in captured.out
+    assert "; 1 rationale inputs truncated to 32 tokens" in captured.out
 
 
 @pytest.mark.parametrize("content, problem", [
