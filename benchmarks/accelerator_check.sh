@@ -23,15 +23,16 @@ if [[ "${1:-}" == "--tiny" ]]; then
 fi
 OUT="${1:-accelerator_check.json}"
 
-# The model settings of gin/sbs_large.gin (bf16 compute, scanned layers, its remat policy and
-# micro-batches) and the lengths of the measurements: inputs 256, label 8, rationale 128.
+# The settings of gin/sbs_large.gin (bf16 compute, scanned layers, minimal remat, micro-batches
+# of 16 rows: 64 / 4) and the lengths of the measurements: inputs 256, label 8,
+# rationale 128 tokens.
 if (( TINY )); then
   args=(--config t5_1_1_tiny --dtype bfloat16 --scan_layers --remat_policy minimal
-        --batches 2 4 8 --decode_batches 2 4 --input_len 32 --label_len 4 --rationale_len 16
-        --decode_len 8 --rounds 2)
+        --rows_per_microbatch 4 --batches 2 4 8 --decode_batches 2 4 --input_len 32
+        --label_len 4 --rationale_len 16 --decode_len 8 --rounds 2)
 else
   args=(--config t5_1_1_large --dtype bfloat16 --scan_layers --remat_policy minimal
-        --num_microbatches 1 --batches 8 32 64 --decode_batches 8 32 --input_len 256
+        --rows_per_microbatch 16 --batches 8 32 64 --decode_batches 8 32 --input_len 256
         --label_len 8 --rationale_len 128 --decode_len 64 --rounds 3)
 fi
 

@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scan_layers", action="store_true")
     parser.add_argument("--remat_policy", default="none", help="none, minimal, full")
     parser.add_argument("--num_microbatches", type=int, default=1)
+    parser.add_argument("--rows_per_microbatch", type=int,
+                        help="with --batches: micro-batches of this many rows (batch 64 / 4 = 16 "
+                             "is what gin/sbs_large.gin runs) instead of --num_microbatches")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+",
                         help="a set of batch sizes, the peer in its own process (GPU runs)")
@@ -264,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "config": args.config, "dtype": args.dtype, "scan_layers": args.scan_layers,
         "remat_policy": args.remat_policy, "num_microbatches": args.num_microbatches,
+        "rows_per_microbatch": args.rows_per_microbatch,
         "input_len": args.input_len, "label_len": args.label_len,
         "rationale_len": args.rationale_len, "decode_len": args.decode_len,
         "rounds": args.rounds,

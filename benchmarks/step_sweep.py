@@ -87,9 +87,12 @@ def _ours_sweep(args: argparse.Namespace, config, ours_train: Callable) -> dict[
     for batch in sorted(args.batches):
         views = hf_peer.random_views(config.vocab_size, batch, args.input_len, args.label_len,
                                      args.rationale_len)
-        if not measure("train", batch, lambda views=views: ours_train(
-                config, params, views, args.alpha, args.num_microbatches)):
+        microbatches = (max(1, batch // args.rows_per_microbatch) if args.rows_per_microbatch
+                        else args.num_microbatches)
+        if not measure("train", batch, lambda views=views, m=microbatches: ours_train(
+                config, params, views, args.alpha, m)):
             break
+        rows["train"][str(batch)]["num_microbatches"] = microbatches
     for batch in sorted(args.decode_batches):
         enc = hf_peer.random_views(config.vocab_size, batch, args.input_len, args.label_len,
                                    args.rationale_len)["rationale"]["encoder_input_tokens"]

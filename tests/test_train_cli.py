@@ -258,6 +258,26 @@ def test_sbs_configs_hold_the_papers_recipe(size, tmp_path):
     assert cfg.mesh_shape == ((1, -1, 1) if size in ("xl", "xxl") else (-1, 1, 1))
 
 
+@pytest.mark.parametrize("size, remat, microbatches", [
+    ("base", "minimal", 1), ("large", "minimal", 4), ("xl", "minimal", 1), ("xxl", "full", 1)])
+def test_accelerator_configs_compute_in_bf16_with_their_sized_settings(size, remat,
+                                                                       microbatches, tmp_path):
+    """base and up: bf16 compute, scanned layers, and the remat / micro-batches that
+    benchmarks/memory.py sized them with; float32 compute is one macro away."""
+    from sbs_jax import run_config
+
+    gin_utils.parse_gin([f"gin/sbs_{size}.gin"], [f"MODEL_DIR = '{tmp_path}'"])
+    cfg = run_config.from_gin()
+    assert cfg.model_overrides == {"dtype": "bfloat16", "scan_layers": True,
+                                   "remat_policy": remat}
+    assert cfg.num_microbatches == microbatches
+    gin_utils.parse_gin([f"gin/sbs_{size}.gin"], [f"MODEL_DIR = '{tmp_path}'"],
+                        shorthand_bindings=["ACTIVATION_DTYPE = 'float32'"])
+    assert run_config.from_gin().model_overrides["dtype"] == "float32"
+    gin_utils.parse_gin(["gin/sbs_small.gin"], [f"MODEL_DIR = '{tmp_path}'"])
+    assert run_config.from_gin().model_overrides == {}
+
+
 def test_overlay_configs_switch_mode_and_optimizer(tmp_path):
     from sbs_jax import run_config
 
