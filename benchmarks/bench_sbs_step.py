@@ -37,7 +37,6 @@ Prints a markdown table, then JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -51,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flops
 import hf_peer
 import peak
+import results
 import step_sweep
 
 
@@ -277,11 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         "jax_version": jax.__version__, **run,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
-    print(json.dumps(result, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return results.emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -59,8 +59,8 @@ def measure(dataset: str, splits: list[str]) -> dict[str, dict]:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    lines = ["| dataset (splits) | inputs max / p99 -> bucket | labels max / p99 -> bucket | "
-             "rationales max / p99 -> bucket |", "|---|---|---|---|"]
+    lines = [("| dataset (splits) | inputs max / p99 -> bucket | labels max / p99 -> bucket | "
+              "rationales max / p99 -> bucket |"), "|---|---|---|---|"]
     for name, r in results.items():
         cells = [f"{r[f]['max']} / {r[f]['p99']} -> {r[f]['bucket']}"
                  + (f" ({r[f]['at_cap']} at the cap)" if r[f]["at_cap"] else "")

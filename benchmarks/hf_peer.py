@@ -18,7 +18,6 @@ transformers and our model config (no TensorFlow, SeqIO or gin). Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import results
 
 
 def random_view(rng: np.random.Generator, vocab: int, batch: int, input_len: int,
@@ -209,11 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = get_config(args.config, dtype=args.dtype)
     result = sweep(config, args.batches, args.decode_batches, args.input_len, args.label_len,
                    args.rationale_len, args.decode_len, args.alpha, args.rounds)
-    print(json.dumps(result, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return results.emit(result, args.json_out)
 
 
 if __name__ == "__main__":

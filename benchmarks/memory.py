@@ -22,11 +22,12 @@ Prints a table, then JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from typing import Any
+
+import results
 
 FITS_FRACTION = 0.9
 _GB = 1e9
@@ -135,8 +136,8 @@ def _gb(value: float) -> str:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| program | arguments GB | outputs GB | aliased GB | temporaries GB | peak GB | "
-             "fits | compile s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| program | arguments GB | outputs GB | aliased GB | temporaries GB | peak GB | "
+              "fits | compile s |"), "|---|---|---|---|---|---|---|---|"]
     for name in ("train_step", "generate"):
         r = result.get(name)
         if r is None:
@@ -220,11 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "jax_version": jax.__version__,
     }
     print(markdown_table(result))
-    print(json.dumps(result, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return results.emit(result, args.json_out)
 
 
 if __name__ == "__main__":

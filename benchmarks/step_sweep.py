@@ -17,10 +17,9 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 import flops
 import hf_peer
+import numpy as np
 import peak
 
 
@@ -73,7 +72,7 @@ def _ours_sweep(args: argparse.Namespace, config, ours_train: Callable) -> dict[
         try:
             run = make_run()
             t = hf_peer.timed(run, args.rounds)
-        except Exception as exc:  # noqa: BLE001  (XLA reports OOM as a runtime error)
+        except Exception as exc:
             if not _out_of_memory(exc):
                 raise
             rows[kind][str(batch)] = {"oom": str(exc).splitlines()[0][:300]}

@@ -19,8 +19,8 @@ def _account(tmp_path, batch_size: int, *flags: str) -> dict:
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "memory.py"),
          "--gin_file=gin/sbs_small.gin", "--gin_bindings=RunConfig.model_name = 't5_1_1_tiny'",
-         "--gin_bindings=RunConfig.model_overrides = {'vocab_size': 256, 'dtype': 'bfloat16', "
-         "'num_encoder_layers': 1, 'num_decoder_layers': 1}",
+         ("--gin_bindings=RunConfig.model_overrides = {'vocab_size': 256, 'dtype': 'bfloat16', "
+          "'num_encoder_layers': 1, 'num_decoder_layers': 1}"),
          "--gin_bindings=RunConfig.eval_batch_size = 8",
          "--gin_bindings=RunConfig.max_decode_len = 4",
          f"--gin.BATCH_SIZE={batch_size}",
