@@ -227,12 +227,13 @@ def truncation_warning(prog: str, cap: int, ids: Sequence[str],
                        cuts: Sequence[tuple[str, list[int], str]]) -> str:
     """One warning for every kind of input cut to the cap; `cuts` holds (what, rows, the key
     their lines carry)."""
-    counted = " and ".join(f"{len(rows)} of {len(ids)} {what} (first: id {ids[rows[0]]!r})"
-                           for what, rows, _ in cuts)
+    counted = " and ".join(f"{len(rows)} of {len(ids)} {what}" for what, rows, _ in cuts)
+    firsts = "; ".join(("first" if what == "inputs" else f"first {what[:-1]}")
+                       + f": id {ids[rows[0]]!r}" for what, rows, _ in cuts)
     marks = " and ".join(f'"{key}": true' for _, _, key in cuts)
     return (f"{prog}: warning: {counted} are longer than the {cap}-token input cap "
-            "(TASK_FEATURE_LENGTHS['inputs']) and were cut to it, as in training; their lines "
-            f"say {marks}")
+            f"(TASK_FEATURE_LENGTHS['inputs']) and were cut to it, as in training ({firsts}); "
+            f"their lines say {marks}")
 
 
 def _infer(parser, args, cfg) -> int:

@@ -90,8 +90,8 @@ def test_jsonl_inputs_keep_ids_order_and_decode_rationales(trained_run, tmp_path
     assert all(set(r) == {"id", "input", "prediction", "answer", "rationale"} for r in rows)
     assert all(isinstance(r["rationale"], str) for r in rows)
     err = capsys.readouterr().err
-    assert ("1 of 3 inputs (first: id '7') and 1 of 3 rationale inputs (first: id '7') are longer "
-            "than the 32-token input cap") in err
+    assert ("1 of 3 inputs and 1 of 3 rationale inputs are longer than the 32-token input cap"
+            in err and "(first: id '7'; first rationale input: id '7')" in err)
     assert 'their lines say "truncated": true and "rationale_truncated": true' in err
 
 
@@ -109,8 +109,8 @@ def test_rationale_inputs_cut_alone_are_counted_and_marked(trained_run, tmp_path
     assert [(r.get("truncated", False), r.get("rationale_truncated", False)) for r in rows] == [
         (False, False), (False, True)]
     captured = capsys.readouterr()
-    assert ("warning: 1 of 2 rationale inputs (first: id '2') are longer than the 32-token "
-            'input cap') in captured.err
+    assert ("warning: 1 of 2 rationale inputs are longer than the 32-token input cap"
+            in captured.err and "(first rationale input: id '2')" in captured.err)
     assert 'their lines say "rationale_truncated": true' in captured.err
     assert "2 predictions (step 4) written to" in captured.out
     assert "; 1 rationale inputs truncated to 32 tokens" in captured.out
