@@ -3,7 +3,8 @@
 A HF T5 folder (config.json + weights, via `models.hf.load_hf`) brings its own architecture;
 one of our MODEL_DIRs is read with the run's model gin. Parameters of another shape are refused
 before any step, naming the first tensor that differs, both shapes, and the model gin file
-whose sizes the checkpoint has.
+whose sizes the checkpoint has. A checkpoint without a vocabulary (a HF folder with no
+spiece.model, a MODEL_DIR that pinned none) starts on the task's, and the console says so.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from sbs_jax import checkpoints, convert, models, run_config
+from sbs_jax import checkpoints, convert, models, run_config, run_files
 from sbs_jax.models import config as model_configs
 from sbs_jax.vocab import padded_vocab_size
 
@@ -35,10 +36,28 @@ class Initial:
     path: str
     format: str  # "HF" or "sbs-jax"
     step: int | None = None  # of an sbs-jax MODEL_DIR
+    vocabulary: str | None = None  # the file the run tokenises with
+    vocabulary_from: str | None = None  # "checkpoint", or "task" when the checkpoint has none
 
     def describe(self) -> str:
         step = f", step {self.step}" if self.step is not None else ""
         return f"{self.path} ({self.format}{step})"
+
+    def vocabulary_note(self) -> str | None:
+        """The line that says a checkpoint without a vocabulary runs on the task's."""
+        if self.vocabulary_from != "task":
+            return None
+        lacks = (f"has no {run_files.VOCAB_FILE}" if self.format == "HF"
+                 else f"records no vocabulary ({run_files.DATA_CONFIG_FILE})")
+        return (f"INITIAL_CHECKPOINT_PATH={self.path} {lacks}: using the task vocabulary "
+                f"{self.vocabulary}; it must be the one the checkpoint was trained with")
+
+
+def with_vocabulary(initial: Initial, vocabulary_path: str | None) -> Initial:
+    """`initial` recording the run's vocabulary file and whether the checkpoint brought it."""
+    own = run_files.checkpoint_vocabulary(initial.path) is not None
+    return dataclasses.replace(initial, vocabulary=vocabulary_path,
+                               vocabulary_from="checkpoint" if own else "task")
 
 
 def is_hf_folder(path: str) -> bool:

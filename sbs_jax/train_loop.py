@@ -190,8 +190,11 @@ def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, An
         use_cached=cfg.use_cached_tasks,
         pack_row_multiple=math.lcm(max(1, cfg.batch_size // 8),
                                    data_shards * cfg.num_microbatches))
+    vocabulary_path = _vocabulary_file(label_task)
+    if initial is not None:
+        initial = initial_checkpoint.with_vocabulary(initial, vocabulary_path)
     return _Setup(model_config, partitioner, tx, schedule, batches, num_shards,
-                  _vocabulary_file(label_task), initial), initial_params
+                  vocabulary_path, initial), initial_params
 
 
 def _eval_splits(cfg: run_config.RunConfig) -> list[str]:
@@ -281,6 +284,8 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
                                    params=initial_params)
         if initial_params is not None and is_lead:
             console.say(f"initialised from {setup.initial.describe()}")
+            if note := setup.initial.vocabulary_note():
+                console.say(note)
     if is_lead:
         run_config.save(cfg)
         run_files.pin(cfg.model_dir, setup.vocabulary_path, tasks_config.data_dir(),

@@ -243,14 +243,39 @@ def test_hf_initial_checkpoint_brings_its_vocabulary(tmp_path, data_dir, tiny_vo
                   checkpoint_period=1, model_overrides={"dropout_rate": 0.0})
     summary = train_loop.train(cfg)
     assert _sha(tmp_path / "run" / "spiece.model") == _sha(tiny_vocab_path)
-    assert summary["initialised_from"] == {"path": str(hf_dir), "format": "HF", "step": None}
-    assert f"initialised from {hf_dir} (HF)" in capsys.readouterr().out
+    assert summary["initialised_from"] == {
+        "path": str(hf_dir), "format": "HF", "step": None,
+        "vocabulary": str(hf_dir / "spiece.model"), "vocabulary_from": "checkpoint"}
+    out = capsys.readouterr().out
+    assert f"initialised from {hf_dir} (HF)" in out and "has no spiece.model" not in out
     # A vocabulary named that differs from the folder's is refused, naming both.
     monkeypatch.setenv("SBS_VOCAB", other_vocab)
     with pytest.raises(train_loop.SetupError) as error:
         train_loop.train(_config(tmp_path / "other", initial_checkpoint_path=str(hf_dir),
                                  model_overrides={}))
     assert str(hf_dir / "spiece.model") in str(error.value) and other_vocab in str(error.value)
+
+
+def test_hf_initial_checkpoint_without_a_vocabulary_says_which_it_uses(tmp_path, data_dir,
+                                                                        monkeypatch, capsys):
+    fixtures = pytest.importorskip("hf_t5_fixtures")
+    hf_dir = tmp_path / "t5-without-spiece"
+    fixtures.make_hf_dir("v1_1", hf_dir, vocab_size=640)
+    assert not (hf_dir / "spiece.model").exists()
+    monkeypatch.setenv("SBS_DATA_DIR", str(data_dir))
+    monkeypatch.delenv("SBS_VOCAB", raising=False)
+    summary = train_loop.train(_config(
+        tmp_path / "run", initial_checkpoint_path=str(hf_dir), train_steps=1,
+        checkpoint_period=1, eval_period=0, model_overrides={"dropout_rate": 0.0}))
+    task_vocabulary = str(data_dir / "spiece.model")
+    assert summary["initialised_from"] == {
+        "path": str(hf_dir), "format": "HF", "step": None, "vocabulary": task_vocabulary,
+        "vocabulary_from": "task"}
+    lines = [line for line in capsys.readouterr().out.splitlines() if "spiece.model" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"INITIAL_CHECKPOINT_PATH={hf_dir} has no spiece.model: using the task vocabulary "
+        f"{task_vocabulary}; it must be the one the checkpoint was trained with")
+    assert _sha(tmp_path / "run" / "spiece.model") == _sha(task_vocabulary)
 
 
 def test_a_checkpoint_of_another_shape_names_tensor_shapes_and_model_gin(tmp_path, run_dir,
