@@ -6,6 +6,8 @@ Data folder, first match wins: `set_data_dir(...)`, gin `tasks.data_config.data_
 `spiece.model` or one trained by `sbs_jax.vocab.train_vocab`): `set_vocabulary_path(...)`, gin
 `tasks.data_config.vocabulary_path`, env `SBS_VOCAB`, else `{data folder}/spiece.model`. The
 synthetic tasks create their data, and that default vocabulary, the first time they are read.
+A dataset folder whose info.json pins a vocabulary (`sbs_jax.data.build` records its sha256) is
+read only with that vocabulary (`check_pinned_vocabulary`, called by the record source).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 import seqio
 
 import gin
-from sbs_jax.data import synthetic
+from sbs_jax.data import records, synthetic, verify
 
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sbs_jax", "data")
 _overrides: dict[str, str | None] = {"data_dir": None, "vocabulary_path": None}
@@ -83,6 +85,38 @@ def vocabulary_path(for_synthetic: bool = False) -> str:
                 "spiece.model (a HF T5 one, or one trained with `sbs-vocab`)."
             )
     return path
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: one hash a file
+
+
+def _sha256(path: str) -> str:
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = records.file_sha256(path)
+    return _SHA256[key]
+
+
+def check_pinned_vocabulary(dataset_dir: str) -> None:
+    """Refuses to read `dataset_dir` with a vocabulary other than the one its info.json pins
+    (the build made the folder for it), naming both files and hashes. Reading without an info.json,
+    without a pin, or before the vocabulary exists passes (the tokenizer names a missing one)."""
+    info = verify.read_info(dataset_dir)
+    pinned = (info or {}).get("vocabulary")
+    path = named_vocabulary_path() or os.path.join(data_dir(), "spiece.model")
+    if not pinned or not os.path.exists(path):
+        return
+    sha = _sha256(path)
+    if sha != pinned["sha256"]:
+        pinned_path = os.path.normpath(os.path.join(dataset_dir, pinned.get("path", "?")))
+        info_path = os.path.join(dataset_dir, records.INFO_FILE)
+        raise records.DatasetError(
+            f"the task vocabulary {path} (sha256 {sha[:12]}) is not the one {info_path} pins "
+            f"(sha256 {pinned['sha256'][:12]}, {pinned_path}): the folder was built for that "
+            "one. Name it (SBS_VOCAB / tasks.data_config.vocabulary_path), or build another data "
+            f"folder for this one (`python -m sbs_jax.data.build --vocab {path} --data_dir "
+            "OTHER ...`)")
 
 
 class ConfiguredVocabulary(seqio.SentencePieceVocabulary):

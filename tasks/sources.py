@@ -25,7 +25,8 @@ class RecordSource(seqio.FileDataSource):
 
     The folder is looked up on every read (not at registration) and, for the synthetic dataset,
     created on first use. Each split is checked against the folder's info.json (or teacher
-    ledgers) before it is read: a partial or mixed folder is refused (`sbs_jax.data.verify`).
+    ledgers) before it is read: a partial or mixed folder is refused (`sbs_jax.data.verify`), and
+    so is a vocabulary other than the one info.json pins (`config.check_pinned_vocabulary`).
     `split` lets preprocessors treat train differently (teacher labels).
     """
 
@@ -47,6 +48,7 @@ class RecordSource(seqio.FileDataSource):
     def _shards(self, split: str) -> list[verify.VerifiedShard]:
         directory = self.directory()
         shards = verify.verify_split(directory, split)
+        config.check_pinned_vocabulary(directory)
         if not shards:
             raise FileNotFoundError(
                 f"no '{split}' record shards for {self._dataset!r} in {directory!r}: build them "

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -154,6 +155,39 @@ def test_readers_refuse_partial_and_mixed_folders_with_a_rebuild_hint(tmp_path, 
     with pytest.raises(records.DatasetError, match="train-00027.tfrecord not listed"):
         pipeline.PairedBatches("svamp_label_llm", "svamp_rationale", "train", 8,
                                {"inputs": 64, "targets": 32})
+
+
+def test_readers_refuse_a_vocabulary_other_than_the_pinned_one(tmp_path, tiny_vocab_path):
+    import tasks
+    from sbs_jax.data import pipeline
+
+    source = _svamp_release(tmp_path / "release")
+    data = tmp_path / "data"
+    build.build(str(source), str(data), "svamp", vocab=tiny_vocab_path)
+    other = build.ensure_vocabulary(str(tmp_path / "other"), records.read_split(
+        str(data / "svamp"), "test"), vocab_size=600)
+    info_path = data / "svamp" / "info.json"
+    pinned, other_sha = records.file_sha256(tiny_vocab_path), records.file_sha256(other)
+    tasks.set_data_dir(str(data))
+    try:
+        assert len(pipeline.eval_set("svamp_label_gt", "test").ids) == 20  # the folder's own
+        tasks.set_vocabulary_path(tiny_vocab_path)  # named elsewhere, the same bytes
+        assert pipeline.count_examples("svamp_label_gt", "test") == 20
+        tasks.set_vocabulary_path(other)
+        with pytest.raises(records.DatasetError) as error:
+            pipeline.count_examples("svamp_label_gt", "test")
+        for name in (other, other_sha[:12], str(info_path), pinned[:12],
+                     str(data / "spiece.model")):
+            assert name in str(error.value)
+        # The folder's own spiece.model replaced after the build is refused too.
+        tasks.set_vocabulary_path(None)
+        shutil.copyfile(other, data / "spiece.model")
+        with pytest.raises(records.DatasetError, match=rf"the task vocabulary {data}/spiece.model "
+                           rf"\(sha256 {other_sha[:12]}\) is not the one {info_path} pins"):
+            pipeline.eval_set("svamp_label_gt", "test")
+    finally:
+        tasks.set_data_dir(None)
+        tasks.set_vocabulary_path(None)
 
 
 def _teacher(*args):
