@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sbs_jax import partitioning
@@ -200,7 +199,7 @@ def _compiled(config: T5Config, method: str, max_len: int, num_beams: int,
               eos_id: int, mesh: Mesh | None = None, axis_rules: tuple | None = None
               ) -> Callable:
     """The jitted decoder; with a mesh, with the params' and the batch's shardings as the
-    training run lays them out (call it inside `mesh_context`)."""
+    training run lays them out (call it inside `partitioning.mesh_context`)."""
     if method == "beam":
         fn = _beam_search(config, max_len, num_beams, length_penalty, early_stopping, eos_id)
     else:
@@ -211,17 +210,6 @@ def _compiled(config: T5Config, method: str, max_len: int, num_beams: int,
     batch = partitioning.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(params, batch, replicated, replicated), out_shardings=batch)
-
-
-def mesh_context(mesh: Mesh | None, axis_rules: Sequence[tuple[str, Any]] | None
-                 ) -> contextlib.AbstractContextManager:
-    """The mesh and logical axis rules made current (as the trainer traces its step), so the
-    model's activation and cache constraints resolve; nothing without a mesh."""
-    stack = contextlib.ExitStack()
-    if mesh is not None:
-        stack.enter_context(jax.set_mesh(mesh))
-        stack.enter_context(nn.logical_axis_rules(axis_rules))
-    return stack
 
 
 def generate(config: T5Config, params: Any, encoder_input_tokens: Any, max_decode_len: int,
@@ -261,5 +249,6 @@ def generate(config: T5Config, params: Any, encoder_input_tokens: Any, max_decod
                    float(length_penalty) if method == "beam" else 0.0,
                    early_stopping if method == "beam" else False,
                    int(top_k) if method == "sample" else 0, int(eos_id), mesh, rules)
-    with mesh_context(mesh, rules):
+    context = contextlib.nullcontext() if mesh is None else partitioning.mesh_context(mesh, rules)
+    with context:
         return fn(params, tokens, jnp.float32(temperature), rng)

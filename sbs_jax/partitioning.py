@@ -6,6 +6,7 @@ into `NamedSharding`s with `params_shardings`, and places batches with `batch_sh
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,15 @@ def logical_axis_rules(fsdp: bool = True) -> tuple[tuple[str, Any], ...]:
         ("relpos_buckets", None),
         ("layers", None),
     )
+
+
+def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> contextlib.ExitStack:
+    """The mesh and logical axis rules made current, for tracing: the model's activation
+    constraints resolve only under both."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
 
 
 def unbox(tree: Any) -> Any:

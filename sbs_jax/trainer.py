@@ -128,10 +128,7 @@ class Partitioner:
 
     def context(self) -> contextlib.ExitStack:
         """Mesh + logical rules, active while tracing so activation constraints resolve."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(self.rules))
-        return stack
+        return partitioning.mesh_context(self.mesh, self.rules)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, num_microbatches: int) -> None:

@@ -145,7 +145,7 @@ def test_decoding_on_the_training_mesh(model):
             np.asarray(got), np.asarray(decoding.generate(config, params, enc, MAX_LEN,
                                                           method=method)))
     fn = decoding._compiled(config, "greedy", MAX_LEN, 0, 0.0, False, 0, 1, mesh, rules)
-    with decoding.mesh_context(mesh, rules):
+    with partitioning.mesh_context(mesh, rules):
         compiled = fn.lower(placed, enc, np.float32(1.0), jax.random.PRNGKey(0)).compile()
     params_in, tokens_in = compiled.input_shardings[0][:2]
     assert tokens_in.spec == partitioning.batch_sharding(mesh).spec
