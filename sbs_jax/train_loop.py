@@ -45,7 +45,6 @@ from sbs_jax import (
     trainer,
 )
 from sbs_jax.data import pipeline
-from sbs_jax.models import cpu
 from tasks import config as tasks_config
 
 SUMMARY_FILE = "run_summary.json"
@@ -296,7 +295,7 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
         if operative_gin is not None:
             run_config.write_text(epath.Path(cfg.model_dir) / GIN_FILE, operative_gin)
     options = step_options(cfg)
-    step_fn = trainer.make_train_step(part, cpu.training_model(setup.model_config), setup.tx,
+    step_fn = trainer.make_train_step(part, models.T5(setup.model_config), setup.tx,
                                       setup.schedule, options)
     eval_examples = None
     from clu import metric_writers  # after tf_setup: clu imports TensorFlow
