@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from sbs_jax import malloc
+    from sbs_jax.runtime import malloc
 
     malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/malloc.py)
     main()

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from sbs_jax import malloc
+    from sbs_jax.runtime import malloc
 
     malloc.ensure_preloaded()
     import jax

@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from sbs_jax import malloc, models
+    from sbs_jax import models
+    from sbs_jax.runtime import malloc
 
     config = models.get_config(args.config, dtype=args.dtype, scan_layers=args.scan_layers,
                                remat_policy=args.remat_policy)
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from sbs_jax import malloc
+    from sbs_jax.runtime import malloc
 
     malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/malloc.py)
     main()

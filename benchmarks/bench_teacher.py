@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     args = parser.parse_args(argv)
 
-    from sbs_jax.tf_setup import tf  # noqa: F401  (import once, outside the timed part)
+    from sbs_jax.runtime.tf_setup import tf  # noqa: F401  (import once, outside the timed part)
 
     server = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "tests", "fake_teacher.py"),

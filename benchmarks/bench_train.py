@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from sbs_jax import malloc
+    from sbs_jax.runtime import malloc
 
     malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/malloc.py)
     main()

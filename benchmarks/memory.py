@@ -150,7 +150,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sbs_jax import gin_utils
+    from sbs_jax.runtime import gin_utils
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     gin_utils.add_gin_flags(parser)
@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from sbs_jax import gin_utils, run_config
+    from sbs_jax import run_config
+    from sbs_jax.runtime import gin_utils
 
     parser = build_parser()
     args = gin_utils.parse_gin_flags(parser, argv)

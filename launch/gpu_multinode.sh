@@ -23,7 +23,7 @@ usage: launch/gpu_multinode.sh --coordinator HOST:PORT --num_nodes N --node_rank
   --dry_run                print the command, run nothing (same as SBS_DRY_RUN=1)
   -h, --help               this help
 Everything after `--` goes to `python -m sbs_jax.train` (or to $SBS_ENTRY_MODULE, e.g.
-sbs_jax.distributed for a cluster check). XLA's persistent compilation cache is
+sbs_jax.cli.cluster_check for a cluster check). XLA's persistent compilation cache is
 $JAX_COMPILATION_CACHE_DIR (default ~/.cache/sbs_jax/jax_compilation_cache).
 EOF
 }

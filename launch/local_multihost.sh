@@ -6,7 +6,7 @@
 #   launch/local_multihost.sh -n 2 -d 4 -- --gin_file=gin/quickstart.gin --gin.MODEL_DIR="'/tmp/m'"
 #
 # Every process runs the same entry point (default `python -m sbs_jax.train`) with the same
-# arguments; sbs_jax.distributed.initialize_from_env() reads JAX_COORDINATOR_ADDRESS,
+# arguments; sbs_jax.runtime.distributed.initialize_from_env() reads JAX_COORDINATOR_ADDRESS,
 # JAX_NUM_PROCESSES and JAX_PROCESS_ID from the environment set here. Each process logs to
 # LOG_DIR/process_<i>.log (process 0 is also echoed to the terminal). When any process fails,
 # the others are stopped and the script exits with that process's status.
@@ -21,7 +21,7 @@ usage: launch/local_multihost.sh -n NUM_PROCESSES -d DEVICES_PER_PROCESS [option
   --port P                coordinator port (default: a free port)
   --log_dir DIR           per-process logs (default: a new folder under ${TMPDIR:-/tmp})
   --module M              Python module each process runs (default: sbs_jax.train;
-                          sbs_jax.distributed runs the cluster smoke test)
+                          sbs_jax.cli.cluster_check runs the cluster smoke test)
   --dry_run               print the commands, run nothing (same as SBS_DRY_RUN=1)
   -h, --help              this help
 Everything after `--` is passed to every process unchanged. XLA's persistent compilation cache

@@ -6,7 +6,7 @@
 #   launch/tpu_pod.sh --name sbs-v4 --project my-proj --zone us-central2-b \
 #     --accelerator_type v4-32 --gin_file gin/sbs_large.gin --model_dir gs://my-bucket/sbs/run1 --dry_run
 #
-# Every process finds the others from the slice's metadata (sbs_jax.distributed); the model
+# Every process finds the others from the slice's metadata (sbs_jax.runtime.distributed); the model
 # directory must be on gs:// because every worker writes checkpoints and TensorBoard there.
 set -euo pipefail
 

@@ -35,7 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sbs_jax import checksums, distributed
+from sbs_jax import checksums
+from sbs_jax.runtime import distributed
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "damaged_checkpoints"

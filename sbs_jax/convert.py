@@ -99,7 +99,8 @@ def base_config(model_dir: str, model_name: str | None) -> T5Config:
 def export_vocabulary(model_dir: str, vocab: str | None) -> str | None:
     """The vocabulary to ship with an export: the run's pinned one (--vocab must have its
     bytes), else --vocab, else None (a warning says the export has no tokenizer)."""
-    from sbs_jax import console, run_files
+    from sbs_jax import run_files
+    from sbs_jax.runtime import console
 
     pinned = run_files.run_vocabulary(model_dir)
     if pinned and vocab:
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"sbs-convert: error: {e}", file=sys.stderr)
         return 2
-    from sbs_jax import console
+    from sbs_jax.runtime import console
 
     console.say(f"wrote {target}: {config}")
     return 0

@@ -21,7 +21,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from sbs_jax import gin_utils, malloc, run_config, run_files
+from sbs_jax import run_config, run_files
+from sbs_jax.runtime import gin_utils, malloc
 
 BASE_GIN = "gin/base.gin"
 
@@ -86,7 +87,7 @@ def parse_run_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None
         _fail(parser, f"--model_dir={args.model_dir}: no {run_config.CONFIG_FILE} there; not a "
                       "training run's MODEL_DIR (or pass the run's --gin_file flags)")
     cfg = resolve(run_bindings)
-    from sbs_jax import console
+    from sbs_jax.runtime import console
 
     if args.gin_file:
         for key, value in sorted(cfg.to_json().items()):
@@ -101,7 +102,7 @@ def parse_run_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None
 def use_run_data(parser: argparse.ArgumentParser, cfg: run_config.RunConfig) -> None:
     """Points the tasks at the run's vocabulary and data folder (inside
     `tasks.config.overrides_restored()`); a conflicting vocabulary exits 2 naming both."""
-    from sbs_jax import console
+    from sbs_jax.runtime import console
 
     try:
         for note in run_files.use_run_data(cfg.model_dir):
@@ -114,7 +115,8 @@ def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace,
                cfg: run_config.RunConfig):
     """(step, T5Config, params on the run's mesh, the mesh, its axis rules) for the flags; setup
     errors exit 2 naming them."""
-    from sbs_jax import distributed, evaluation, train_loop
+    from sbs_jax import evaluation, train_loop
+    from sbs_jax.runtime import distributed
 
     distributed.initialize_from_env()
     try:
@@ -149,8 +151,9 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace,
     import jax
     from etils import epath
 
-    from sbs_jax import console, evaluation
+    from sbs_jax import evaluation
     from sbs_jax.data import pipeline
+    from sbs_jax.runtime import console
 
     step, config, params, mesh, rules = load_model(parser, args, cfg)
     output = epath.Path(args.output or f"{cfg.model_dir}/eval_{cfg.mixture_or_task_name}_"

@@ -18,9 +18,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from sbs_jax import checkpoints, console, convert, decoding, models, partitioning
+from sbs_jax import checkpoints, convert, decoding, models, partitioning
 from sbs_jax.data.pipeline import EvalSet
 from sbs_jax.models import T5Config
+from sbs_jax.runtime import console
 
 
 def decode_texts(

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from sbs_jax import console, report
+from sbs_jax import report
 from sbs_jax.grid import (
     METHODS,
     PRESETS,
@@ -53,6 +53,7 @@ from sbs_jax.grid import (
     missing_checkpoint_files,
 )
 from sbs_jax.run_config import CONFIG_FILE, DATA_SUBSETS, EVAL_HISTORY_FILE
+from sbs_jax.runtime import console
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ import sys
 from collections.abc import Sequence
 
 from sbs_jax import eval as eval_cli
-from sbs_jax import malloc
+from sbs_jax.runtime import malloc
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -118,7 +118,7 @@ def input_set(task_name: str, inputs: Sequence[tuple[str, str]], input_cap: int,
     import numpy as np
 
     from sbs_jax.data import pipeline, records
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     tasks = pipeline.task_list(task_name)
     if len(tasks) != 1:
@@ -240,7 +240,8 @@ def _infer(parser, args, cfg) -> int:
     import jax
     from etils import epath
 
-    from sbs_jax import console, evaluation, run_config
+    from sbs_jax import evaluation, run_config
+    from sbs_jax.runtime import console
 
     step, config, params, mesh, rules = eval_cli.load_model(parser, args, cfg)
     try:

@@ -24,9 +24,10 @@ import pathlib
 import sys
 import time
 
-from sbs_jax import console, experiments, report
+from sbs_jax import experiments, report
 from sbs_jax.data import records
 from sbs_jax.experiments import Cell, Recipe
+from sbs_jax.runtime import console
 
 DATASET = "synthetic"
 # Step-by-step on the teacher's labels and rationales, against fine-tuning on the gold labels.
@@ -134,7 +135,7 @@ def comparison_table(records: dict[str, dict], train_examples: int, train_steps:
 
 def training_curve(model_dir: pathlib.Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of one scalar the trainer logged to TensorBoard in `model_dir`."""
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     points = []
     for path in sorted(model_dir.glob("events.out.tfevents.*")):

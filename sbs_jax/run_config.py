@@ -24,7 +24,7 @@ from typing import Any
 from etils import epath
 
 import gin
-from sbs_jax import gin_utils
+from sbs_jax.runtime import gin_utils
 
 CONFIG_FILE = "run_config.json"
 # Every eval's metrics per split, one JSON object a line: {"step", "split", "accuracy", ...}.

@@ -24,7 +24,7 @@ from typing import Self
 
 import jax
 
-from sbs_jax import distributed
+from sbs_jax.runtime import distributed
 
 LOCK_FILE = "train.lock"
 

@@ -12,7 +12,8 @@ import sys
 from collections.abc import Sequence
 
 import gin
-from sbs_jax import gin_utils, malloc, run_config
+from sbs_jax import run_config
+from sbs_jax.runtime import gin_utils, malloc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,11 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         malloc.ensure_preloaded()
     parser = build_parser()
     gin_utils.parse_gin_flags(parser, argv)
-    from sbs_jax import distributed
+    from sbs_jax.runtime import distributed
 
     distributed.initialize_from_env()
     cfg = resolve_config(parser)
-    from sbs_jax import console, train_loop
+    from sbs_jax import train_loop
+    from sbs_jax.runtime import console
 
     try:
         summary = train_loop.train(cfg, operative_gin=gin.config_str())

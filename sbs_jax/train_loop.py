@@ -22,7 +22,7 @@ import numpy as np
 
 # isort: split
 # First, so TF loads quietly and with GPUs hidden before seqio imports it.
-from sbs_jax.tf_setup import tf  # noqa: F401
+from sbs_jax.runtime.tf_setup import tf  # noqa: F401
 
 # isort: split
 import seqio
@@ -30,9 +30,7 @@ from etils import epath
 
 from sbs_jax import (
     checkpoints,
-    console,
     convert,
-    distributed,
     evaluation,
     initial_checkpoint,
     models,
@@ -45,6 +43,7 @@ from sbs_jax import (
     trainer,
 )
 from sbs_jax.data import pipeline
+from sbs_jax.runtime import console, distributed
 from tasks import config as tasks_config
 
 SUMMARY_FILE = "run_summary.json"

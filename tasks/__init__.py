@@ -5,7 +5,8 @@ a task is read: see tasks/config.py (`set_data_dir`, `set_vocabulary_path`, gin
 `tasks.data_config`, env SBS_DATA_DIR / SBS_VOCAB).
 """
 
-from sbs_jax import tf_setup  # noqa: F401  (before seqio loads TF: quiet, GPUs hidden from TF)
+# First, so seqio loads TF quietly and with GPUs hidden from it.
+from sbs_jax.runtime import tf_setup  # noqa: F401
 from tasks.config import data_dir, get_vocabulary, set_data_dir, set_vocabulary_path
 from tasks.registry import LABEL_PREFIX, RATIONALE_PREFIX, register_all
 

@@ -13,7 +13,7 @@ import seqio
 
 from sbs_jax.data.dss import NLI_SEPARATOR
 from sbs_jax.data.parse import ANSWER_MARKER
-from sbs_jax.tf_setup import tf
+from sbs_jax.runtime.tf_setup import tf
 
 PASSTHROUGH = ("id", "source")
 

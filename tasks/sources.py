@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import seqio
 
 from sbs_jax.data import records, synthetic, verify
-from sbs_jax.tf_setup import tf
+from sbs_jax.runtime.tf_setup import tf
 from tasks import config
 
 

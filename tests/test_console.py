@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import REPO_ROOT
 
-from sbs_jax import console
+from sbs_jax.runtime import console
 
 STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 

@@ -7,7 +7,7 @@ import re
 import tomllib
 
 import gin
-from sbs_jax import gin_utils
+from sbs_jax.runtime import gin_utils
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -86,7 +86,7 @@ def test_tpu_pod_dry_run_v4_32(fake_gcloud, tracked_gin_file, tmp_path):
     assert subprocess.run(ship, env=env, check=False, timeout=60).returncode == 0
     with tarfile.open(scp[5]) as tar:
         names = set(tar.getnames())
-    assert {"sbs_jax/distributed.py", "launch/tpu_pod.sh", tracked_gin_file} <= names
+    assert {"sbs_jax/runtime/distributed.py", "launch/tpu_pod.sh", tracked_gin_file} <= names
     assert not any(n.startswith(".venv") for n in names)
 
 
@@ -201,7 +201,7 @@ def _cpu_env(**extra) -> dict[str, str]:
            if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
                                 "JAX_PROCESS_ID"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               SBS_ENTRY_MODULE="sbs_jax.distributed", SBS_INIT_TIMEOUT_S="60")
+               SBS_ENTRY_MODULE="sbs_jax.cli.cluster_check", SBS_INIT_TIMEOUT_S="60")
     env.update(extra)
     return env
 
@@ -239,7 +239,7 @@ def test_gpu_multinode_two_nodes_on_localhost(tmp_path):
     assert _commands(dry.stdout) == [[
         "env", f"JAX_COORDINATOR_ADDRESS=127.0.0.1:{port}", "JAX_NUM_PROCESSES=2",
         "JAX_PROCESS_ID=1", f"JAX_COMPILATION_CACHE_DIR={cache}/sbs_jax/jax_compilation_cache",
-        sys.executable, "-m", "sbs_jax.distributed", "--rounds", "2"]]
+        sys.executable, "-m", "sbs_jax.cli.cluster_check", "--rounds", "2"]]
     procs = []
     for rank in range(2):
         with open(tmp_path / f"node_{rank}.log", "w") as log:

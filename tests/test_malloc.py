@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from sbs_jax import malloc
+from sbs_jax.runtime import malloc
 
 _PROBE = ("import sys; from sbs_jax import malloc; malloc.ensure_preloaded(); "
           "print(malloc.active_allocator(), sys.argv[1:])")

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from sbs_jax.distributed import (
+from sbs_jax.runtime.distributed import (
     ClusterSpec,
     DistributedSetupError,
     batch_shard_layout,
@@ -180,7 +180,7 @@ def _process_env(**extra: str) -> dict[str, str]:
 
 def test_two_processes_sum_over_all_eight_devices(tmp_path):
     result = subprocess.run(
-        ["bash", str(LAUNCHER), "-n", "2", "-d", "4", "--module", "sbs_jax.distributed",
+        ["bash", str(LAUNCHER), "-n", "2", "-d", "4", "--module", "sbs_jax.cli.cluster_check",
          "--log_dir", str(tmp_path), "--", "--rounds", "2"],
         env=_process_env(), capture_output=True, text=True, timeout=120, check=False,
     )
@@ -220,7 +220,7 @@ def test_processes_find_each_other_from_the_launchers_variables(launcher):
             env = _process_env(JAX_COORDINATOR_PORT=str(port), SBS_INIT_TIMEOUT_S="60",
                                **LAUNCHER_VARIABLES[launcher](rank))
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "sbs_jax.distributed"], env=env,
+                [sys.executable, "-m", "sbs_jax.cli.cluster_check"], env=env,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outputs = [proc.communicate(timeout=120) for proc in procs]
     finally:
@@ -252,7 +252,7 @@ def test_survivor_exits_with_clear_error_when_a_process_dies(tmp_path, victim):
                            JAX_PROCESS_ID=str(index), SBS_HEARTBEAT_TIMEOUT_S="10")
         with open(logs[-1], "w") as log:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "sbs_jax.distributed", "--rounds", "100000",
+                [sys.executable, "-m", "sbs_jax.cli.cluster_check", "--rounds", "100000",
                  "--interval_s", "0.05"], env=env, stdout=log, stderr=subprocess.STDOUT))
     survivor = procs[1 - victim]
     try:
@@ -271,7 +271,7 @@ def test_survivor_exits_with_clear_error_when_a_process_dies(tmp_path, victim):
 
 def test_launcher_stops_the_rest_when_one_process_dies(tmp_path):
     launcher = subprocess.Popen(
-        ["bash", str(LAUNCHER), "-n", "2", "-d", "4", "--module", "sbs_jax.distributed",
+        ["bash", str(LAUNCHER), "-n", "2", "-d", "4", "--module", "sbs_jax.cli.cluster_check",
          "--log_dir", str(tmp_path), "--", "--rounds", "100000", "--interval_s", "0.05"],
         env=_process_env(SBS_HEARTBEAT_TIMEOUT_S="60"), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
@@ -299,7 +299,7 @@ def test_unreachable_coordinator_is_a_clear_bounded_error():
     env = _process_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
                        JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1", SBS_INIT_TIMEOUT_S="2")
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "sbs_jax.distributed"], env=env,
+    result = subprocess.run([sys.executable, "-m", "sbs_jax.cli.cluster_check"], env=env,
                             capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 2
     assert "did not answer within 2s (SBS_INIT_TIMEOUT_S)" in result.stderr

@@ -78,7 +78,8 @@ def _t5x_adafactor_reference(params, grads_per_step, lr_fn):
 
 
 def test_adafactor_gin_gives_t5xs_adafactor(tmp_path):
-    from sbs_jax import gin_utils, run_config
+    from sbs_jax import run_config
+    from sbs_jax.runtime import gin_utils
 
     gin_utils.parse_gin(["gin/sbs_base.gin", "gin/adafactor.gin"], [f"MODEL_DIR = '{tmp_path}'"])
     cfg = run_config.from_gin()

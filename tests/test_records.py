@@ -51,7 +51,7 @@ def test_missing_split_error_names_folder_and_split(tmp_path):
 
 
 def test_record_without_required_feature_is_an_error_naming_it(tmp_path):
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     example = tf.train.Example(features=tf.train.Features(feature={
         "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"a"]))}))
@@ -63,7 +63,7 @@ def test_record_without_required_feature_is_an_error_naming_it(tmp_path):
 
 
 def test_tf_feature_spec_parses_written_examples_with_optional_defaults():
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     data = records.to_example_bytes(_records(1)[0])
     parsed = tf.io.parse_single_example(data, records.tf_feature_spec())

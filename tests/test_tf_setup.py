@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from sbs_jax import tf_setup
+from sbs_jax.runtime import tf_setup
 
 CUDA_STUB_LINE = ("I0000 00:00:1795621432.911440   31669 cudart_stub.cc:31] Could not find cuda "
                   "drivers on your machine, GPU will not be used.\n")

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import gin
-from sbs_jax import checkpoints, gin_utils
+from sbs_jax import checkpoints
 from sbs_jax import eval as eval_cli
 from sbs_jax import infer as infer_cli
 from sbs_jax import train as train_cli
+from sbs_jax.runtime import gin_utils
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every console line of the CLIs starts with its local time.

@@ -24,8 +24,8 @@ import random
 import shutil
 import sys
 
-from sbs_jax import console
 from sbs_jax.data import dss, publish, records, synthetic
+from sbs_jax.runtime import console
 
 ALL_DATASETS = dss.DSS_DATASETS + ("synthetic",)
 VOCAB_FILE = "spiece.model"

@@ -36,7 +36,7 @@ import numpy as np
 
 # isort: split
 # First, so TF loads quietly and with GPUs hidden before seqio imports it.
-from sbs_jax.tf_setup import tf  # noqa: F401
+from sbs_jax.runtime.tf_setup import tf  # noqa: F401
 
 # isort: split
 import seqio

@@ -22,9 +22,9 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 
-from sbs_jax import console
 from sbs_jax.data import records, verify
 from sbs_jax.data.records import Record
+from sbs_jax.runtime import console
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

@@ -69,7 +69,7 @@ def check_record(record: Record, where: str = "") -> None:
 
 def to_example_bytes(record: Record) -> bytes:
     """Serialises a record as a `tf.train.Example` (optional fields only when non-empty)."""
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     check_record(record)
     feature = {}
@@ -85,7 +85,7 @@ def to_example_bytes(record: Record) -> bytes:
 
 def from_example_bytes(data: bytes, where: str = "<bytes>") -> Record:
     """Parses a serialised `tf.train.Example` into a Record; `where` names it in errors."""
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     example = tf.train.Example.FromString(data)
     features = example.features.feature
@@ -112,7 +112,7 @@ class StagedShard:
 
 def stage_shard(records: Iterable[Record], directory: str, split: str, index: int) -> StagedShard:
     """Writes one shard to `{split}-{index:05d}.{pid}.tmp`, synced to disk, with its checksum."""
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     os.makedirs(directory, exist_ok=True)
     final_path = os.path.join(directory, shard_name(split, index))
@@ -187,7 +187,7 @@ def shard_paths(directory: str, split: str) -> list[str]:
 
 def read_shard(path: str) -> Iterator[Record]:
     """The records of one shard file, in order (works inside tf.function tracing too)."""
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     for position, data in enumerate(tf.compat.v1.io.tf_record_iterator(path)):
         yield from_example_bytes(data, where=f"{path} record {position}")
@@ -256,7 +256,7 @@ def write_info(directory: str, dataset: str, extra: dict | None = None) -> str:
 
 def tf_feature_spec() -> dict:
     """`tf.io.parse_single_example` spec of the schema (optional fields default to b"")."""
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     spec = {name: tf.io.FixedLenFeature([], tf.string) for name in REQUIRED_FIELDS}
     for name in OPTIONAL_FIELDS:

@@ -19,9 +19,10 @@ import math
 import os
 import sys
 
-from sbs_jax import console, metrics
+from sbs_jax import metrics
 from sbs_jax.data import dss
 from sbs_jax.data.parse import parse_completion
+from sbs_jax.runtime import console
 
 COLUMNS = ("dataset", "split", "rows", "completions", "parse_failures", "empty_rationales",
            "teacher_accuracy")

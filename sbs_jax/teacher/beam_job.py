@@ -127,7 +127,7 @@ def _read(pipeline, args: argparse.Namespace):
 
 def _move_into_place(staging: str, output_dir: str, split: str) -> int:
     """Renames the staged shards after those already there (a remote folder has no ledger)."""
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     first_index = sum(1 for n in tf.io.gfile.listdir(output_dir)
                       if (m := records.SHARD_RE.match(n)) and m.group("split") == split)
@@ -140,7 +140,7 @@ def _move_into_place(staging: str, output_dir: str, split: str) -> int:
 
 
 def _read_failures(staging: str) -> list[dict]:
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     failures = []
     for name in sorted(tf.io.gfile.listdir(staging)):
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace, beam_argv: list[str]) -> dict:
 
 def _run_pipeline(args: argparse.Namespace, beam_argv: list[str], ledger: Ledger | None) -> dict:
     """The pipeline, then its shards committed: through the ledger on a local folder."""
-    from sbs_jax.tf_setup import tf
+    from sbs_jax.runtime.tf_setup import tf
 
     done = set(ledger.record_ids) if ledger else set()
     staging = os.path.join(args.output_dir, f".beam-{args.split}.tmp")

@@ -28,8 +28,8 @@ import math
 import os
 import sys
 
-from sbs_jax import console
 from sbs_jax.data.parse import DATASETS
+from sbs_jax.runtime import console
 from sbs_jax.teacher.http_backend import STARTUP_CONNECT_S
 
 log = logging.getLogger("sbs_jax.teacher")

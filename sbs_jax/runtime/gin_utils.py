@@ -28,9 +28,10 @@ from collections.abc import Sequence
 
 import gin
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(PACKAGE_DIR)
 # Holds gin/: sbs_jax/gin is the installed package data, or in a checkout a link to REPO_ROOT/gin.
-CONFIG_ROOT = os.path.dirname(os.path.abspath(__file__))
+CONFIG_ROOT = PACKAGE_DIR
 _MACRO = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # A macro's line in gin.config_str(): `NAME = value`.
 _MACRO_LINE = re.compile(r"^([A-Z][A-Z0-9_]*) = ", re.MULTILINE)
