@@ -47,7 +47,7 @@ def _dataset(args, dataset: str, work_dir: str) -> dict:
     import tasks
     from sbs_jax import models
     from sbs_jax.data.pipeline import PairedBatches, PairedExamples
-    from sbs_jax.vocab import padded_vocab_size
+    from sbs_jax.data.vocab import padded_vocab_size
 
     split, vocab = prepare(args.source_dir, work_dir, None, dataset)
     tasks.set_data_dir(work_dir)

@@ -31,7 +31,7 @@ def prepare(source_dir: str, work_dir: str, vocab: str | None,
     """Builds `dataset`'s records in `work_dir` (train split, else valid when the train inputs
     are absent) and a vocabulary trained on them unless one is given: (split, vocab path)."""
     from sbs_jax.data import build, dss, records
-    from sbs_jax.vocab import train_vocab
+    from sbs_jax.data.vocab import train_vocab
 
     split = "train" if os.path.exists(dss.gold_path(source_dir, dataset, "train")) else "valid"
     build.build(source_dir, work_dir, dataset, [split])
@@ -47,9 +47,9 @@ def _train_step(model_name: str, vocab_size: int):
     import jax
     import optax
 
+    from sbs_jax.data.vocab import padded_vocab_size
     from sbs_jax.losses import sbs_loss
     from sbs_jax.models import T5, get_config, init_params
-    from sbs_jax.vocab import padded_vocab_size
 
     config = get_config(model_name, vocab_size=padded_vocab_size(vocab_size), dropout_rate=0.0)
     model = T5(config)

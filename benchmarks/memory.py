@@ -115,7 +115,7 @@ def generate_memory(cfg: Any, model_config: Any, partitioner: Any) -> dict[str, 
     from jax.sharding import NamedSharding, PartitionSpec
 
     from sbs_jax import decoding
-    from sbs_jax.vocab import EOS_ID
+    from sbs_jax.data.vocab import EOS_ID
 
     shards = partitioner.num_data_shards
     rows = -(-cfg.eval_batch_size // shards) * shards

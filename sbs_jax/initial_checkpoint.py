@@ -18,8 +18,8 @@ import numpy as np
 from etils import epath
 
 from sbs_jax import checkpoints, convert, models, run_config, run_files
+from sbs_jax.data.vocab import padded_vocab_size
 from sbs_jax.models import config as model_configs
-from sbs_jax.vocab import padded_vocab_size
 
 # T5Config fields that change how a model runs, not what it is: these model_overrides apply on
 # top of a HF checkpoint's own config; any other override must agree with the checkpoint.

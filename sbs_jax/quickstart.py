@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"training a SentencePiece vocabulary: {vocab_path}")
     if not vocab_path.exists():
         from sbs_jax.data import synthetic
-        from sbs_jax.vocab import train_vocab
+        from sbs_jax.data.vocab import train_vocab
 
         train_vocab(texts, str(vocab_path.with_suffix("")), vocab_size=synthetic.VOCAB_SIZE)
 

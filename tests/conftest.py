@@ -44,7 +44,7 @@ def dss_data_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_vocab_path(tmp_path_factory) -> str:
     """A small T5-convention SentencePiece model trained by our own code."""
-    from sbs_jax.vocab import train_vocab
+    from sbs_jax.data.vocab import train_vocab
 
     prefix = tmp_path_factory.mktemp("vocab") / "tiny"
     return train_vocab(_VOCAB_TEXTS, str(prefix), vocab_size=600)

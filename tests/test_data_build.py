@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from sbs_jax.data import build, dss, publish, records, stats
+from sbs_jax.cli import build_data, data_stats
+from sbs_jax.data import build, dss, publish, records
 from sbs_jax.teacher import cli as teacher_cli
 from sbs_jax.teacher.inputs import read_inputs
 
@@ -44,7 +45,7 @@ def test_every_bad_row_is_named_before_anything_is_written(tmp_path, capsys):
         ("train", 7): b'{"input": "caf\xe9 \xff", "label": "( 1.0 + 2.0 )"}',
         ("test", 2): json.dumps({"input": 5, "label": "( 1.0 )"}).encode()})
     out = tmp_path / "data"
-    code = build.main(["--source_dir", str(source), "--data_dir", str(out), "--dataset", "svamp"])
+    code = build_data.main(["--source_dir", str(source), "--data_dir", str(out), "--dataset", "svamp"])
     err = capsys.readouterr().err
     assert code == 2
     assert "svamp_train.json:3: 'label' is int 450, expected str" in err
@@ -54,12 +55,12 @@ def test_every_bad_row_is_named_before_anything_is_written(tmp_path, capsys):
     assert not out.exists()
 
     # The stats job applies the same checks: every bad row listed, the figures without them.
-    assert stats.main(["--data_dir", str(source)]) == 2
+    assert data_stats.main(["--data_dir", str(source)]) == 2
     captured = capsys.readouterr()
     assert "svamp_train.json:3: 'label' is int 450" in captured.err
     assert "svamp    train  58" in captured.out and "bad rows left out" in captured.out
 
-    code = build.main(["--source_dir", str(source), "--data_dir", str(out), "--dataset", "svamp",
+    code = build_data.main(["--source_dir", str(source), "--data_dir", str(out), "--dataset", "svamp",
                        "--skip_bad", "--no_vocab"])
     assert code == 0, capsys.readouterr().err
     info = json.loads((out / "svamp" / "info.json").read_text())
@@ -238,7 +239,7 @@ def test_the_build_makes_or_takes_the_vocabulary_and_keeps_other_splits(tmp_path
     source = _svamp_release(tmp_path / "release")
     data = tmp_path / "data"
     args = ["--source_dir", str(source), "--data_dir", str(data), "--dataset", "svamp"]
-    assert build.main(args) == 0, capsys.readouterr().err
+    assert build_data.main(args) == 0, capsys.readouterr().err
     vocab = data / "spiece.model"
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" ", 3)[2] for line in lines] == ["training", "wrote", "vocabulary:"]
@@ -246,7 +247,7 @@ def test_the_build_makes_or_takes_the_vocabulary_and_keeps_other_splits(tmp_path
     info = json.loads((data / "svamp" / "info.json").read_text())
     assert info["vocabulary"] == {"path": "../spiece.model", "sha256": records.file_sha256(
         str(vocab))}
-    from sbs_jax.vocab import load_vocab
+    from sbs_jax.data.vocab import load_vocab
 
     text = "Tom has 12 apples.\nHow many now?"
     assert load_vocab(str(vocab)).decode(load_vocab(str(vocab)).encode(text)) == text
@@ -255,16 +256,16 @@ def test_the_build_makes_or_takes_the_vocabulary_and_keeps_other_splits(tmp_path
     other_model = build.ensure_vocabulary(str(other), records.read_split(
         str(data / "svamp"), "test"), vocab_size=600)
     capsys.readouterr()
-    assert build.main(args + ["--vocab", other_model]) == 2
+    assert build_data.main(args + ["--vocab", other_model]) == 2
     assert "differs from --vocab" in capsys.readouterr().err
     fresh = tmp_path / "fresh"
-    assert build.main(["--source_dir", str(source), "--data_dir", str(fresh), "--dataset",
+    assert build_data.main(["--source_dir", str(source), "--data_dir", str(fresh), "--dataset",
                        "svamp", "--vocab", other_model, "--splits", "test"]) == 0
     assert records.file_sha256(str(fresh / "spiece.model")) == records.file_sha256(other_model)
 
     before = {s: records.shard_paths(str(data / "svamp"), s) for s in ("train", "valid")}
     checksums = {s: [records.file_sha256(p) for p in paths] for s, paths in before.items()}
-    assert build.main(args + ["--splits", "test", "--records_per_shard", "5"]) == 0
+    assert build_data.main(args + ["--splits", "test", "--records_per_shard", "5"]) == 0
     info = json.loads((data / "svamp" / "info.json").read_text())
     assert len(info["splits"]["test"]["shards"]) == 4
     for split in before:

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from sbs_jax.cli import build_data, data_stats
 from sbs_jax.data import build, dss, records, stats
 from sbs_jax.data.dss import DataError
 
@@ -43,7 +44,7 @@ def test_stats_match_the_reference_figures(stats_rows):
 
 
 def test_stats_cli_prints_table_and_warns(dss_data_dir, capsys):
-    assert stats.main(["--data_dir", str(dss_data_dir), "--dataset", "svamp", "--dataset",
+    assert data_stats.main(["--data_dir", str(dss_data_dir), "--dataset", "svamp", "--dataset",
                        "anli1"]) == 0
     captured = capsys.readouterr()
     assert "svamp    test   200   200" in captured.out and "74.0" in captured.out
@@ -96,7 +97,7 @@ def test_build_writes_shards_and_info_with_checksums(dss_data_dir, tmp_path):
 
 
 def test_build_of_a_missing_train_split_fails_before_writing(dss_data_dir, tmp_path, capsys):
-    code = build.main(["--source_dir", str(dss_data_dir), "--data_dir", str(tmp_path),
+    code = build_data.main(["--source_dir", str(dss_data_dir), "--data_dir", str(tmp_path),
                        "--dataset", "esnli"])
     assert code == 2
     err = capsys.readouterr().err
@@ -188,7 +189,7 @@ def test_built_tasks_align_label_and_rationale_by_id_with_nested_fractions(
     assert subsets[0] < subsets[1] < subsets[2] < subsets[3]
 
 
-@pytest.mark.parametrize("main", [build.main, stats.main])
+@pytest.mark.parametrize("main", [build_data.main, data_stats.main])
 def test_clis_answer_help(main, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

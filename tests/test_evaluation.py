@@ -5,7 +5,7 @@ import numpy as np
 
 from sbs_jax import evaluation, models, optim, partitioning, trainer
 from sbs_jax.data.pipeline import EvalSet
-from sbs_jax.vocab import load_vocab
+from sbs_jax.data.vocab import load_vocab
 
 CONFIG = models.get_config("t5_1_1_tiny", vocab_size=640, num_heads=2, head_dim=8, emb_dim=16,
                            mlp_dim=32, num_encoder_layers=1, num_decoder_layers=1,

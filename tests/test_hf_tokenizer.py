@@ -6,9 +6,9 @@ import pathlib
 import pytest
 
 from sbs_jax.data import dss, synthetic
+from sbs_jax.data.vocab import train_vocab
 from sbs_jax.infer import input_set
 from sbs_jax.models.hf_tokenizer import write_tokenizer_files
-from sbs_jax.vocab import train_vocab
 from tasks import LABEL_PREFIX
 from tasks import config as tasks_config
 

@@ -17,7 +17,7 @@ from test_trainer import _config as trainer_config
 from sbs_jax import convert, run_config, run_files, train_loop
 from sbs_jax import eval as eval_cli
 from sbs_jax import infer as infer_cli
-from sbs_jax.vocab import train_vocab
+from sbs_jax.data.vocab import train_vocab
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LONG_INPUT = " ".join(["9"] * 60) + " + 1"  # over the 32-token input cap

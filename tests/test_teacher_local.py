@@ -7,10 +7,10 @@ import jax
 import pytest
 
 from sbs_jax.data import records
+from sbs_jax.data.vocab import load_vocab, padded_vocab_size
 from sbs_jax.models import get_config, init_params, save_hf
 from sbs_jax.teacher import cli
 from sbs_jax.teacher.local_backend import LocalBackend
-from sbs_jax.vocab import load_vocab, padded_vocab_size
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import random
 import pytest
 import sentencepiece as spm
 
-from sbs_jax.vocab import load_vocab, padded_vocab_size, train_vocab
+from sbs_jax.data.vocab import load_vocab, padded_vocab_size, train_vocab
 
 ROUND_TRIP = [
     "Premise: A man plays a guitar. Hypothesis: A person performs.",

@@ -13,16 +13,12 @@ UTF-8, unique ids); every bad row is listed as FILE:LINE and left out of the fig
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
 
 from sbs_jax import metrics
 from sbs_jax.data import dss
 from sbs_jax.data.parse import parse_completion
-from sbs_jax.runtime import console
 
 COLUMNS = ("dataset", "split", "rows", "completions", "parse_failures", "empty_rationales",
            "teacher_accuracy")
@@ -94,35 +90,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", required=True,
-                        help="the released-data folder (dss_data: {ds}/{ds}_{split}.json, llm/)")
-    parser.add_argument("--dataset", action="append", choices=dss.DSS_DATASETS,
-                        help="repeatable; default: every dataset present")
-    parser.add_argument("--skip_bad", action="store_true",
-                        help="exit 0 even with malformed rows (they are listed and left out of "
-                             "the figures either way)")
-    parser.add_argument("--json", help="also write the rows as JSON to this path")
-    args = parser.parse_args(argv)
-    try:
-        rows = collect(args.data_dir, args.dataset)
-    except (FileNotFoundError, dss.DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for r in rows:
-        if "warning" in r:
-            console.say(f"warning: {r['warning']}", file=sys.stderr)
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
-    bad = [problem for r in rows for problem in r.get("bad_rows", [])]
-    if bad and not args.skip_bad:
-        print(f"error: {dss.describe_problems(bad)}", file=sys.stderr)
-        return 2
-    return 0
+if __name__ == "__main__":  # `python -m sbs_jax.data.stats`: runs sbs_jax.cli.data_stats
+    import sys
 
+    from sbs_jax.cli import data_stats
 
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(data_stats.main())

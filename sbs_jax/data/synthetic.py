@@ -144,7 +144,7 @@ def ensure_dataset(data_dir: str, vocabulary_path: str | None = None) -> str:
 
 
 def _train_vocabulary(examples: list[Record], vocabulary_path: str) -> None:
-    from sbs_jax.vocab import train_vocab
+    from sbs_jax.data.vocab import train_vocab
 
     if not vocabulary_path.endswith(".model"):
         raise ValueError(f"vocabulary path must end in .model: {vocabulary_path!r}")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sbs_jax.data.vocab import EOS_ID
 from sbs_jax.teacher.http_backend import Generation
-from sbs_jax.vocab import EOS_ID
 
 
 @dataclass
@@ -56,8 +56,8 @@ class LocalBackend:
 
     def _load(self) -> None:
         from sbs_jax import checkpoints, evaluation
+        from sbs_jax.data.vocab import load_vocab
         from sbs_jax.models import load_hf
-        from sbs_jax.vocab import load_vocab
 
         if checkpoints.is_our_checkpoint(self.model):
             self.config, self.params = evaluation.load_trained(

@@ -20,7 +20,6 @@ break them alike: the HF tokenizer we export (`sbs_jax.models.hf_tokenizer`) giv
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from collections.abc import Iterable
@@ -107,20 +106,3 @@ def load_vocab(model_path: str):
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"SentencePiece model not found: {model_path}")
     return seqio.SentencePieceVocabulary(model_path)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, nargs="+", help="text files, one sentence a line")
-    parser.add_argument("--output_prefix", required=True)
-    parser.add_argument("--vocab_size", type=int, default=512)
-    args = parser.parse_args(argv)
-    texts = []
-    for path in args.input:
-        with open(path, encoding="utf-8") as f:
-            texts.extend(line.rstrip("\n") for line in f)
-    print(train_vocab(texts, args.output_prefix, args.vocab_size))
-
-
-if __name__ == "__main__":
-    main()
