@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     import optax
     import torch
 
-    from sbs_jax import decoding, losses
+    from sbs_jax.infer import decoding
     from sbs_jax.models import T5, get_config, load_hf
+    from sbs_jax.train import losses
 
     config = get_config(args.config)
     hf_model = _hf_model(config)

@@ -48,8 +48,8 @@ def _train_step(model_name: str, vocab_size: int):
     import optax
 
     from sbs_jax.data.vocab import padded_vocab_size
-    from sbs_jax.losses import sbs_loss
     from sbs_jax.models import T5, get_config, init_params
+    from sbs_jax.train.losses import sbs_loss
 
     config = get_config(model_name, vocab_size=padded_vocab_size(vocab_size), dropout_rate=0.0)
     model = T5(config)

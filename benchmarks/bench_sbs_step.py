@@ -56,24 +56,26 @@ import step_sweep
 
 def sbs_step(config, params, alpha: float, num_microbatches: int = 1
              ) -> tuple[Callable, Callable]:
-    """Our sbs train step (`trainer.make_train_step`, AdamW) on one device, from `params`:
+    """Our sbs train step (`step_lib.make_train_step`, AdamW) on one device, from `params`:
     (to_device, run): `to_device({view: numpy batch})` places a batch, `run(placed)` steps the
     state it keeps and returns the loss (not waited for)."""
     import jax
 
-    from sbs_jax import models, optim, partitioning, trainer
+    from sbs_jax import models
+    from sbs_jax.train import optim, partitioning
+    from sbs_jax.train import step as step_lib
 
     mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
-    part = trainer.Partitioner(mesh, partitioning.logical_axis_rules(), config)
+    part = partitioning.Partitioner(mesh, partitioning.logical_axis_rules(), config)
     schedule = optim.make_schedule("linear", 1e-4, total_steps=10_000)
     tx = optim.make_optimizer(schedule)
-    state = {"s": trainer.init_state(part, config, tx, seed=0, params=params)}
-    step = trainer.make_train_step(part, models.T5(config), tx, schedule,
-                                   trainer.StepOptions(alpha=alpha,
+    state = {"s": step_lib.init_state(part, config, tx, seed=0, params=params)}
+    step = step_lib.make_train_step(part, models.T5(config), tx, schedule,
+                                   step_lib.StepOptions(alpha=alpha,
                                                        num_microbatches=num_microbatches))
 
     def to_device(batches: dict) -> dict:
-        return {v: trainer.global_batch(b, part.batch_sharding, len(b["encoder_input_tokens"]))
+        return {v: step_lib.global_batch(b, part.batch_sharding, len(b["encoder_input_tokens"]))
                 for v, b in batches.items()}
 
     def run(placed: dict):
@@ -147,7 +149,8 @@ def single_batch(args: argparse.Namespace, config) -> dict:
     """Ours and the HF peers (on a CPU) in one process on one batch, with the same weights."""
     import jax
 
-    from sbs_jax import decoding, models
+    from sbs_jax import models
+    from sbs_jax.infer import decoding
 
     device = jax.devices()[0]
     use_hf = not args.no_hf and device.platform == "cpu"

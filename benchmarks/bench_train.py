@@ -26,7 +26,9 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sbs_jax import models, optim, partitioning, trainer  # noqa: E402
+from sbs_jax import models
+from sbs_jax.train import optim, partitioning  # noqa: E402
+from sbs_jax.train import step as step_lib
 
 
 def make_batches(batch: int, input_len: int, label_len: int, rationale_len: int, vocab: int,
@@ -69,14 +71,14 @@ def bench_jax(config: models.T5Config, batches: dict, num_devices: int, steps: i
     # FSDP over all devices: 8 virtual CPU devices share one host's memory, and 8 replicas of
     # params + AdamW state would not fit beside the other processes of a shared machine.
     mesh = partitioning.make_mesh((1, num_devices, 1), jax.devices()[:num_devices])
-    part = trainer.Partitioner(mesh, partitioning.logical_axis_rules(fsdp=True), config)
+    part = partitioning.Partitioner(mesh, partitioning.logical_axis_rules(fsdp=True), config)
     schedule = optim.make_schedule("linear", 5e-5, total_steps=10_000)
     tx = optim.make_optimizer(schedule)
-    holder = {"state": trainer.init_state(part, config, tx, seed=0)}
-    step_fn = trainer.make_train_step(part, models.T5(config), tx, schedule,
-                                      trainer.StepOptions(alpha=0.5))
+    holder = {"state": step_lib.init_state(part, config, tx, seed=0)}
+    step_fn = step_lib.make_train_step(part, models.T5(config), tx, schedule,
+                                      step_lib.StepOptions(alpha=0.5))
     rows = batches["label"]["encoder_input_tokens"].shape[0]
-    global_batches = {v: trainer.global_batch(b, part.batch_sharding, rows)
+    global_batches = {v: step_lib.global_batch(b, part.batch_sharding, rows)
                       for v, b in batches.items()}
 
     def step():

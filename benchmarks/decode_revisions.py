@@ -26,7 +26,8 @@ def _child(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
 
-    from sbs_jax import decoding, models
+    from sbs_jax import models
+    from sbs_jax.infer import decoding
 
     config = models.get_config(args.config, dtype=args.dtype)
     params = models.init_params(models.get_config(args.config), jax.random.PRNGKey(0))

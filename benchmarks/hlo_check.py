@@ -198,28 +198,31 @@ def _step_setup(config_name: str, layers: int, mesh_shape: tuple[int, int, int],
                 **config_overrides):
     import jax
 
-    from sbs_jax import models, partitioning, trainer
+    from sbs_jax import models
+    from sbs_jax.train import partitioning
 
     config = models.get_config(config_name, num_encoder_layers=layers,
                                num_decoder_layers=layers, **config_overrides)
     mesh = partitioning.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
-    return config, trainer.Partitioner(mesh, partitioning.logical_axis_rules(), config)
+    return config, partitioning.Partitioner(mesh, partitioning.logical_axis_rules(), config)
 
 
 def compiled_step_text(config_name: str, layers: int, mesh_shape: tuple[int, int, int],
                        batch: int, input_len: int, label_len: int, rationale_len: int,
                        packed: bool = False, num_microbatches: int = 1,
                        **config_overrides) -> str:
-    """HLO text of the compiled sbs step (`trainer.jit_train_step`, AdamW, both views) on the
+    """HLO text of the compiled sbs step (`step_lib.jit_train_step`, AdamW, both views) on the
     given mesh; `packed` adds the segment ids of packed batches (`RunConfig.pack`)."""
-    from sbs_jax import models, optim, trainer
+    from sbs_jax import models
+    from sbs_jax.train import optim
+    from sbs_jax.train import step as step_lib
 
     config, part = _step_setup(config_name, layers, mesh_shape, **config_overrides)
     schedule = optim.make_schedule("linear", 1e-4, total_steps=100)
     tx = optim.make_optimizer(schedule)
-    jitted = trainer.jit_train_step(part, models.T5(config), tx, schedule,
-                                    trainer.StepOptions(num_microbatches=num_microbatches))
-    batches = {view: trainer.abstract_batch(part.batch_sharding, batch, input_len, length,
+    jitted = step_lib.jit_train_step(part, models.T5(config), tx, schedule,
+                                    step_lib.StepOptions(num_microbatches=num_microbatches))
+    batches = {view: step_lib.abstract_batch(part.batch_sharding, batch, input_len, length,
                                             packed)
                for view, length in (("label", label_len), ("rationale", rationale_len))}
     with part.context():

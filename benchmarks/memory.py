@@ -1,6 +1,6 @@
 """Compile-only memory accounting of a run's sbs train step and greedy decoding, per device.
 
-Compiles the real step (`trainer.jit_train_step`: both views, the run's optimizer, micro-batches,
+Compiles the real step (`step_lib.jit_train_step`: both views, the run's optimizer, micro-batches,
 mesh and shardings, from the same gin files as `sbs_jax.train`) and the eval loop's
 `decoding.generate`, from abstract shapes only: no data, no parameters, no accelerator. XLA's
 `compiled.memory_analysis()` gives, per device, the arguments, outputs, aliases (donated state
@@ -92,16 +92,18 @@ def feature_lengths(cfg: Any) -> dict[str, int]:
 
 def train_step_memory(cfg: Any, model_config: Any, partitioner: Any) -> dict[str, Any]:
     """Memory of the run's jitted train step on BATCH_SIZE rows at the feature caps."""
-    from sbs_jax import models, train_loop, trainer
+    from sbs_jax import models
+    from sbs_jax.train import loop
+    from sbs_jax.train import step as step_lib
 
-    tx, schedule = train_loop.optimizer(cfg)
-    jitted = trainer.jit_train_step(partitioner, models.T5(model_config), tx, schedule,
-                                    train_loop.step_options(cfg))
+    tx, schedule = loop.optimizer(cfg)
+    jitted = step_lib.jit_train_step(partitioner, models.T5(model_config), tx, schedule,
+                                    loop.step_options(cfg))
     lengths = feature_lengths(cfg)
-    batches = {"label": trainer.abstract_batch(partitioner.batch_sharding, cfg.batch_size,
+    batches = {"label": step_lib.abstract_batch(partitioner.batch_sharding, cfg.batch_size,
                                                lengths["inputs"], lengths["targets"], cfg.pack)}
     if "rationale_targets" in lengths:
-        batches["rationale"] = trainer.abstract_batch(
+        batches["rationale"] = step_lib.abstract_batch(
             partitioner.batch_sharding, cfg.batch_size, lengths["inputs"],
             lengths["rationale_targets"], cfg.pack)
     return _compile(jitted, (partitioner.abstract_state(tx), batches), partitioner.context())
@@ -114,8 +116,8 @@ def generate_memory(cfg: Any, model_config: Any, partitioner: Any) -> dict[str, 
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from sbs_jax import decoding
     from sbs_jax.data.vocab import EOS_ID
+    from sbs_jax.infer import decoding
 
     shards = partitioner.num_data_shards
     rows = -(-cfg.eval_batch_size // shards) * shards
@@ -167,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from sbs_jax import run_config
     from sbs_jax.runtime import gin_utils
+    from sbs_jax.train import run_config
 
     parser = build_parser()
     args = gin_utils.parse_gin_flags(parser, argv)
@@ -188,15 +190,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import jax
 
     jax.config.update("jax_platforms", "cpu")
-    from sbs_jax import models, partitioning, trainer
+    from sbs_jax import models
+    from sbs_jax.train import partitioning
+    from sbs_jax.train import step as step_lib
 
     model_config = models.get_config(cfg.model_name, **cfg.model_overrides)
     mesh = partitioning.make_mesh(mesh_shape, jax.devices()[:num_devices])
     try:
-        trainer.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches)
+        step_lib.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches)
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    partitioner = trainer.Partitioner(mesh, partitioning.logical_axis_rules(cfg.fsdp),
+    partitioner = partitioning.Partitioner(mesh, partitioning.logical_axis_rules(cfg.fsdp),
                                       model_config)
     programs = {"train_step": train_step_memory(cfg, model_config, partitioner)}
     if not args.no_generate:

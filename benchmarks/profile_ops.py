@@ -78,7 +78,8 @@ def _program(what: str, config, batch: int, input_len: int, target_lens: tuple[i
     """(callable running the program once, jitted function name in the dump)."""
     import jax
 
-    from sbs_jax import decoding, models
+    from sbs_jax import models
+    from sbs_jax.infer import decoding
 
     params = models.init_params(config, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)

@@ -63,7 +63,8 @@ def _ours_sweep(args: argparse.Namespace, config, ours_train: Callable) -> dict[
 
     import jax
 
-    from sbs_jax import decoding, models
+    from sbs_jax import models
+    from sbs_jax.infer import decoding
 
     params = models.init_params(config, jax.random.PRNGKey(0))
     rows: dict[str, dict] = {"train": {}, "decode": {}}

@@ -52,8 +52,8 @@ from sbs_jax.grid import (
     make_cells,
     missing_checkpoint_files,
 )
-from sbs_jax.run_config import CONFIG_FILE, DATA_SUBSETS, EVAL_HISTORY_FILE
 from sbs_jax.runtime import console
+from sbs_jax.train.run_config import CONFIG_FILE, DATA_SUBSETS, EVAL_HISTORY_FILE
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

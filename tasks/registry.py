@@ -22,8 +22,8 @@ import functools
 
 import seqio
 
-from sbs_jax import metrics
 from sbs_jax.data.parse import ANSWER_MARKER, DATASETS, parse_completion
+from sbs_jax.infer import metrics
 from tasks import config, preprocessors
 from tasks.sources import RecordSource
 

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sbs_jax import checkpoints, checksums
+from sbs_jax.train import checkpoints, checksums
 
 
 def _mesh(shape):
@@ -96,13 +96,15 @@ def test_latest_step_is_read_only_and_ignores_unfinished_steps(tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
 def test_train_state_restores_onto_its_abstract_shardings(tmp_path, optimizer):
-    from sbs_jax import models, optim, partitioning, trainer
+    from sbs_jax import models
+    from sbs_jax.train import optim, partitioning
+    from sbs_jax.train import step as step_lib
 
     config = models.get_config("t5_1_1_tiny", vocab_size=128)
-    part = trainer.Partitioner(partitioning.make_mesh((2, 2, 2)),
+    part = partitioning.Partitioner(partitioning.make_mesh((2, 2, 2)),
                                partitioning.logical_axis_rules(), config)
     tx = optim.make_optimizer(optim.make_schedule("constant", 1e-3, 10), name=optimizer)
-    state = trainer.init_state(part, config, tx, seed=1)
+    state = step_lib.init_state(part, config, tx, seed=1)
     ckpt = checkpoints.Checkpointer(str(tmp_path))
     ckpt.save(1, state.params, state.opt_state, {"position": 64})
     ckpt.close()

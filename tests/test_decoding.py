@@ -9,7 +9,7 @@ import torch
 from hf_t5_fixtures import make_hf_dir
 from transformers import GenerationConfig
 
-from sbs_jax import decoding
+from sbs_jax.infer import decoding
 from sbs_jax.models import T5, load_hf
 
 VOCAB = 512
@@ -129,8 +129,8 @@ def test_compiled_once_per_shape(model):
 def test_decoding_on_the_training_mesh(model):
     """Params sharded as in training (fsdp + model axes), the batch over the data axes: the same
     tokens as on one device."""
-    from sbs_jax import partitioning
     from sbs_jax.models import abstract_params
+    from sbs_jax.train import partitioning
 
     _, config, params, enc = model
     mesh = partitioning.make_mesh((2, 2, 2))

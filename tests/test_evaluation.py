@@ -3,9 +3,12 @@
 import jax
 import numpy as np
 
-from sbs_jax import evaluation, models, optim, partitioning, trainer
+from sbs_jax import models
 from sbs_jax.data.pipeline import EvalSet
 from sbs_jax.data.vocab import load_vocab
+from sbs_jax.infer import evaluation
+from sbs_jax.train import optim, partitioning
+from sbs_jax.train import step as step_lib
 
 CONFIG = models.get_config("t5_1_1_tiny", vocab_size=640, num_heads=2, head_dim=8, emb_dim=16,
                            mlp_dim=32, num_encoder_layers=1, num_decoder_layers=1,
@@ -21,8 +24,8 @@ def test_sharded_eval_decodes_like_one_device(tiny_vocab_path):
                        inputs_text=[""] * 11, targets=[""] * 11,
                        vocabulary=load_vocab(tiny_vocab_path))
     mesh = partitioning.make_mesh((2, 2, 2))
-    part = trainer.Partitioner(mesh, partitioning.logical_axis_rules(), CONFIG)
-    state = trainer.init_state(part, CONFIG, optim.make_optimizer(1e-3), seed=1)
+    part = partitioning.Partitioner(mesh, partitioning.logical_axis_rules(), CONFIG)
+    state = step_lib.init_state(part, CONFIG, optim.make_optimizer(1e-3), seed=1)
     host_params = jax.device_get(state.params)
 
     sharded = evaluation.decode_texts(CONFIG, state.params, eval_set, 6, max_decode_len=6,

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sbs_jax import losses, models, optim, partitioning, trainer
+from sbs_jax import models
+from sbs_jax.train import losses, optim, partitioning
+from sbs_jax.train import step as step_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import flops  # benchmarks/ holds scripts, not a package
@@ -73,13 +75,13 @@ def test_sbs_train_step_matches_xla_cost_analysis(params):
     rng = np.random.default_rng(1)
     batches = {"label": _batch(rng, LABEL_LEN), "rationale": _batch(rng, RATIONALE_LEN)}
     mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
-    part = trainer.Partitioner(mesh, partitioning.logical_axis_rules(), CONFIG)
+    part = partitioning.Partitioner(mesh, partitioning.logical_axis_rules(), CONFIG)
     schedule = optim.make_schedule("linear", 1e-3, total_steps=10)
     tx = optim.make_optimizer(schedule)
-    state = trainer.init_state(part, CONFIG, tx, seed=0, params=params)
-    step = jax.jit(lambda s, b: trainer.train_step(
+    state = step_lib.init_state(part, CONFIG, tx, seed=0, params=params)
+    step = jax.jit(lambda s, b: step_lib.train_step(
         s, b, model=models.T5(CONFIG), tx=tx, schedule=schedule,
-        options=trainer.StepOptions(alpha=0.5), batch_sharding=part.batch_sharding))
+        options=step_lib.StepOptions(alpha=0.5), batch_sharding=part.batch_sharding))
     with part.context():
         xla = _xla_flops(step, state, batches)
     ours = flops.sbs_step_flops(CONFIG, BATCH, INPUT_LEN, LABEL_LEN, RATIONALE_LEN)["total"]

@@ -16,10 +16,10 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 from transformers import T5Config as HFConfig
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from sbs_jax import losses
 from sbs_jax.models import T5, get_config, init_params
 from sbs_jax.models.hf import CheckpointError, load_hf, save_hf
 from sbs_jax.models.layers import relative_position_bucket
+from sbs_jax.train import losses
 
 VOCAB = 512
 
@@ -159,23 +159,24 @@ def test_clear_errors_name_the_problem(tmp_path):
 
 
 def test_convert_cli_round_trip(hf_checkpoint, tmp_path, capsys):
-    from sbs_jax import checkpoints, convert
+    from sbs_jax.cli import convert as convert_cli
+    from sbs_jax.train import checkpoints, run_config, run_files
 
     style, path, hf_model = hf_checkpoint
     run = tmp_path / "run"
-    assert convert.main(["--to=ours", f"--hf_dir={path}", f"--model_dir={run}"]) == 0
+    assert convert_cli.main(["--to=ours", f"--hf_dir={path}", f"--model_dir={run}"]) == 0
     config, params = load_hf(path)
     stored = checkpoints.load_params(str(run))
     for a, b in zip(jax.tree_util.tree_leaves(stored), jax.tree_util.tree_leaves(params)):
         np.testing.assert_array_equal(a, b)
     # A trainer's run records only run_config.json: sizes then come from the parameters.
-    (run / convert.MODEL_CONFIG_FILE).unlink()
+    (run / run_files.MODEL_CONFIG_FILE).unlink()
     name = "t5_tiny" if style == "v1_0" else "t5_1_1_tiny"
-    (run / convert.RUN_CONFIG_FILE).write_text(json.dumps({"model_name": name,
+    (run / run_config.CONFIG_FILE).write_text(json.dumps({"model_name": name,
                                                            "model_overrides": {}}))
     out = tmp_path / "hf"
     capsys.readouterr()
-    assert convert.main(["--to=hf", f"--model_dir={run}", f"--hf_dir={out}"]) == 0
+    assert convert_cli.main(["--to=hf", f"--model_dir={run}", f"--hf_dir={out}"]) == 0
     assert re.match(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d wrote {re.escape(str(out))}: T5Config\(",
                     capsys.readouterr().out)  # the local time first, as on every CLI's lines
     back_config, _ = load_hf(out)
@@ -185,17 +186,17 @@ def test_convert_cli_round_trip(hf_checkpoint, tmp_path, capsys):
     np.testing.assert_allclose(hf_logits_and_loss(exported, enc, dec, targets)[0],
                                hf_logits_and_loss(hf_model, enc, dec, targets)[0], atol=1e-5)
     # Refuses to overwrite a run; says what is missing when the architecture is unknown.
-    assert convert.main(["--to=ours", f"--hf_dir={path}", f"--model_dir={run}"]) == 2
-    (run / convert.RUN_CONFIG_FILE).unlink()
-    assert convert.main(["--to=hf", f"--model_dir={run}", f"--hf_dir={tmp_path / 'hf2'}"]) == 2
+    assert convert_cli.main(["--to=ours", f"--hf_dir={path}", f"--model_dir={run}"]) == 2
+    (run / run_config.CONFIG_FILE).unlink()
+    assert convert_cli.main(["--to=hf", f"--model_dir={run}", f"--hf_dir={tmp_path / 'hf2'}"]) == 2
     assert "--model_name" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        convert.main(["--help"])
+        convert_cli.main(["--help"])
     assert exit_info.value.code == 0
 
 
 def test_convert_names_a_bad_config_or_damaged_weights(hf_checkpoint, tmp_path, capsys):
-    from sbs_jax import convert
+    from sbs_jax.cli import convert as convert_cli
 
     _, path, _ = hf_checkpoint
     for name, damage in (("config.json", lambda b: b[: len(b) // 2]),
@@ -204,7 +205,7 @@ def test_convert_names_a_bad_config_or_damaged_weights(hf_checkpoint, tmp_path, 
         broken = tmp_path / f"broken_{len(list(tmp_path.iterdir()))}"
         shutil.copytree(path, broken)
         (broken / name).write_bytes(damage((broken / name).read_bytes()))
-        assert convert.main(["--to=ours", f"--hf_dir={broken}",
+        assert convert_cli.main(["--to=ours", f"--hf_dir={broken}",
                              f"--model_dir={broken}_run"]) == 2
         err = capsys.readouterr().err
         assert f"sbs-convert: error: {broken / name}: " in err and "Traceback" not in err

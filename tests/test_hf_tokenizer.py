@@ -7,7 +7,7 @@ import pytest
 
 from sbs_jax.data import dss, synthetic
 from sbs_jax.data.vocab import train_vocab
-from sbs_jax.infer import input_set
+from sbs_jax.infer.inputs import input_set
 from sbs_jax.models.hf_tokenizer import write_tokenizer_files
 from tasks import LABEL_PREFIX
 from tasks import config as tasks_config

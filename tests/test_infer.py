@@ -7,9 +7,10 @@ import shutil
 
 import pytest
 
-from sbs_jax import checkpoints, evaluation, run_config, train_loop
-from sbs_jax import eval as eval_cli
-from sbs_jax import infer as infer_cli
+from sbs_jax.cli import eval as eval_cli
+from sbs_jax.cli import infer as infer_cli
+from sbs_jax.infer import evaluation, inputs
+from sbs_jax.train import checkpoints, loop, run_config
 
 # A one-layer model keeps compiles short; batch 8 fits the default 8-device data mesh.
 TINY = {"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32, "num_encoder_layers": 1,
@@ -33,7 +34,7 @@ def trained_run(tmp_path_factory):
         # The same data folder as tests/test_trainer.py: the synthetic data is made once.
         patch.setenv("SBS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "trainer_data"))
         model_dir = tmp_path_factory.mktemp("infer") / "run"
-        train_loop.train(_config(model_dir))
+        loop.train(_config(model_dir))
         assert checkpoints.all_steps(str(model_dir)) == [2, 4]
         yield model_dir
 
@@ -130,8 +131,8 @@ def test_rationale_inputs_cut_alone_are_counted_and_marked(trained_run, tmp_path
 def test_malformed_input_records_are_named(tmp_path, content, problem):
     source = tmp_path / "inputs.jsonl"
     source.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    with pytest.raises(infer_cli.InputFileError, match=problem):
-        infer_cli.read_inputs(str(source))
+    with pytest.raises(inputs.InputFileError, match=problem):
+        inputs.read_inputs(str(source))
 
 
 def test_a_bad_input_file_exits_2_naming_it_and_writes_nothing(trained_run, tmp_path, capsys):
@@ -179,7 +180,7 @@ def test_a_half_deleted_step_is_skipped_by_eval_infer_and_resume(trained_run, tm
     assert (f"checkpoint step 4 in {run}/checkpoints/4 is incomplete: params, opt_state, data "
             "missing") in capsys.readouterr().err
     # Resuming trains steps 3 and 4 again from step 2 and saves step 4 anew (no eval: faster).
-    summary = train_loop.train(dataclasses.replace(_config(run), eval_period=0))
+    summary = loop.train(dataclasses.replace(_config(run), eval_period=0))
     assert summary["resumed_from"] == 2 and summary["step"] == 4
     assert checkpoints.all_steps(str(run)) == [2, 4]
     assert checkpoints.incomplete_steps(str(run)) == {}

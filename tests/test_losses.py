@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sbs_jax import losses
+from sbs_jax.train import losses
 
 
 def _batch(rng, batch, length, vocab, lengths):

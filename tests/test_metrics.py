@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from sbs_jax import metrics
-from sbs_jax.metrics import arithmetic_equal, safe_arithmetic
+from sbs_jax.infer import metrics
+from sbs_jax.infer.metrics import arithmetic_equal, safe_arithmetic
 
 # (expression, the value Python's eval gives it; None where it raises or is not a number)
 VALUES = [

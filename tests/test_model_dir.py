@@ -14,10 +14,11 @@ import sys
 import pytest
 from test_trainer import _config as trainer_config
 
-from sbs_jax import convert, run_config, run_files, train_loop
-from sbs_jax import eval as eval_cli
-from sbs_jax import infer as infer_cli
+from sbs_jax.cli import convert as convert_cli
+from sbs_jax.cli import eval as eval_cli
+from sbs_jax.cli import infer as infer_cli
 from sbs_jax.data.vocab import train_vocab
+from sbs_jax.train import convert, loop, run_config, run_files
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LONG_INPUT = " ".join(["9"] * 60) + " + 1"  # over the 32-token input cap
@@ -53,7 +54,7 @@ def run_dir(tmp_path_factory, data_dir):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SBS_DATA_DIR", str(data_dir))
         patch.delenv("SBS_VOCAB", raising=False)
-        train_loop.train(_config(model_dir))
+        loop.train(_config(model_dir))
     return model_dir
 
 
@@ -117,7 +118,7 @@ def test_a_run_pins_its_vocabulary_data_folder_and_settings(run_dir, data_dir):
     saved = json.loads((run_dir / run_config.CONFIG_FILE).read_text())
     assert saved["mixture_or_task_name"] == "synthetic_label_gt"
     assert json.loads((run_dir / "model_config.json").read_text())["emb_dim"] == 16
-    summary = json.loads((run_dir / train_loop.SUMMARY_FILE).read_text())
+    summary = json.loads((run_dir / loop.SUMMARY_FILE).read_text())
     assert summary["initialised_from"] is None and summary["resumed_from"] is None
 
 
@@ -173,7 +174,7 @@ def test_convert_model_dir_in_a_fresh_shell_ships_the_runs_tokenizer(fresh_shell
     with tasks_config.overrides_restored():
         tasks_config.set_vocabulary_path(str(run_dir / "spiece.model"))
         tasks_config.set_data_dir(str(data_dir))
-        ours = infer_cli.input_set("synthetic_label_gt", inputs, 64)
+        ours = inputs.input_set("synthetic_label_gt", inputs, 64)
     assert [tokenizer("predict: " + text).input_ids for _, text in inputs] == \
         [list(x) for x in ours.inputs]
 
@@ -223,12 +224,12 @@ def test_convert_refuses_a_non_empty_folder_and_another_vocabulary(run_dir, tmp_
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
     argv = ["--to=hf", f"--model_dir={run_dir}", f"--hf_dir={target}"]
-    assert convert.main(argv) == 2
+    assert convert_cli.main(argv) == 2
     assert f"--hf_dir {target} is not empty; pass --overwrite" in capsys.readouterr().err
-    assert convert.main([*argv, f"--vocab={other_vocab}", "--overwrite"]) == 2
+    assert convert_cli.main([*argv, f"--vocab={other_vocab}", "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert other_vocab in err and str(run_dir / "spiece.model") in err
-    assert convert.main([*argv, "--overwrite"]) == 0
+    assert convert_cli.main([*argv, "--overwrite"]) == 0
     assert (target / "tokenizer.json").exists() and (target / "notes.txt").exists()
 
 
@@ -241,7 +242,7 @@ def test_hf_initial_checkpoint_brings_its_vocabulary(tmp_path, data_dir, tiny_vo
     monkeypatch.setenv("SBS_DATA_DIR", str(data_dir))  # whose own vocabulary differs
     cfg = _config(tmp_path / "run", initial_checkpoint_path=str(hf_dir), train_steps=1,
                   checkpoint_period=1, model_overrides={"dropout_rate": 0.0})
-    summary = train_loop.train(cfg)
+    summary = loop.train(cfg)
     assert _sha(tmp_path / "run" / "spiece.model") == _sha(tiny_vocab_path)
     assert summary["initialised_from"] == {
         "path": str(hf_dir), "format": "HF", "step": None,
@@ -250,8 +251,8 @@ def test_hf_initial_checkpoint_brings_its_vocabulary(tmp_path, data_dir, tiny_vo
     assert f"initialised from {hf_dir} (HF)" in out and "has no spiece.model" not in out
     # A vocabulary named that differs from the folder's is refused, naming both.
     monkeypatch.setenv("SBS_VOCAB", other_vocab)
-    with pytest.raises(train_loop.SetupError) as error:
-        train_loop.train(_config(tmp_path / "other", initial_checkpoint_path=str(hf_dir),
+    with pytest.raises(loop.SetupError) as error:
+        loop.train(_config(tmp_path / "other", initial_checkpoint_path=str(hf_dir),
                                  model_overrides={}))
     assert str(hf_dir / "spiece.model") in str(error.value) and other_vocab in str(error.value)
 
@@ -264,7 +265,7 @@ def test_hf_initial_checkpoint_without_a_vocabulary_says_which_it_uses(tmp_path,
     assert not (hf_dir / "spiece.model").exists()
     monkeypatch.setenv("SBS_DATA_DIR", str(data_dir))
     monkeypatch.delenv("SBS_VOCAB", raising=False)
-    summary = train_loop.train(_config(
+    summary = loop.train(_config(
         tmp_path / "run", initial_checkpoint_path=str(hf_dir), train_steps=1,
         checkpoint_period=1, eval_period=0, model_overrides={"dropout_rate": 0.0}))
     task_vocabulary = str(data_dir / "spiece.model")
@@ -298,9 +299,9 @@ def test_a_checkpoint_of_another_shape_names_tensor_shapes_and_model_gin(tmp_pat
            "gin/models/t5_1_1_tiny.gin" in proc.stderr
     # Our MODEL_DIR as a start: sizes of no shipped config give the overrides to bind.
     monkeypatch.setenv("SBS_DATA_DIR", str(data_dir))
-    with pytest.raises(train_loop.SetupError, match=r"bind RunConfig.model_overrides=\{'emb_dim"
+    with pytest.raises(loop.SetupError, match=r"bind RunConfig.model_overrides=\{'emb_dim"
                        r"': 16, 'num_heads': 2"):
-        train_loop.train(_config(tmp_path / "run2", initial_checkpoint_path=str(run_dir),
+        loop.train(_config(tmp_path / "run2", initial_checkpoint_path=str(run_dir),
                                  model_overrides={}))
 
 
@@ -309,12 +310,12 @@ def test_a_restart_with_another_vocabulary_is_refused(run_dir, other_vocab, data
     run_dir = shutil.copytree(run_dir, tmp_path / "run")
     monkeypatch.setenv("SBS_DATA_DIR", str(data_dir))
     monkeypatch.setenv("SBS_VOCAB", other_vocab)
-    with pytest.raises(train_loop.SetupError) as error:
-        train_loop.train(_config(run_dir, train_steps=4))
+    with pytest.raises(loop.SetupError) as error:
+        loop.train(_config(run_dir, train_steps=4))
     assert f"MODEL_DIR={run_dir} was trained with {run_dir / 'spiece.model'}" in str(error.value)
     assert other_vocab in str(error.value)
     # Without it the run resumes on its own copy, and the record keeps where it came from.
     monkeypatch.delenv("SBS_VOCAB")
     record = (run_dir / run_files.DATA_CONFIG_FILE).read_text()
-    assert train_loop.train(_config(run_dir))["resumed_from"] == 2
+    assert loop.train(_config(run_dir))["resumed_from"] == 2
     assert (run_dir / run_files.DATA_CONFIG_FILE).read_text() == record

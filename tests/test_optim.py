@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from sbs_jax import optim
+from sbs_jax.train import optim
 
 
 def test_linear_schedule_matches_hf_linear_with_warmup():
@@ -78,8 +78,8 @@ def _t5x_adafactor_reference(params, grads_per_step, lr_fn):
 
 
 def test_adafactor_gin_gives_t5xs_adafactor(tmp_path):
-    from sbs_jax import run_config
     from sbs_jax.runtime import gin_utils
+    from sbs_jax.train import run_config
 
     gin_utils.parse_gin(["gin/sbs_base.gin", "gin/adafactor.gin"], [f"MODEL_DIR = '{tmp_path}'"])
     cfg = run_config.from_gin()

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 import tasks
-from sbs_jax import run_config, train_loop, trainer
 from sbs_jax.data import pipeline
 from sbs_jax.data.pipeline import pack_rows, packed_encdec_batch
 from sbs_jax.models import T5, get_config, init_params
+from sbs_jax.train import loop, run_config
+from sbs_jax.train import step as step_lib
 
 VOCAB = 128
 TINY = {"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32, "num_encoder_layers": 2,
@@ -105,12 +106,12 @@ def test_packed_step_has_the_unpacked_objective_and_gradients(tiny):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
                              ("data", "fsdp", "model"))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    options = trainer.StepOptions(alpha=0.3)
+    options = step_lib.StepOptions(alpha=0.3)
 
     def run(make):
         batches = {v: {k: jax.numpy.asarray(x) for k, x in make(*views[v]).items()}
                    for v in views}
-        return jax.jit(functools.partial(trainer.loss_and_grads, T5(config), options=options,
+        return jax.jit(functools.partial(step_lib.loss_and_grads, T5(config), options=options,
                                          batch_sharding=sharding))(
             params, batches, jax.random.PRNGKey(0))
 
@@ -179,7 +180,7 @@ def test_a_packed_run_trains_like_an_unpacked_one_on_the_8_device_mesh(tmp_path,
             train_steps=3, batch_size=32, task_feature_lengths={"inputs": 32, "targets": 64},
             learning_rate=1e-3, schedule="constant", checkpoint_period=3, eval_period=0,
             log_period=1, async_checkpointing=False, pack=pack)
-        return train_loop.train(cfg)
+        return loop.train(cfg)
 
     packed, plain = run(True), run(False)
     assert packed["step"] == plain["step"] == 3

@@ -6,8 +6,8 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from sbs_jax import partitioning
 from sbs_jax.models import T5, abstract_params, get_config, init_params
+from sbs_jax.train import partitioning
 
 
 def test_make_mesh_shapes_and_errors():
@@ -75,7 +75,7 @@ def test_sharded_logits_equal_single_device():
 
 
 def test_decoding_with_sharded_params_equals_single_device():
-    from sbs_jax import decoding
+    from sbs_jax.infer import decoding
 
     config = get_config("t5_1_1_tiny", vocab_size=512)
     params = init_params(config, jax.random.PRNGKey(1))

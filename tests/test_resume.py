@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from sbs_jax import checkpoints, run_lock
-from sbs_jax import convert as convert_cli
-from sbs_jax import eval as eval_cli
-from sbs_jax import infer as infer_cli
+from sbs_jax.cli import convert as convert_cli
+from sbs_jax.cli import eval as eval_cli
+from sbs_jax.cli import infer as infer_cli
+from sbs_jax.train import checkpoints, run_lock
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -161,7 +161,7 @@ def test_a_second_trainer_is_refused_until_the_first_dies(tmp_path, env, capsys)
         while not (lock_file.exists() and f"pid {first.pid} " in lock_file.read_text()):
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
-        from sbs_jax import train as train_cli
+        from sbs_jax.cli import train as train_cli
 
         with pytest.raises(SystemExit) as refused:
             train_cli.main([*FLAGS, f"--gin.MODEL_DIR='{model_dir}'"])

@@ -15,8 +15,8 @@ import seqio
 from test_model_dir import _fresh_env
 
 import tasks
-from sbs_jax import run_files
 from sbs_jax.data import pipeline, synthetic
+from sbs_jax.train import run_files
 from tasks import config as tasks_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -9,7 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from sbs_jax import losses, models, optim, partitioning, trainer
+from sbs_jax import models
+from sbs_jax.train import losses, optim, partitioning
+from sbs_jax.train import step as step_lib
 
 # Heads, mlp and vocab divisible by 8 so the 1x1x8 mesh shards every model dimension; one layer
 # per stack keeps compiles short.
@@ -44,13 +46,13 @@ def batches():
 def _train(mesh_shape, batches, num_microbatches=1, views=("label", "rationale"), config=CONFIG,
            tx=TX):
     mesh = partitioning.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
-    part = trainer.Partitioner(mesh, partitioning.logical_axis_rules(), config)
-    state = trainer.init_state(part, config, tx, seed=0)
-    options = trainer.StepOptions(alpha=0.5, num_microbatches=num_microbatches, seed=3)
-    step = trainer.make_train_step(part, models.T5(config), tx, SCHEDULE, options)
+    part = partitioning.Partitioner(mesh, partitioning.logical_axis_rules(), config)
+    state = step_lib.init_state(part, config, tx, seed=0)
+    options = step_lib.StepOptions(alpha=0.5, num_microbatches=num_microbatches, seed=3)
+    step = step_lib.make_train_step(part, models.T5(config), tx, SCHEDULE, options)
     history = []
     for local in batches:
-        gb = {v: trainer.global_batch(local[v], part.batch_sharding, 16) for v in views}
+        gb = {v: step_lib.global_batch(local[v], part.batch_sharding, 16) for v in views}
         state, metrics = step(state, gb)
         history.append({k: float(v) for k, v in metrics.items()})
     return state, history
@@ -102,10 +104,10 @@ def test_step_objective_is_sbs_loss_with_its_options(batches):
     # Two micro-batches: the loop path; one micro-batch calls the same objective without it.
     config = dataclasses.replace(CONFIG, dropout_rate=0.0)
     model, params = models.T5(config), models.init_params(config, jax.random.PRNGKey(1))
-    options = trainer.StepOptions(alpha=0.3, num_microbatches=2,
+    options = step_lib.StepOptions(alpha=0.3, num_microbatches=2,
                                   label_smoothing=0.1, z_loss=1e-3)
     mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
-    step = jax.jit(functools.partial(trainer.loss_and_grads, model, options=options,
+    step = jax.jit(functools.partial(step_lib.loss_and_grads, model, options=options,
                                      batch_sharding=partitioning.batch_sharding(mesh)))
     _, metrics = step(params, batches[0], jax.random.PRNGKey(0))
     logits = {view: model.apply({"params": params}, batch["encoder_input_tokens"],
@@ -122,7 +124,7 @@ def test_step_objective_is_sbs_loss_with_its_options(batches):
 def test_batch_not_divisible_by_data_axes_names_batch_size():
     mesh = partitioning.make_mesh((4, 2, 1))
     with pytest.raises(ValueError, match=r"BATCH_SIZE=12 .*data x fsdp = 8"):
-        trainer.check_batch_size(12, mesh, num_microbatches=1)
+        step_lib.check_batch_size(12, mesh, num_microbatches=1)
     with pytest.raises(ValueError, match=r"BATCH_SIZE=16 .*num_microbatches x data shards"):
-        trainer.check_batch_size(16, mesh, num_microbatches=4)
-    trainer.check_batch_size(32, mesh, num_microbatches=4)
+        step_lib.check_batch_size(16, mesh, num_microbatches=4)
+    step_lib.check_batch_size(32, mesh, num_microbatches=4)

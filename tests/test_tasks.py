@@ -127,7 +127,7 @@ def test_label_metrics_accuracy_and_svamp_arithmetic(toy_dir):
 
 
 def test_safe_arithmetic_evaluates_numbers_only():
-    from sbs_jax.metrics import safe_arithmetic
+    from sbs_jax.infer.metrics import safe_arithmetic
 
     assert safe_arithmetic("( ( 17.0 + 15.0 ) + 2.0 )") == 34.0
     assert safe_arithmetic("-(3 - 5) / 4") == 0.5

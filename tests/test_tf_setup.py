@@ -17,7 +17,7 @@ def test_noise_lines_are_dropped_and_other_lines_kept():
 
 def test_library_imports_print_nothing_on_stderr():
     # train_loop pulls in seqio, clu and TF; on a fresh interpreter none of it may be noisy.
-    code = "import sbs_jax.train_loop, tasks, sys; sys.stderr.write('done')"
+    code = "import sbs_jax.train.loop, tasks, sys; sys.stderr.write('done')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=300, check=True)
     assert result.stderr == "done", result.stderr

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import gin
-from sbs_jax import checkpoints
-from sbs_jax import eval as eval_cli
-from sbs_jax import infer as infer_cli
-from sbs_jax import train as train_cli
+from sbs_jax.cli import eval as eval_cli
+from sbs_jax.cli import infer as infer_cli
+from sbs_jax.cli import train as train_cli
 from sbs_jax.runtime import gin_utils
+from sbs_jax.train import checkpoints
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every console line of the CLIs starts with its local time.
@@ -243,7 +243,7 @@ def test_gin_files_may_bind_the_task_data_folder():
 
 @pytest.mark.parametrize("size", ["small", "base", "large", "xl", "xxl"])
 def test_sbs_configs_hold_the_papers_recipe(size, tmp_path):
-    from sbs_jax import run_config
+    from sbs_jax.train import run_config
 
     gin_utils.parse_gin([f"gin/sbs_{size}.gin"], [f"MODEL_DIR = '{tmp_path}'"])
     cfg = run_config.from_gin()
@@ -265,7 +265,7 @@ def test_accelerator_configs_compute_in_bf16_with_their_sized_settings(size, rem
                                                                        microbatches, tmp_path):
     """base and up: bf16 compute, scanned layers, and the remat / micro-batches that
     benchmarks/memory.py sized them with; float32 compute is one macro away."""
-    from sbs_jax import run_config
+    from sbs_jax.train import run_config
 
     gin_utils.parse_gin([f"gin/sbs_{size}.gin"], [f"MODEL_DIR = '{tmp_path}'"])
     cfg = run_config.from_gin()
@@ -280,7 +280,7 @@ def test_accelerator_configs_compute_in_bf16_with_their_sized_settings(size, rem
 
 
 def test_overlay_configs_switch_mode_and_optimizer(tmp_path):
-    from sbs_jax import run_config
+    from sbs_jax.train import run_config
 
     gin_utils.parse_gin(["gin/sbs_base.gin", "gin/standard_distill.gin", "gin/adafactor.gin",
                          "gin/partitioning/data_model_2d.gin"], [f"MODEL_DIR = '{tmp_path}'"])

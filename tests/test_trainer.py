@@ -7,7 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from sbs_jax import checkpoints, convert, partitioning, run_config, train_loop, trainer
+from sbs_jax import models
+from sbs_jax.train import (
+    checkpoints,
+    loop,
+    partitioning,
+    run_config,
+)
 
 # A one-layer model keeps compiles short; batch 8 fits the default 8-device data mesh.
 TINY = {"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32, "num_encoder_layers": 1,
@@ -36,44 +42,44 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     # any backend. The loop must stop at step 2 before saving it, and keep step 1.
     cfg = _config(tmp_path, learning_rate=1e30, warmup_steps=2, checkpoint_period=1,
                   clip_norm=None)
-    with pytest.raises(train_loop.NonFiniteLossError) as error:
-        train_loop.train(cfg)
+    with pytest.raises(loop.NonFiniteLossError) as error:
+        loop.train(cfg)
     message = str(error.value)
     assert "update_norm is inf at step 2" in message
     assert "last good checkpoint (step 1)" in message
     assert checkpoints.all_steps(str(tmp_path)) == [1]
     params = checkpoints.load_params(str(tmp_path), 1)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
-    assert not (tmp_path / train_loop.SUMMARY_FILE).exists()
+    assert not (tmp_path / loop.SUMMARY_FILE).exists()
 
 
 def test_a_non_finite_first_update_saves_nothing(tmp_path):
     # Without warmup or clipping, update 1 at lr 1e30 overflows the update norm in fp32.
     cfg = _config(tmp_path, learning_rate=1e30, checkpoint_period=1, clip_norm=None)
-    with pytest.raises(train_loop.NonFiniteLossError,
+    with pytest.raises(loop.NonFiniteLossError,
                        match="update_norm is inf at step 1; .*No checkpoint was saved"):
-        train_loop.train(cfg)
+        loop.train(cfg)
     assert checkpoints.all_steps(str(tmp_path)) == []
 
 
 def test_a_nan_after_a_restore_names_the_restored_step_not_the_learning_rate(tmp_path):
-    train_loop.train(_config(tmp_path, train_steps=2))
+    loop.train(_config(tmp_path, train_steps=2))
     # Step 2 rewritten with finite, checksummed parameters that overflow the next forward pass:
     # damage no checksum can see (written so, or saved before checksums were recorded).
     cfg = _config(tmp_path, train_steps=4)
-    model_config = convert.config_from_json((tmp_path / "model_config.json").read_text(), "")
-    part = trainer.Partitioner(partitioning.make_mesh(cfg.mesh_shape),
+    model_config = models.config_from_json((tmp_path / "model_config.json").read_text(), "")
+    part = partitioning.Partitioner(partitioning.make_mesh(cfg.mesh_shape),
                                partitioning.logical_axis_rules(cfg.fsdp), model_config)
     reader = checkpoints.Checkpointer(str(tmp_path))
     params, opt_state, data = reader.restore(2, part.abstract_params,
-                                             part.abstract_opt_state(train_loop.optimizer(cfg)[0]))
+                                             part.abstract_opt_state(loop.optimizer(cfg)[0]))
     reader.close()
     shutil.rmtree(tmp_path / "checkpoints" / "2")
     writer = checkpoints.Checkpointer(str(tmp_path), async_save=False)
     writer.save(2, jax.tree.map(lambda x: x * 1e30, params), opt_state, data)
     writer.close()
-    with pytest.raises(train_loop.NonFiniteLossError) as error:
-        train_loop.train(cfg)
+    with pytest.raises(loop.NonFiniteLossError) as error:
+        loop.train(cfg)
     message = str(error.value)
     assert "at step 3; stopping. Step 2 was restored from " in message
     assert f"{tmp_path / 'checkpoints' / '2'}, which may be damaged" in message
@@ -84,7 +90,7 @@ def test_standard_mode_trains_labels_only_and_evaluates(tmp_path):
     cfg = _config(tmp_path, mixture_or_task_name="synthetic_standard_gt",
                   rationale_mixture_name=None, alpha=1.0, eval_period=2, eval_max_examples=8,
                   eval_batch_size=8, max_decode_len=12, test_every_eval=True)
-    summary = train_loop.train(cfg)
+    summary = loop.train(cfg)
     assert summary["step"] == 4
     assert "rationale_loss" not in summary["final_train_metrics"]
     assert summary["eval_metrics"]["num_examples"] == 8
@@ -96,13 +102,13 @@ def test_standard_mode_trains_labels_only_and_evaluates(tmp_path):
     assert history[2] == {"step": 4, "split": "valid", **summary["eval_metrics"]}
     valid = {h["step"]: h["accuracy"] for h in history if h["split"] == "valid"}
     assert valid[summary["best_step"]] == max(valid.values())
-    saved = json.loads((tmp_path / train_loop.SUMMARY_FILE).read_text())
+    saved = json.loads((tmp_path / loop.SUMMARY_FILE).read_text())
     assert saved["final_train_metrics"]["label_loss"] == pytest.approx(
         summary["final_train_metrics"]["label_loss"])
     model_config = json.loads((tmp_path / "model_config.json").read_text())
     assert model_config["emb_dim"] == 16 and model_config["vocab_size"] % 128 == 0
     # Running again with the same settings finds the run finished and changes nothing.
-    again = train_loop.train(cfg)
+    again = loop.train(cfg)
     assert again["resumed_from"] == 4 and checkpoints.all_steps(str(tmp_path)) == [2, 4]
     assert [json.loads(line) for line in history_file.read_text().splitlines()] == history
 
@@ -119,7 +125,7 @@ def test_initial_checkpoint_from_a_hf_folder_is_one_setting(tmp_path, scan_layer
     cfg = _config(tmp_path / "run", initial_checkpoint_path=str(hf_dir), train_steps=1,
                   warmup_steps=1,
                   model_overrides={"dropout_rate": 0.0, "scan_layers": scan_layers})
-    train_loop.train(cfg)
+    loop.train(cfg)
     _, want = load_hf(str(hf_dir), scan_layers=scan_layers)
     got = checkpoints.load_params(str(tmp_path / "run"), 1)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
@@ -129,4 +135,4 @@ def test_initial_checkpoint_from_a_hf_folder_is_one_setting(tmp_path, scan_layer
     clash = _config(tmp_path / "clash", initial_checkpoint_path=str(hf_dir), train_steps=1,
                     model_overrides={"emb_dim": 64})
     with pytest.raises(ValueError, match=r"model_overrides \['emb_dim'\] disagree"):
-        train_loop.train(clash)
+        loop.train(clash)

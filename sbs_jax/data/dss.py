@@ -24,7 +24,7 @@ import numpy as np
 
 from sbs_jax.data.parse import parse_completion
 from sbs_jax.data.records import Record
-from sbs_jax.metrics import safe_arithmetic
+from sbs_jax.infer.metrics import safe_arithmetic
 
 NLI_SEPARATOR = "</s>"
 NLI_LABELS = ("entailment", "neutral", "contradiction")

@@ -49,6 +49,21 @@ STATE_VERSION = 1
 _ATTENTION_EVEN_LENGTH = 1024
 
 
+def check_task(name: str, setting: str) -> seqio.Task | seqio.Mixture:
+    """The registered task or mixture, or a ValueError naming the setting."""
+    import tasks  # noqa: F401  (registers every task and mixture)
+
+    try:
+        return seqio.get_mixture_or_task(name)
+    except ValueError:
+        known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
+        close = [k for k in known if name.split("_")[0] in k][:8]
+        raise ValueError(
+            f"{setting}={name!r} is not a registered SeqIO task or mixture"
+            + (f"; similar: {close}" if close else f"; {len(known)} are registered")
+        ) from None
+
+
 def task_list(name: str) -> list[seqio.Task]:
     """The tasks behind a task or mixture name (a mixture's tasks are concatenated here)."""
     provider = seqio.get_mixture_or_task(name)

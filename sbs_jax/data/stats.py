@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 import os
 
-from sbs_jax import metrics
 from sbs_jax.data import dss
 from sbs_jax.data.parse import parse_completion
+from sbs_jax.infer import metrics
 
 COLUMNS = ("dataset", "split", "rows", "completions", "parse_failures", "empty_rationales",
            "teacher_accuracy")

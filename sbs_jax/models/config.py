@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -111,3 +112,21 @@ def get_config(name: str, **overrides: Any) -> T5Config:
     if unknown:
         raise ValueError(f"unknown T5Config field(s) {unknown} for {name!r}")
     return T5Config(**{**_CONFIGS[name], **overrides})
+
+
+def config_to_json(config: T5Config) -> str:
+    """The config as JSON (what MODEL_DIR/model_config.json holds)."""
+    return json.dumps(dataclasses.asdict(config), indent=1, sort_keys=True) + "\n"
+
+
+def config_from_json(text: str, source: str) -> T5Config:
+    """A config from `config_to_json`'s text; a ValueError names `source` and what is wrong."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    known = {f.name for f in dataclasses.fields(T5Config)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown T5Config field(s) {unknown}")
+    return T5Config(**fields)

@@ -14,6 +14,7 @@ the self-attention keys/values and the (computed once) cross-attention keys/valu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -283,3 +284,32 @@ def unstack_layers(params: dict) -> dict:
             stack[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], layers)
         out[stack_name] = stack
     return out
+
+
+def config_from_params(params: dict, base: T5Config) -> T5Config:
+    """`base` with every size taken from the parameter shapes (unrolled or scanned)."""
+    scanned = "layers" in params["encoder"]
+
+    def layer(stack: str) -> dict:
+        return params[stack]["layers"] if scanned else params[stack]["layers_0"]
+
+    def num_layers(stack: str) -> int:
+        if scanned:
+            return int(layer(stack)["pre_mlp_layer_norm"]["scale"].shape[0])
+        return sum(1 for k in params[stack] if k.startswith("layers_"))
+
+    vocab, emb = params["token_embedder"]["embedding"].shape
+    heads, buckets = params["encoder"]["relpos_bias"]["rel_embedding"].shape
+    mlp = layer("encoder")["mlp"]
+    gated = "wi_0" in mlp
+    joined = layer("encoder")["attention"]["query"]["kernel"].shape[-1]
+    activations = base.mlp_activations
+    if gated != (len(activations) == 2):
+        activations = ("gelu", "linear") if gated else ("relu",)
+    return dataclasses.replace(
+        base, vocab_size=int(vocab), emb_dim=int(emb), num_heads=int(heads),
+        head_dim=int(joined) // int(heads),
+        mlp_dim=int((mlp["wi_0"] if gated else mlp["wi"])["kernel"].shape[-1]),
+        num_encoder_layers=num_layers("encoder"), num_decoder_layers=num_layers("decoder"),
+        mlp_activations=activations, relative_attention_num_buckets=int(buckets),
+        logits_via_embedding="logits_dense" not in params["decoder"], scan_layers=scanned)

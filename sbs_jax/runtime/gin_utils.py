@@ -137,7 +137,7 @@ def parse_gin(
 ) -> None:
     """Parses gin files then bindings (then --gin.NAME ones); raises GinConfigError on mistakes."""
     import tasks  # noqa: F401  (registers tasks.data_config so gin files may bind it)
-    from sbs_jax import run_config  # noqa: F401  (registers RunConfig)
+    from sbs_jax.train import run_config  # noqa: F401  (registers RunConfig)
 
     gin.clear_config(clear_constants=False)
     paths = search_path_list(search_paths)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from sbs_jax.data.parse import ParsedCompletion, parse_completion
 from sbs_jax.data.records import Record
-from sbs_jax.metrics import arithmetic_equal
+from sbs_jax.infer.metrics import arithmetic_equal
 from sbs_jax.teacher.http_backend import Generation, TeacherError, TeacherUnavailable
 from sbs_jax.teacher.inputs import TeacherInput
 from sbs_jax.teacher.ledger import Batch, Ledger

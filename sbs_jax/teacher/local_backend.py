@@ -55,9 +55,10 @@ class LocalBackend:
         self.batches_decoded = 0
 
     def _load(self) -> None:
-        from sbs_jax import checkpoints, evaluation
         from sbs_jax.data.vocab import load_vocab
+        from sbs_jax.infer import evaluation
         from sbs_jax.models import load_hf
+        from sbs_jax.train import checkpoints
 
         if checkpoints.is_our_checkpoint(self.model):
             self.config, self.params = evaluation.load_trained(
@@ -113,7 +114,7 @@ class LocalBackend:
 
     def decode_batch(self, batch: list[_Waiting]) -> list[Generation]:
         """Decodes the waiting prompts (each `num_samples` times) in fixed-shape batches."""
-        from sbs_jax import decoding
+        from sbs_jax.infer import decoding
 
         rows = [(i, self._encode(w.prompt)) for i, w in enumerate(batch)
                 for _ in range(w.num_samples)]

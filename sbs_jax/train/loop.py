@@ -1,6 +1,6 @@
 """The training loop: setup from a RunConfig, steps, eval, checkpoints, logs, preemption.
 
-Side effects live here (files, signals, the console); the math is in trainer.py. A run resumes
+Side effects live here (files, signals, the console); the math is in step_lib.py. A run resumes
 from the newest good checkpoint in MODEL_DIR (params, optimizer state and the data iterator's
 position; damaged steps are skipped, see checkpoints.py), so a run killed at any moment and
 restarted reaches the same parameters as one that never stopped. One trainer holds MODEL_DIR at
@@ -28,22 +28,23 @@ from sbs_jax.runtime.tf_setup import tf  # noqa: F401
 import seqio
 from etils import epath
 
-from sbs_jax import (
+from sbs_jax import models
+from sbs_jax.data import pipeline
+from sbs_jax.infer import evaluation
+from sbs_jax.runtime import console, distributed
+from sbs_jax.train import (
     checkpoints,
-    convert,
-    evaluation,
     initial_checkpoint,
-    models,
     optim,
     partitioning,
     preemption,
     run_config,
     run_files,
     run_lock,
-    trainer,
 )
-from sbs_jax.data import pipeline
-from sbs_jax.runtime import console, distributed
+from sbs_jax.train import (
+    step as step_lib,
+)
 from tasks import config as tasks_config
 
 SUMMARY_FILE = "run_summary.json"
@@ -63,21 +64,6 @@ class NonFiniteLossError(FloatingPointError):
 
 # Step metrics checked before any save: a bad value means the new parameters must not be kept.
 _MUST_BE_FINITE = ("loss", "grad_norm", "update_norm")
-
-
-def check_task(name: str, setting: str) -> seqio.Task | seqio.Mixture:
-    """The registered task or mixture, or a ValueError naming the setting."""
-    import tasks  # noqa: F401  (registers every task and mixture)
-
-    try:
-        return seqio.get_mixture_or_task(name)
-    except ValueError:
-        known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
-        close = [k for k in known if name.split("_")[0] in k][:8]
-        raise ValueError(
-            f"{setting}={name!r} is not a registered SeqIO task or mixture"
-            + (f"; similar: {close}" if close else f"; {len(known)} are registered")
-        ) from None
 
 
 def task_vocab_size(task: seqio.Task | seqio.Mixture) -> int:
@@ -103,7 +89,7 @@ def _non_finite_advice(model_dir: str, resumed_from: int | None) -> str:
 def _batch_tokens(local: dict, num_shards: int) -> int:
     """Real (non-pad) input + target tokens of the global batch, estimated from this shard."""
     total = 0
-    for view in trainer.VIEWS:
+    for view in step_lib.VIEWS:
         if view in local:
             total += int(np.count_nonzero(local[view]["encoder_input_tokens"]))
             total += int(np.sum(local[view]["decoder_loss_weights"]))
@@ -133,9 +119,9 @@ def optimizer(cfg: run_config.RunConfig) -> tuple[Any, Any]:
     return optim.make_optimizer(schedule, cfg.optimizer, cfg.weight_decay, cfg.clip_norm), schedule
 
 
-def step_options(cfg: run_config.RunConfig) -> trainer.StepOptions:
+def step_options(cfg: run_config.RunConfig) -> step_lib.StepOptions:
     """What a run's step computes besides the model."""
-    return trainer.StepOptions(alpha=cfg.alpha, num_microbatches=cfg.num_microbatches,
+    return step_lib.StepOptions(alpha=cfg.alpha, num_microbatches=cfg.num_microbatches,
                                label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
                                seed=cfg.random_seed)
 
@@ -143,7 +129,7 @@ def step_options(cfg: run_config.RunConfig) -> trainer.StepOptions:
 @dataclasses.dataclass
 class _Setup:
     model_config: models.T5Config
-    partitioner: trainer.Partitioner
+    partitioner: partitioning.Partitioner
     tx: Any
     schedule: Any
     batches: pipeline.PairedBatches
@@ -158,19 +144,19 @@ def _vocabulary_file(task: seqio.Task | seqio.Mixture) -> str | None:
 
 def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, Any]:
     run_files.choose_training_vocabulary(cfg.model_dir, cfg.initial_checkpoint_path)
-    label_task = check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
+    label_task = pipeline.check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
     if cfg.rationale_mixture_name is not None:
-        check_task(cfg.rationale_mixture_name, "RATIONALE_MIXTURE_NAME")
+        pipeline.check_task(cfg.rationale_mixture_name, "RATIONALE_MIXTURE_NAME")
     check_splits(cfg)
     mesh = partitioning.make_mesh(cfg.mesh_shape)
-    trainer.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches)
+    step_lib.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches)
     vocab_size = task_vocab_size(label_task)
     initial_params, initial = None, initial_checkpoint.origin(cfg)
     if cfg.initial_checkpoint_path and not from_checkpoint:
         model_config, initial_params, initial = initial_checkpoint.load(cfg, vocab_size)
     else:
         model_config = initial_checkpoint.model_config(cfg, vocab_size)
-    partitioner = trainer.Partitioner(
+    partitioner = partitioning.Partitioner(
         mesh, partitioning.logical_axis_rules(cfg.fsdp), model_config)
     if initial_params is not None:
         initial_checkpoint.check_params_match(initial_params, partitioner.abstract_params,
@@ -273,13 +259,13 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
         except checkpoints.DamagedCheckpointError as exc:  # a step saved without checksums
             checkpointer.close()
             raise SetupError(str(exc)) from exc
-        state = trainer.TrainState(
+        state = partitioning.TrainState(
             step=jax.device_put(np.int32(resume_step), part.replicated),
             params=params, opt_state=opt_state)
         if data_state:  # a step written by `sbs-convert --to=ours` has no data position yet
             setup.batches.restore(data_state)
     else:
-        state = trainer.init_state(part, setup.model_config, setup.tx, cfg.random_seed,
+        state = step_lib.init_state(part, setup.model_config, setup.tx, cfg.random_seed,
                                    params=initial_params)
         if initial_params is not None and is_lead:
             console.say(f"initialised from {setup.initial.describe()}")
@@ -289,12 +275,12 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
         run_config.save(cfg)
         run_files.pin(cfg.model_dir, setup.vocabulary_path, tasks_config.data_dir(),
                       seqio.get_global_cache_dirs() if cfg.use_cached_tasks else ())
-        run_config.write_text(epath.Path(cfg.model_dir) / convert.MODEL_CONFIG_FILE,
-                              convert.config_to_json(setup.model_config))
+        run_config.write_text(epath.Path(cfg.model_dir) / run_files.MODEL_CONFIG_FILE,
+                              models.config_to_json(setup.model_config))
         if operative_gin is not None:
             run_config.write_text(epath.Path(cfg.model_dir) / GIN_FILE, operative_gin)
     options = step_options(cfg)
-    step_fn = trainer.make_train_step(part, models.T5(setup.model_config), setup.tx,
+    step_fn = step_lib.make_train_step(part, models.T5(setup.model_config), setup.tx,
                                       setup.schedule, options)
     eval_examples = None
     from clu import metric_writers  # after tf_setup: clu imports TensorFlow
@@ -333,10 +319,10 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
             while step < cfg.train_steps:
                 local = next(setup.batches)
                 global_batches = {
-                    v: trainer.global_batch(
+                    v: step_lib.global_batch(
                         local[v], part.batch_sharding,
                         len(local[v]["encoder_input_tokens"]) * setup.num_shards)
-                    for v in trainer.VIEWS if v in local}
+                    for v in step_lib.VIEWS if v in local}
                 state, metrics = timer.run(step_fn, state, global_batches,
                                            _batch_tokens(local, setup.num_shards))
                 step += 1

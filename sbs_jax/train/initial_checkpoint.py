@@ -17,9 +17,10 @@ import jax
 import numpy as np
 from etils import epath
 
-from sbs_jax import checkpoints, convert, models, run_config, run_files
+from sbs_jax import models
 from sbs_jax.data.vocab import padded_vocab_size
 from sbs_jax.models import config as model_configs
+from sbs_jax.train import checkpoints, run_config, run_files
 
 # T5Config fields that change how a model runs, not what it is: these model_overrides apply on
 # top of a HF checkpoint's own config; any other override must agree with the checkpoint.
@@ -173,7 +174,7 @@ def check_params_match(params: Any, abstract_params: Any, config: models.T5Confi
                        f"{cfg.model_name!r}, model_overrides={cfg.model_overrides})")
             break
     try:
-        found = convert.config_from_params(params, config)
+        found = models.config_from_params(params, config)
     except (KeyError, TypeError, ValueError, AttributeError):
         hint = "it is not a T5 parameter tree of this code"
     else:

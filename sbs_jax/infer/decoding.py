@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sbs_jax import partitioning
 from sbs_jax.data.vocab import EOS_ID
 from sbs_jax.models.t5 import T5, T5Config, abstract_params
+from sbs_jax.train import partitioning
 
 METHODS = ("greedy", "beam", "sample")
 _NEG = -1.0e9

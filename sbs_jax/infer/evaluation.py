@@ -18,10 +18,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from sbs_jax import checkpoints, convert, decoding, models, partitioning
+from sbs_jax import models
+from sbs_jax.data import pipeline
 from sbs_jax.data.pipeline import EvalSet
+from sbs_jax.infer import decoding
 from sbs_jax.models import T5Config
 from sbs_jax.runtime import console
+from sbs_jax.train import checkpoints, partitioning, run_files
+from sbs_jax.train.run_config import RunConfig
 
 
 def decode_texts(
@@ -132,4 +136,14 @@ def load_trained(model_dir: str, step: int) -> tuple[T5Config, Any]:
     """Host params of a step and the architecture that fits them (model_config.json /
     run_config.json, sizes read from the parameter shapes)."""
     params = checkpoints.load_params(model_dir, step)
-    return convert.config_from_params(params, convert.base_config(model_dir, None)), params
+    return models.config_from_params(params, run_files.base_config(model_dir, None)), params
+
+
+def load_for_decoding(cfg: RunConfig, step: str | int) -> tuple[int, T5Config, Any, Mesh, tuple]:
+    """(the chosen step, its T5Config, its params on the run's mesh, the mesh, its logical axis
+    rules): what eval and infer decode with (ValueError / FileNotFoundError name the problem)."""
+    pipeline.check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
+    chosen = choose_step(cfg.model_dir, step, cfg.best_metric)
+    config, params = load_trained(cfg.model_dir, chosen)
+    params, mesh, rules = place_on_mesh(config, params, cfg.mesh_shape, cfg.fsdp)
+    return chosen, config, params, mesh, rules

@@ -35,8 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sbs_jax import checksums
 from sbs_jax.runtime import distributed
+from sbs_jax.train import checksums
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "damaged_checkpoints"

@@ -21,12 +21,17 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from etils import epath
 
-from sbs_jax import run_config
+from sbs_jax.train import run_config
+
+if TYPE_CHECKING:
+    from sbs_jax.models import T5Config
 
 VOCAB_FILE = "spiece.model"
+MODEL_CONFIG_FILE = "model_config.json"
 DATA_CONFIG_FILE = "data_config.json"
 # What a run was trained on, as eval and infer read it: with --gin_file flags these still come
 # from MODEL_DIR (the gin files' other values, e.g. a mesh for other hardware, are kept).
@@ -246,3 +251,24 @@ def run_bindings(model_dir: str, identity_only: bool) -> list[str]:
         else:
             bindings.append(f"RunConfig.{name} = {_gin_value(value)}")
     return bindings
+
+
+def base_config(model_dir: str, model_name: str | None) -> T5Config:
+    """The architecture of MODEL_DIR before sizes are read from its parameters
+    (`models.config_from_params`): model_config.json, else run_config.json's model_name and
+    overrides, else `model_name`."""
+    from sbs_jax import models  # imports jax: only where a config is made
+
+    directory = epath.Path(model_dir)
+    if (directory / MODEL_CONFIG_FILE).exists():
+        path = directory / MODEL_CONFIG_FILE
+        return models.config_from_json(path.read_text(), str(path))
+    overrides: dict[str, Any] = {}
+    if model_name is None and (directory / run_config.CONFIG_FILE).exists():
+        run = json.loads((directory / run_config.CONFIG_FILE).read_text())
+        model_name, overrides = run.get("model_name"), dict(run.get("model_overrides") or {})
+    if model_name is None:
+        raise ValueError(f"{model_dir}: no {MODEL_CONFIG_FILE} or {run_config.CONFIG_FILE}; "
+                         "pass --model_name (e.g. t5_1_1_small) to say which architecture it holds")
+    overrides.pop("vocab_size", None)
+    return models.get_config(model_name, **overrides)

@@ -2,6 +2,8 @@
 
 Pure helpers: the trainer builds a mesh from MESH_SHAPE, turns the model's logical axis names
 into `NamedSharding`s with `params_shardings`, and places batches with `batch_sharding`.
+`Partitioner` gathers them for one model: the shardings of its params, optimizer state and
+`TrainState`, and the mesh context the step is traced in.
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sbs_jax.models import T5Config, abstract_params
 
 MESH_AXES = ("data", "fsdp", "model")
 
@@ -74,7 +81,7 @@ def unbox(tree: Any) -> Any:
 
 
 def params_shardings(abstract_params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-    """NamedSharding per leaf of a (boxed, e.g. `models.abstract_params`) parameter tree."""
+    """NamedSharding per leaf of a (boxed, e.g. `abstract_params`) parameter tree."""
     specs = nn.get_partition_spec(abstract_params)
     return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
 
@@ -82,3 +89,77 @@ def params_shardings(abstract_params: Any, mesh: Mesh, rules: Sequence[tuple[str
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of [batch, length] arrays: batch split over (data, fsdp), length whole."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (the data-iterator state lives beside it)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class Partitioner:
+    """The mesh, logical axis rules and shardings of a model's params and optimizer state."""
+
+    def __init__(self, mesh: Mesh, rules: tuple, config: T5Config):
+        self.mesh = mesh
+        self.rules = rules
+        self.config = config
+        boxed = abstract_params(config)
+        self.params_shardings = params_shardings(boxed, mesh, rules)
+        self.abstract_params = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            unbox(boxed),
+            self.params_shardings,
+        )
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.batch_sharding = batch_sharding(mesh)
+
+    @property
+    def num_data_shards(self) -> int:
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def opt_state_shardings(self, tx: optax.GradientTransformation) -> Any:
+        """Moments shaped like a parameter share its sharding; the rest (counts, factored
+        Adafactor rows/columns) is replicated."""
+        abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
+
+        def pick(leaf, param):
+            if getattr(leaf, "shape", None) == param.shape:
+                return param.sharding
+            return self.replicated
+
+        return optax.tree_map_params(
+            tx,
+            pick,
+            abstract_opt,
+            self.abstract_params,
+            transform_non_params=lambda _: self.replicated,
+        )
+
+    def abstract_opt_state(self, tx: optax.GradientTransformation) -> Any:
+        """Shapes, dtypes and shardings of the optimizer state, allocating nothing (the
+        restore target when resuming)."""
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(tx.init, self.abstract_params), self.opt_state_shardings(tx))
+
+    def state_shardings(self, tx: optax.GradientTransformation) -> TrainState:
+        return TrainState(
+            step=self.replicated,
+            params=self.params_shardings,
+            opt_state=self.opt_state_shardings(tx),
+        )
+
+    def abstract_state(self, tx: optax.GradientTransformation) -> TrainState:
+        """The train state as shapes with shardings: what `jit_train_step(...).lower` takes to
+        compile (or account the memory of) a step without allocating a parameter."""
+        return TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
+            params=self.abstract_params, opt_state=self.abstract_opt_state(tx))
+
+    def context(self) -> contextlib.ExitStack:
+        """Mesh + logical rules, active while tracing so activation constraints resolve."""
+        return mesh_context(self.mesh, self.rules)

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 
 import gin
-from sbs_jax import run_config
 from sbs_jax.runtime import gin_utils, malloc
+from sbs_jax.train import run_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,18 +43,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     distributed.initialize_from_env()
     cfg = resolve_config(parser)
-    from sbs_jax import train_loop
     from sbs_jax.runtime import console
+    from sbs_jax.train import loop
 
     try:
-        summary = train_loop.train(cfg, operative_gin=gin.config_str())
-    except train_loop.SetupError as exc:  # each names its setting
+        summary = loop.train(cfg, operative_gin=gin.config_str())
+    except loop.SetupError as exc:  # each names its setting
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    except train_loop.NonFiniteLossError as exc:
+    except loop.NonFiniteLossError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     console.say(f"done: step {summary['step']}, summary in "
-                f"{cfg.model_dir}/{train_loop.SUMMARY_FILE}")
+                f"{cfg.model_dir}/{loop.SUMMARY_FILE}")
     return 0
 
 

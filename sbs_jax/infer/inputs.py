@@ -1,37 +1,27 @@
-"""Write predictions JSONL for a task split or for your own inputs.
+"""What `sbs-infer` decodes: the label task's examples of a split or of an --input_file, the
+rationale task's examples of the same ids, and which inputs were cut to the input cap.
 
-    python -m sbs_jax.infer --model_dir=/tmp/run --split=test --output=/tmp/preds.jsonl \
-        --output_rationale
-    python -m sbs_jax.infer --model_dir=/tmp/run --input_file=questions.jsonl \
-        --output=/tmp/preds.jsonl
-
---model_dir configures the job from the run itself (tasks, vocabulary, caps, data folder), as
-for sbs-eval; the run's --gin_file flags work too.
-
-Each line is `{"id", "input", "target", "prediction", "answer"[, "rationale"]}` (no `target`
-for --input_file): `prediction` is the decoded text, `answer` what the task's metric compares
-after its postprocessor (the label at the end of a single-task output, for instance). The label
-is decoded from `predict:` inputs; `--output_rationale` also decodes the rationale from the
-rationale task's `explain:` inputs of the same examples (like the reference's
---output_rationale). `input` is the task's input text with its prefix (never decoded tokens: NLI
-inputs hold EOS as a separator). --input_file takes JSONL (`.jsonl`/`.json`/`.ndjson`: one object
-a line with `input`, or `premise` and `hypothesis` for NLI, and optionally `id`) or plain text
-(any other name: one input a line; blank lines skipped; ids are line numbers); lines end at
-"\n" only (a U+2028 inside a JSON string is text) and must be UTF-8. The inputs go through the
-label task's own preprocessors (prefix, NLI separator, tokenizer, EOS), so they are formatted
-exactly as in training. Inputs longer than TASK_FEATURE_LENGTHS["inputs"] are cut to it as in
-training: one warning says how many, and their lines carry `"truncated": true` (label input) or
-`"rationale_truncated": true` (the `explain:` input of --output_rationale).
+Inputs from a file go through the label task's own preprocessors (prefix, NLI separator,
+tokenizer, EOS), so they are formatted exactly as in training; `input` texts come from the
+records, never from decoded tokens (NLI inputs hold EOS as a separator).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 
-from sbs_jax import eval as eval_cli
-from sbs_jax.runtime import malloc
+import numpy as np
+from etils import epath
+
+# isort: split
+# First, so TF loads quietly and with GPUs hidden before seqio imports it.
+from sbs_jax.runtime.tf_setup import tf
+
+# isort: split
+from sbs_jax.data import dss, pipeline, records
+from sbs_jax.infer import evaluation
+from sbs_jax.train.run_config import RunConfig
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -49,8 +39,6 @@ def rationale_task_for(label_task: str, rationale_mixture: str | None) -> str:
 
 def _jsonl_input(path: str, line_no: int, line: str) -> tuple[str | None, str]:
     """(id or None, record input text) of one JSONL line."""
-    from sbs_jax.data import dss
-
     where = f"--input_file {path}:{line_no}"
     try:
         record = json.loads(line)
@@ -77,8 +65,6 @@ def _jsonl_input(path: str, line_no: int, line: str) -> tuple[str | None, str]:
 
 def _lines(path: str) -> list[str]:
     """The file's lines, split at "\n" only (a trailing "\r" dropped), each decoded as UTF-8."""
-    from etils import epath
-
     file = epath.Path(path)
     if not file.exists():
         raise FileNotFoundError(f"--input_file {path}: no such file")
@@ -115,11 +101,6 @@ def read_inputs(path: str) -> list[tuple[str, str]]:
 def input_set(task_name: str, inputs: Sequence[tuple[str, str]], input_cap: int,
               target_cap: int = 8):
     """An EvalSet of `inputs` (no targets) made by the task's own preprocessors, in order."""
-    import numpy as np
-
-    from sbs_jax.data import pipeline, records
-    from sbs_jax.runtime.tf_setup import tf
-
     tasks = pipeline.task_list(task_name)
     if len(tasks) != 1:
         raise ValueError(f"infer needs one task; {task_name!r} has {len(tasks)}")
@@ -139,13 +120,10 @@ def input_set(task_name: str, inputs: Sequence[tuple[str, str]], input_cap: int,
         postprocess_fn=task.postprocess_fn)
 
 
-def _split_rationale_set(task: str, split: str, examples, input_cap: int, target_cap: int,
+def split_rationale_set(task: str, split: str, examples, input_cap: int, target_cap: int,
                          use_cached: bool = False):
     """The rationale task's examples of `split` aligned row by row with `examples` by id."""
-    from sbs_jax import evaluation, train_loop
-    from sbs_jax.data import pipeline
-
-    train_loop.check_task(task, "RATIONALE_MIXTURE_NAME")
+    pipeline.check_task(task, "RATIONALE_MIXTURE_NAME")
     explain = pipeline.eval_set(task, split, input_cap, target_cap, use_cached)
     by_id = {example_id: row for row, example_id in enumerate(explain.ids)}
     missing = [i for i in examples.ids if i not in by_id]
@@ -168,58 +146,37 @@ def truncated_rows(examples, load_uncapped, input_cap: int) -> list[int]:
             if by_id[example_id] > len(tokens)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # from the command line: choose the C allocator before XLA loads
-        malloc.ensure_preloaded()
-    parser = eval_cli.build_parser("sbs-infer", __doc__)
-    parser.add_argument("--output", required=True, help="predictions JSONL path")
-    parser.add_argument("--output_rationale", action="store_true",
-                        help="also decode each input's rationale (explain: prefix)")
-    parser.add_argument("--input_file", default=None,
-                        help="predict these inputs instead of --split: JSONL (.jsonl/.json/"
-                             ".ndjson; 'input' or 'premise'+'hypothesis', optional 'id') or "
-                             "plain text, one input a line")
-    args, cfg = eval_cli.parse_run_flags(parser, argv)
-    from tasks import config as tasks_config
-
-    with tasks_config.overrides_restored():
-        eval_cli.use_run_data(parser, cfg)
-        return _infer(parser, args, cfg)
-
-
-def _read_examples(args, cfg):
+def read_examples(cfg: RunConfig, input_file: str | None, split: str,
+                  max_examples: int | None, output_rationale: bool):
     """(label EvalSet, rationale EvalSet or None, truncated rows of each) for --input_file or
     --split."""
-    from sbs_jax import evaluation, train_loop
-    from sbs_jax.data import pipeline
-
     lengths = cfg.task_feature_lengths
     cap = lengths["inputs"]
     rationale_len = lengths.get("rationale_targets", lengths["targets"])
     rationale_task = rationale_task_for(cfg.mixture_or_task_name, cfg.rationale_mixture_name)
     explain, explain_truncated = None, []
-    if args.input_file:
-        inputs = read_inputs(args.input_file)[: args.max_examples]
+    if input_file:
+        inputs = read_inputs(input_file)[: max_examples]
         examples = input_set(cfg.mixture_or_task_name, inputs, cap)
         truncated = truncated_rows(
             examples, lambda: input_set(cfg.mixture_or_task_name, inputs, UNCAPPED), cap)
-        if args.output_rationale:
-            train_loop.check_task(rationale_task, "RATIONALE_MIXTURE_NAME")
+        if output_rationale:
+            pipeline.check_task(rationale_task, "RATIONALE_MIXTURE_NAME")
             explain = input_set(rationale_task, inputs, cap)
             explain_truncated = truncated_rows(
                 explain, lambda: input_set(rationale_task, inputs, UNCAPPED), cap)
     else:
         cached = cfg.use_cached_tasks
         examples = evaluation.subset(
-            pipeline.eval_set(cfg.mixture_or_task_name, args.split, cap, lengths["targets"],
-                              cached), args.max_examples)
+            pipeline.eval_set(cfg.mixture_or_task_name, split, cap, lengths["targets"],
+                              cached), max_examples)
         truncated = truncated_rows(examples, lambda: pipeline.eval_set(
-            cfg.mixture_or_task_name, args.split, UNCAPPED, lengths["targets"], cached), cap)
-        if args.output_rationale:
-            explain = _split_rationale_set(rationale_task, args.split, examples, cap,
+            cfg.mixture_or_task_name, split, UNCAPPED, lengths["targets"], cached), cap)
+        if output_rationale:
+            explain = split_rationale_set(rationale_task, split, examples, cap,
                                            rationale_len, cached)
-            explain_truncated = truncated_rows(explain, lambda: _split_rationale_set(
-                rationale_task, args.split, examples, UNCAPPED, rationale_len, cached), cap)
+            explain_truncated = truncated_rows(explain, lambda: split_rationale_set(
+                rationale_task, split, examples, UNCAPPED, rationale_len, cached), cap)
     return examples, explain, truncated, explain_truncated
 
 
@@ -234,56 +191,3 @@ def truncation_warning(prog: str, cap: int, ids: Sequence[str],
     return (f"{prog}: warning: {counted} are longer than the {cap}-token input cap "
             f"(TASK_FEATURE_LENGTHS['inputs']) and were cut to it, as in training ({firsts}); "
             f"their lines say {marks}")
-
-
-def _infer(parser, args, cfg) -> int:
-    import jax
-    from etils import epath
-
-    from sbs_jax import evaluation, run_config
-    from sbs_jax.runtime import console
-
-    step, config, params, mesh, rules = eval_cli.load_model(parser, args, cfg)
-    try:
-        examples, explain, truncated, explain_truncated = _read_examples(args, cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    cap = cfg.task_feature_lengths["inputs"]
-    cuts = [cut for cut in (("inputs", truncated, "truncated"),
-                            ("rationale inputs", explain_truncated, "rationale_truncated"))
-            if cut[1]]
-    if cuts and jax.process_index() == 0:
-        console.say(truncation_warning(parser.prog, cap, examples.ids, cuts), file=sys.stderr)
-    batch_size = args.batch_size or cfg.eval_batch_size
-    predictions = evaluation.decode_texts(config, params, examples, batch_size,
-                                          cfg.max_decode_len, mesh=mesh, axis_rules=rules)
-    rationales = None
-    if explain is not None:
-        lengths = cfg.task_feature_lengths
-        rationales = evaluation.decode_texts(
-            config, params, explain, batch_size, lengths.get("rationale_targets",
-                                                             lengths["targets"]),
-            mesh=mesh, axis_rules=rules)
-    answers = examples.answers(predictions)
-    marked = [(key, set(rows)) for _, rows, key in cuts]
-    lines = []
-    for row, example_id in enumerate(examples.ids):
-        record = {"id": example_id, "input": examples.inputs_text[row]}
-        if not args.input_file:
-            record["target"] = examples.targets[row]
-        record["prediction"] = predictions[row]
-        record["answer"] = answers[row]
-        if rationales is not None:
-            record["rationale"] = rationales[row]
-        record.update({key: True for key, rows in marked if row in rows})
-        lines.append(json.dumps(record, ensure_ascii=False))
-    if jax.process_index() == 0:
-        run_config.write_text(epath.Path(args.output), "\n".join(lines) + "\n")
-        counts = " and ".join(f"{len(rows)} {what}" for what, rows, _ in cuts)
-        cut_note = f"; {counts} truncated to {cap} tokens" if cuts else ""
-        console.say(f"{len(lines)} predictions (step {step}) written to {args.output}{cut_note}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

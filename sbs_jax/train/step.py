@@ -14,13 +14,11 @@ explicit shardings on the (data, fsdp, model) mesh.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +26,9 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sbs_jax import losses, models, partitioning
+from sbs_jax import models
+from sbs_jax.train import losses
+from sbs_jax.train.partitioning import Partitioner, TrainState
 
 Batch = Mapping[str, Any]
 VIEWS = ("label", "rationale")
@@ -46,15 +46,6 @@ def _batch_keys(batch: Batch) -> tuple[str, ...]:
     return BATCH_KEYS + tuple(k for k in SEGMENT_KEYS if k in batch)
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training (the data-iterator state lives beside it)."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-
-
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
     """What the step computes besides the model: the objective and its numerics."""
@@ -64,71 +55,6 @@ class StepOptions:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     seed: int = 0
-
-
-class Partitioner:
-    """The mesh, logical axis rules and shardings of a model's params and optimizer state."""
-
-    def __init__(self, mesh: Mesh, rules: tuple, config: models.T5Config):
-        self.mesh = mesh
-        self.rules = rules
-        self.config = config
-        boxed = models.abstract_params(config)
-        self.params_shardings = partitioning.params_shardings(boxed, mesh, rules)
-        self.abstract_params = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            partitioning.unbox(boxed),
-            self.params_shardings,
-        )
-        self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.batch_sharding = partitioning.batch_sharding(mesh)
-
-    @property
-    def num_data_shards(self) -> int:
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-
-    def opt_state_shardings(self, tx: optax.GradientTransformation) -> Any:
-        """Moments shaped like a parameter share its sharding; the rest (counts, factored
-        Adafactor rows/columns) is replicated."""
-        abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
-
-        def pick(leaf, param):
-            if getattr(leaf, "shape", None) == param.shape:
-                return param.sharding
-            return self.replicated
-
-        return optax.tree_map_params(
-            tx,
-            pick,
-            abstract_opt,
-            self.abstract_params,
-            transform_non_params=lambda _: self.replicated,
-        )
-
-    def abstract_opt_state(self, tx: optax.GradientTransformation) -> Any:
-        """Shapes, dtypes and shardings of the optimizer state, allocating nothing (the
-        restore target when resuming)."""
-        return jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            jax.eval_shape(tx.init, self.abstract_params), self.opt_state_shardings(tx))
-
-    def state_shardings(self, tx: optax.GradientTransformation) -> TrainState:
-        return TrainState(
-            step=self.replicated,
-            params=self.params_shardings,
-            opt_state=self.opt_state_shardings(tx),
-        )
-
-    def abstract_state(self, tx: optax.GradientTransformation) -> TrainState:
-        """The train state as shapes with shardings: what `jit_train_step(...).lower` takes to
-        compile (or account the memory of) a step without allocating a parameter."""
-        return TrainState(
-            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
-            params=self.abstract_params, opt_state=self.abstract_opt_state(tx))
-
-    def context(self) -> contextlib.ExitStack:
-        """Mesh + logical rules, active while tracing so activation constraints resolve."""
-        return partitioning.mesh_context(self.mesh, self.rules)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, num_microbatches: int) -> None:

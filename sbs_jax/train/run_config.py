@@ -150,7 +150,7 @@ _NOT_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 
 def _named_in_optim(kind: str) -> tuple[str, ...]:
     """optim.OPTIMIZERS / SCHEDULES, imported when a config is checked (optim imports optax)."""
-    from sbs_jax import optim
+    from sbs_jax.train import optim
 
     return getattr(optim, kind)
 
