@@ -32,7 +32,7 @@ import peak  # noqa: E402
 
 from sbs_jax.data import dss  # noqa: E402
 from sbs_jax.data.pipeline import DEFAULT_BUCKETS, bucket_length  # noqa: E402
-from sbs_jax.grid import METHODS  # noqa: E402
+from sbs_jax.experiments.grid import METHODS  # noqa: E402
 from sbs_jax.models import get_config  # noqa: E402
 
 CHARS_PER_TOKEN = 4.0

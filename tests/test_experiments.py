@@ -15,8 +15,9 @@ import statistics
 import matplotlib.image
 import pytest
 
-from sbs_jax import experiments, grid, report
-from sbs_jax.grid import Cell, Recipe
+from sbs_jax.cli import experiments as experiments_cli
+from sbs_jax.experiments import grid, report, runner
+from sbs_jax.experiments.grid import Cell, Recipe
 
 RECIPE = Recipe(gin_files=("gin/quickstart.gin",), train_steps=7)
 
@@ -34,7 +35,7 @@ def _write_finished(grid_dir, cells, recipe, rng, wall_s=1.0):
                   **report.test_statistics(cell_dir / "no_history.jsonl"),
                   "initial_checkpoint": None,
                   "settings": grid.cell_settings(cell, recipe), "wall_s": wall_s}
-        experiments.write_json_atomic(cell_dir / report.RESULTS_FILE, record)
+        runner.write_json_atomic(cell_dir / report.RESULTS_FILE, record)
     return accuracies
 
 
@@ -155,7 +156,7 @@ def test_finished_cells_are_not_rerun(finished_grid, capsys):
             "--methods", "standard_ft,sbs_llm", "--fractions", "0.25,1", "--models",
             "t5_1_1_tiny,t5_1_1_small", "--seeds", "0,1,2", "--train_steps", "7",
             "--gin_file", "gin/quickstart.gin"]
-    assert experiments.main(argv) == 0
+    assert experiments_cli.main(argv) == 0
     out = capsys.readouterr().out
     assert f"{len(cells)} cells: {len(cells)} finished, 0 to run" in out
     assert "cell 1/" not in out
@@ -169,7 +170,7 @@ def test_finished_cell_with_other_settings_is_an_error(finished_grid, capsys):
     argv = ["--output_dir", str(grid_dir), "--datasets", "svamp", "--methods", "sbs_llm",
             "--fractions", "1", "--models", "t5_1_1_tiny", "--seeds", "0",
             "--train_steps", "8", "--gin_file", "gin/quickstart.gin"]
-    assert experiments.main(argv) == 2
+    assert experiments_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "svamp/t5_1_1_tiny/sbs_llm/100pct/seed0/results.json" in err
     assert "train_steps" in err
@@ -188,27 +189,27 @@ def test_unreadable_results_file_is_named(tmp_path):
 
 def test_cli_help_dry_run_and_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        experiments.main(["--help"])
+        experiments_cli.main(["--help"])
     assert exit_info.value.code == 0
     assert "--report_only" in capsys.readouterr().out
-    assert experiments.main(["--output_dir", str(tmp_path), "--preset", "paper",
+    assert experiments_cli.main(["--output_dir", str(tmp_path), "--preset", "paper",
                              "--from_scratch", "--dry_run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 * 6 * 4 * 3 * 4
-    assert experiments.main(["--output_dir", str(tmp_path), "--methods", "sbs"]) == 2
+    assert experiments_cli.main(["--output_dir", str(tmp_path), "--methods", "sbs"]) == 2
     assert "unknown method(s) ['sbs']" in capsys.readouterr().err
 
 
 def test_shards_split_the_grid_disjointly(tmp_path, capsys):
     names = []
     for index in range(3):
-        assert experiments.main(["--output_dir", str(tmp_path), "--preset", "paper", "--dry_run",
+        assert experiments_cli.main(["--output_dir", str(tmp_path), "--preset", "paper", "--dry_run",
                                  "--from_scratch", "--num_shards", "3",
                                  "--shard_index", str(index)]) == 0
         names.append([line.split(" ::")[0] for line in capsys.readouterr().out.splitlines()])
     assert sum(len(n) for n in names) == 4 * 6 * 4 * 3 * 4
     assert len(set().union(*names)) == 4 * 6 * 4 * 3 * 4
-    assert experiments.main(["--output_dir", str(tmp_path), "--num_shards", "2",
+    assert experiments_cli.main(["--output_dir", str(tmp_path), "--num_shards", "2",
                              "--shard_index", "2"]) == 2
     assert "--shard_index=2 is not in [0, --num_shards=2)" in capsys.readouterr().err
 
@@ -241,7 +242,7 @@ def test_report_labels_the_three_test_statistics(tmp_path):
         stats = report.test_statistics(_history(cell_dir / "eval_history.jsonl", tests))
         record = {**vars(cell), "accuracy": tests[1][1], **stats,
                   "initial_checkpoint": "/models/t5-v1_1-base", "wall_s": 1.0}
-        experiments.write_json_atomic(cell_dir / report.RESULTS_FILE, record)
+        runner.write_json_atomic(cell_dir / report.RESULTS_FILE, record)
         expected.setdefault(cell.fraction, []).append(
             (tests[1][1], tests[-1][1], max(a for _, a in tests)))
     paths = report.write_report(tmp_path)
@@ -275,8 +276,8 @@ def test_eta_comes_from_finished_cells_of_the_same_kind():
     todo = [Cell("cqa", "sbs_llm", 1.0, "t5_1_1_base", 1),       # same kind: 100
             Cell("svamp", "sbs_gt", 1.0, "t5_1_1_base", 0),      # same model: 70
             Cell("esnli", "sbs_llm", 1.0, "t5_1_1_small", 0)]    # all: 440 / 3
-    assert experiments.estimate_seconds(done, todo) == pytest.approx(100 + 70 + 440 / 3)
-    assert experiments.estimate_seconds([], todo) is None
+    assert runner.estimate_seconds(done, todo) == pytest.approx(100 + 70 + 440 / 3)
+    assert runner.estimate_seconds([], todo) is None
 
 
 def _fake_checkpoints(root, names, files=("config.json", "spiece.model", "model.safetensors")):
@@ -289,18 +290,18 @@ def _fake_checkpoints(root, names, files=("config.json", "spiece.model", "model.
 
 def test_paper_preset_refuses_without_checkpoints_and_names_what_is_missing(tmp_path, capsys):
     grid_dir = tmp_path / "grid"
-    assert experiments.main(["--output_dir", str(grid_dir), "--preset", "paper"]) == 2
+    assert experiments_cli.main(["--output_dir", str(grid_dir), "--preset", "paper"]) == 2
     err = capsys.readouterr().err
     assert "--checkpoint_dir is missing" in err and "--from_scratch" in err
     assert "t5-v1_1-small, t5-v1_1-base, t5-v1_1-large" in err
     ckpt = _fake_checkpoints(tmp_path / "ckpt", ["t5-v1_1-small"])
     _fake_checkpoints(ckpt, ["t5-v1_1-base"], files=("config.json",))
-    assert experiments.main(["--output_dir", str(grid_dir), "--preset", "paper",
+    assert experiments_cli.main(["--output_dir", str(grid_dir), "--preset", "paper",
                              "--checkpoint_dir", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert (f"lacks {ckpt}/t5-v1_1-base/spiece.model, {ckpt}/t5-v1_1-base/model.safetensors|"
             f"model.safetensors.index.json|pytorch_model.bin, {ckpt}/t5-v1_1-large/ ") in err
-    assert experiments.main(["--output_dir", str(grid_dir), "--preset", "paper",
+    assert experiments_cli.main(["--output_dir", str(grid_dir), "--preset", "paper",
                              "--checkpoint_dir", str(ckpt), "--from_scratch"]) == 2
     assert "exclude each other" in capsys.readouterr().err
     assert not grid_dir.exists()  # nothing built, trained or written
@@ -309,7 +310,7 @@ def test_paper_preset_refuses_without_checkpoints_and_names_what_is_missing(tmp_
 def test_paper_preset_starts_each_size_from_its_checkpoint_and_vocabulary(tmp_path, capsys):
     ckpt = _fake_checkpoints(tmp_path / "ckpt", ["t5-v1_1-small", "t5-v1_1-base",
                                                  "t5-v1_1-large"])
-    assert experiments.main(["--output_dir", str(tmp_path / "grid"), "--preset", "paper",
+    assert experiments_cli.main(["--output_dir", str(tmp_path / "grid"), "--preset", "paper",
                              "--checkpoint_dir", str(ckpt), "--dry_run", "--methods", "sbs_llm",
                              "--fractions", "0.5", "--seeds", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -346,7 +347,7 @@ def test_paper_preset_from_scratch_on_real_data(dss_data_dir, tmp_path, monkeypa
                     data_subset="per_seed")
     first = Cell("svamp", "standard_ft", 0.125, "t5_1_1_tiny", 0)
     _write_finished(grid_dir, [first], recipe, random.Random(4), wall_s=120.0)
-    assert experiments.main(argv) == 0, capsys.readouterr().err[-3000:]
+    assert experiments_cli.main(argv) == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
     name = "svamp/t5_1_1_tiny/sbs_llm/12.5pct/seed0"
     assert f"[grid] cell 2/2: {name} | 1 finished, 1 to run, ETA 2m00s" in out
@@ -383,12 +384,12 @@ def test_paper_preset_from_scratch_on_real_data(dss_data_dir, tmp_path, monkeypa
         in markdown
     assert "| paper, T5-Base: standard fine-tuning [1] | 62.63 (at 100%) |" in markdown
 
-    assert experiments.main(argv) == 0
+    assert experiments_cli.main(argv) == 0
     assert "2 cells: 2 finished, 0 to run" in capsys.readouterr().out
 
 
 def test_dry_run_shows_the_train_command_under_its_launcher(tmp_path, capsys):
-    assert experiments.main(["--output_dir", str(tmp_path), "--preset", "ci", "--dry_run",
+    assert experiments_cli.main(["--output_dir", str(tmp_path), "--preset", "ci", "--dry_run",
                              "--train_prefix", "srun --ntasks-per-node=8"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2

@@ -10,9 +10,9 @@ import matplotlib.image
 import pytest
 from conftest import REPO_ROOT
 
-from sbs_jax import quickstart as quickstart_module
 from sbs_jax.data import records
 from sbs_jax.data.vocab import load_vocab
+from sbs_jax.experiments import quickstart as quickstart_module
 
 SIZES = {"train": 64, "valid": 16, "test": 32}
 

@@ -9,10 +9,11 @@ import pytest
 import seqio
 
 import tasks
-from sbs_jax import experiments, report
+from sbs_jax.cli import experiments as experiments_cli
 from sbs_jax.data import pipeline, records, synthetic
 from sbs_jax.data.parse import parse_completion
 from sbs_jax.data.records import Record
+from sbs_jax.experiments import report
 
 DATASETS = ("esnli", "anli1", "cqa", "svamp", "synthetic")
 LENGTHS = {"inputs": 128, "targets": 128}
@@ -124,7 +125,7 @@ def test_tiny_single_task_cell_trains_evaluates_and_reports(small_synthetic, tin
             "--data_dir", str(small_synthetic), "--gin_bindings", "BATCH_SIZE = 32",
             "--gin_bindings", "EVAL_PERIOD = 0", "--gin_bindings", "RunConfig.warmup_steps = 0",
             "--gin_bindings", "RunConfig.max_decode_len = 24"]
-    assert experiments.main(argv) == 0, capsys.readouterr().err[-3000:]
+    assert experiments_cli.main(argv) == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
     assert re.search(r"\[synthetic/t5_1_1_tiny/single_task/50pct/seed0 train\] [\d :-]+ step 2/2",
                      out)

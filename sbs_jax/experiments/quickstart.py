@@ -1,18 +1,9 @@
-"""The offline end-to-end demo behind the README's first command.
+"""The offline end-to-end demo behind the README's first command (`sbs-quickstart`): synthetic
+data, a trained vocabulary, the teacher job, step-by-step against standard fine-tuning on the
+same examples, the held-out test accuracy of each, a table and a plot.
 
-    python -m sbs_jax.quickstart --output_dir runs/quickstart
-
-1. generates the built-in synthetic dataset (3-digit addition; `sbs_jax.data.synthetic`),
-2. trains a SentencePiece vocabulary on it (nothing is downloaded),
-3. runs the teacher job on every split (`python -m sbs_jax.teacher`, the rule-based teacher by
-   default; `--teacher_backend openai --base_url ...` or `local` when configured), which writes
-   the TFRecords that the SeqIO label and rationale tasks read,
-4. trains a tiny T5 twice on the same examples for the same number of steps, with distilling
-   step-by-step and with standard fine-tuning (`python -m sbs_jax.train`, gin/quickstart.gin),
-5. evaluates both on the held-out test problems (`python -m sbs_jax.eval`),
-6. prints a comparison table and writes it, a PNG plot and `quickstart_results.json` under
-   `--output_dir`.
-Re-running the same command resumes: finished steps are not repeated.
+Every stage runs the public commands (`python -m sbs_jax.teacher`, `.train`, `.eval`) through
+`sbs_jax.experiments.runner`, and a re-run resumes: finished stages are not repeated.
 """
 
 from __future__ import annotations
@@ -24,9 +15,9 @@ import pathlib
 import sys
 import time
 
-from sbs_jax import experiments, report
 from sbs_jax.data import records
-from sbs_jax.experiments import Cell, Recipe
+from sbs_jax.experiments import report, runner
+from sbs_jax.experiments.grid import Cell, Recipe
 from sbs_jax.runtime import console
 
 DATASET = "synthetic"
@@ -51,7 +42,7 @@ def check_same_data(path: pathlib.Path, settings: dict) -> None:
                              f"({', '.join(changed)}); use another --output_dir")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    experiments.write_json_atomic(path, settings)
+    runner.write_json_atomic(path, settings)
 
 
 class Progress:
@@ -171,37 +162,9 @@ def plot_comparison(records: dict[str, dict], model_dirs: dict[str, pathlib.Path
     report.save_figure(fig, path)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="sbs-quickstart", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", required=True, help="run folder (data, models, report)")
-    parser.add_argument("--train_steps", type=int, default=2000,
-                        help="steps of each training run (default 2000: step-by-step may need "
-                             "1000-1500 before it learns the carries)")
-    parser.add_argument("--num_train", type=int, default=1000,
-                        help="training problems (default 1000: with 2000 fine-tuning also learns "
-                             "the carries on some seeds)")
-    parser.add_argument("--num_valid", type=int, default=200, help="validation problems (default 200)")
-    parser.add_argument("--num_test", type=int, default=500, help="held-out test problems (default 500)")
-    parser.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
-    parser.add_argument("--eval_period", type=int, default=0,
-                        help="also decode the validation split every N steps (0: only the "
-                             "final test evaluation)")
-    parser.add_argument("--gin_file", action="append", default=None,
-                        help="training config(s) instead of gin/quickstart.gin")
-    parser.add_argument("--gin_bindings", action="append", default=[],
-                        help="extra gin bindings for both runs, e.g. BATCH_SIZE=32")
-    parser.add_argument("--teacher_backend", choices=("rules", "openai", "local"),
-                        default="rules", help="who writes labels and rationales (default: rules, offline)")
-    parser.add_argument("--base_url", help="OpenAI-compatible server (openai backend)")
-    parser.add_argument("--teacher_model", help="teacher model name or local checkpoint path")
-    parser.add_argument("--api_key_env", help="environment variable holding the API key")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """The demo's stages for `sbs-quickstart`'s flags; the exit status (0 done, 1 a stage
+    failed, 2 the run folder holds other data settings)."""
     out = pathlib.Path(args.output_dir).resolve()
     data_dir = out / "data"
     progress = Progress(6)
@@ -235,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for split in sizes:
             try:
-                experiments.run_logged(
+                runner.run_logged(
                     teacher_command(args, out / "inputs" / f"{split}.jsonl", split,
                                     info_path.parent),
                     out / "logs" / "teacher.log", f"[teacher {split}]", env)
-            except experiments.CellFailed as e:
+            except runner.CellFailed as e:
                 print(f"error: the teacher job on the {split} split failed: {e}. Records "
                       "committed so far are kept; re-run the same command to resume.",
                       file=sys.stderr)
@@ -263,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.num_train} examples for {args.train_steps} steps each (step-by-step is the "
              "slower one: it also trains on the rationales)")
     try:
-        finished, failures = experiments.run_grid(cells, recipe, out / "runs", env)
+        finished, failures = runner.run_grid(cells, recipe, out / "runs", env)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -287,14 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                         "model_dir": str(model_dirs[m])} for m in METHODS},
         "this_run_wall_s": round(progress.elapsed(), 1),
     }
-    experiments.write_json_atomic(out / "quickstart_results.json", summary)
+    runner.write_json_atomic(out / "quickstart_results.json", summary)
 
     progress(f"done in {progress.elapsed():.0f}s")
     print("\n" + table)
     print(f"table: {out / 'comparison.md'}\nplot: {out / 'comparison.png'}\n"
           f"results: {out / 'quickstart_results.json'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
