@@ -15,8 +15,8 @@ import time
 import pytest
 
 from sbs_jax.cli import build_data, data_stats
+from sbs_jax.cli import teacher as teacher_cli
 from sbs_jax.data import build, dss, publish, records
-from sbs_jax.teacher import cli as teacher_cli
 from sbs_jax.teacher.inputs import read_inputs
 
 

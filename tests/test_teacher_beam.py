@@ -4,8 +4,8 @@ import json
 import os
 import pathlib
 
+from sbs_jax.cli import teacher_beam
 from sbs_jax.data import records, synthetic
-from sbs_jax.teacher import beam_job
 
 
 def _shards(output_dir):
@@ -15,8 +15,8 @@ def _shards(output_dir):
 def test_beam_job_writes_each_example_once_and_resumes(tmp_path):
     out = str(tmp_path / "out")
     base = ["--dataset", "synthetic", "--input", "synthetic:40:7", "--output_dir", out]
-    assert beam_job.main(base + ["--limit", "25"]) == 0
-    assert beam_job.main(base + ["--limit", "40", "--", "--direct_num_workers", "1"]) == 0
+    assert teacher_beam.main(base + ["--limit", "25"]) == 0
+    assert teacher_beam.main(base + ["--limit", "40", "--", "--direct_num_workers", "1"]) == 0
 
     assert _shards(out) == ["train-00000.tfrecord", "train-00001.tfrecord"]
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
@@ -39,7 +39,7 @@ def test_beam_job_reads_jsonl_and_reports_failures(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = str(tmp_path / "out")
-    code = beam_job.main(["--dataset", "synthetic", "--input", str(path), "--output_dir", out,
+    code = teacher_beam.main(["--dataset", "synthetic", "--input", str(path), "--output_dir", out,
                           "--split", "test"])
     assert code == 0
     assert sorted(r.id for r in records.read_split(out, "test")) == [f"ok{i}" for i in range(5)]

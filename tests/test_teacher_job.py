@@ -8,9 +8,9 @@ import time
 import pytest
 from fake_teacher import FakeTeacher
 
+from sbs_jax.cli import teacher as teacher_cli
 from sbs_jax.data import dss, records, synthetic
 from sbs_jax.data.parse import DATASETS, parse_completion
-from sbs_jax.teacher import cli
 from sbs_jax.teacher.inputs import TeacherInput
 from sbs_jax.teacher.job import vote
 from sbs_jax.teacher.ledger import Batch, Ledger
@@ -27,7 +27,7 @@ def synthetic_answer(prompt: str) -> str:
 
 
 def _run(argv, capsys):
-    code = cli.main(argv)
+    code = teacher_cli.main(argv)
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -267,7 +267,7 @@ def test_a_wrong_base_url_ends_the_job_fast_naming_it(tmp_path, capsys):
     stats = json.loads((out / "stats.json").read_text())
     assert not stats["finished"] and "http://127.0.0.1:9/v1" in stats["aborted"]
     assert stats["records"] == 0 and stats["not_attempted"] > 0
-    assert cli.build_parser().parse_args(["--input", "x", "--dataset", "cqa"]).startup_connect_s \
+    assert teacher_cli.build_parser().parse_args(["--input", "x", "--dataset", "cqa"]).startup_connect_s \
         == 30
 
 
@@ -281,6 +281,6 @@ def test_a_wrong_base_url_ends_the_job_fast_naming_it(tmp_path, capsys):
 ])
 def test_numeric_flags_are_range_checked_by_name(flag, value, message, capsys):
     with pytest.raises(SystemExit) as info:
-        cli.main(["--input", "synthetic:2", "--dataset", "synthetic", flag, value])
+        teacher_cli.main(["--input", "synthetic:2", "--dataset", "synthetic", flag, value])
     assert info.value.code == 2
     assert f"argument {flag}: {message}" in capsys.readouterr().err

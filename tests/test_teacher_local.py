@@ -6,10 +6,10 @@ import json
 import jax
 import pytest
 
+from sbs_jax.cli import teacher as teacher_cli
 from sbs_jax.data import records
 from sbs_jax.data.vocab import load_vocab, padded_vocab_size
 from sbs_jax.models import get_config, init_params, save_hf
-from sbs_jax.teacher import cli
 from sbs_jax.teacher.local_backend import LocalBackend
 
 
@@ -44,7 +44,7 @@ def test_batched_decoding_equals_one_at_a_time(tiny_teacher_dir):
 def test_job_with_the_local_backend_accounts_for_every_example(tiny_teacher_dir, tmp_path,
                                                                capsys):
     out = tmp_path / "out"
-    code = cli.main(["--input", "synthetic:6", "--dataset", "synthetic", "--backend", "local",
+    code = teacher_cli.main(["--input", "synthetic:6", "--dataset", "synthetic", "--backend", "local",
                      "--model", tiny_teacher_dir, "--max_tokens", "6", "--batch_size", "4",
                      "--num_samples", "2", "--output_dir", str(out)])
     assert code == 0, capsys.readouterr().err[-2000:]

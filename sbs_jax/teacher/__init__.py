@@ -3,5 +3,6 @@
 Modules: `prompts` (tasks/prompts/*.txt), `inputs` (what to label), `http_backend` (any
 OpenAI-compatible server; retries, rate limits), `local_backend` (a T5 checkpoint, batched
 decoding), `rules_backend` (the synthetic dataset's exact teacher), `ledger` (exactly-once
-commits and resume), `job` (workers, voting, stats), `cli` (flags), `beam_job` (Beam form).
+commits and resume), `job` (workers, voting, stats), `backends` (the one the flags choose),
+`beam_job` (Beam form). The flags are `sbs_jax.cli.teacher`'s (`sbs-teacher`).
 """

@@ -1,8 +1,9 @@
-"""`python -m sbs_jax.teacher`: the teacher batch-inference job (see sbs_jax.teacher.cli)."""
+"""`python -m sbs_jax.teacher`: the teacher batch-inference job (sbs_jax.cli.teacher,
+`sbs-teacher`)."""
 
 import sys
 
-from sbs_jax.teacher.cli import main
+from sbs_jax.cli import teacher
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(teacher.main())

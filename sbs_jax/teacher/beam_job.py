@@ -1,7 +1,7 @@
 """The teacher job as an Apache Beam pipeline, for millions of examples.
 
 Same flags, prompts, backends, parsing, voting and record schema as `python -m sbs_jax.teacher`
-(see `sbs_jax.teacher.cli`); Beam pipeline options follow a `--` separator. Locally it runs on
+(see `sbs_jax.cli.teacher`); Beam pipeline options follow a `--` separator. Locally it runs on
 the DirectRunner:
 
     python -m sbs_jax.teacher.beam_job --dataset synthetic --input synthetic:100000 \\
@@ -46,7 +46,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from sbs_jax.data import records
-from sbs_jax.teacher import cli, job
+from sbs_jax.teacher import backends, job
 from sbs_jax.teacher.inputs import TeacherInput, parse_jsonl_line, read_inputs
 from sbs_jax.teacher.ledger import Batch, Ledger
 from sbs_jax.teacher.prompts import load_prompt
@@ -73,8 +73,8 @@ class AskTeacher(beam.DoFn):
         self._counters = {name: Metrics.counter(NAMESPACE, name) for name in COUNTERS}
 
     def setup(self) -> None:
-        api_key = cli._api_key(self._args)
-        self._backend = cli._make_backend(self._args, api_key)
+        api_key = backends.api_key(self._args.api_key_env)
+        self._backend = backends.make_backend(self._args, api_key)
         self._prompt = load_prompt(self._args.dataset, self._args.prompts_dir)
         self._job_options = _options(self._args)
         self._loop = asyncio.new_event_loop()
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace, beam_argv: list[str]) -> dict:
         args.backend = "rules" if args.dataset == "synthetic" else "openai"
     if args.temperature is None:
         args.temperature = 0.0 if args.num_samples == 1 else 0.7
-    cli._api_key(args)  # fail early, on the launcher, when the variable is missing
+    backends.api_key(args.api_key_env)  # fail early, on the launcher, when the variable is missing
     local = "://" not in args.output_dir
     ledger = None
     if local:
@@ -236,25 +236,9 @@ def _run_pipeline(args: argparse.Namespace, beam_argv: list[str], ledger: Ledger
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    split_at = argv.index("--") if "--" in argv else len(argv)
-    parser = cli.build_parser()
-    parser.prog = "python -m sbs_jax.teacher.beam_job"
-    parser.description = __doc__
-    args = parser.parse_args(argv[:split_at])
-    if args.dry_run:
-        return cli.run(args)
-    if not args.output_dir:
-        parser.error("--output_dir is required")
-    try:
-        stats = run(args, argv[split_at + 1:])
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
-        print(f"sbs-teacher-beam: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in stats.items() if k != "failures"}))
-    return 0
+if __name__ == "__main__":  # `python -m sbs_jax.teacher.beam_job`: runs sbs_jax.cli.teacher_beam
+    import sys
 
+    from sbs_jax.cli import teacher_beam
 
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(teacher_beam.main())

@@ -5,7 +5,7 @@
 through `concurrency` workers. Results are buffered and committed through `ledger.Ledger` every
 `shard_size` examples or `commit_every_s` seconds, so a crash loses at most one buffer, and a
 re-run with the same arguments asks only what was not committed. It returns the stats that
-`stats.json` holds. The CLI lives in `sbs_jax.teacher.cli`.
+`stats.json` holds. The CLI lives in `sbs_jax.cli.teacher`.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import sys
 
 from sbs_jax.data.parse import DATASETS
 from sbs_jax.runtime import console
+from sbs_jax.teacher import backends
 from sbs_jax.teacher.http_backend import STARTUP_CONNECT_S
 
 log = logging.getLogger("sbs_jax.teacher")
@@ -114,37 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _make_backend(args: argparse.Namespace, api_key: str | None):
-    if args.backend == "rules":
-        from sbs_jax.teacher.rules_backend import RulesBackend
-
-        return RulesBackend(args.dataset)
-    if args.backend == "local":
-        from sbs_jax.teacher.local_backend import LocalBackend
-
-        return LocalBackend(args.model, vocab_path=args.vocab, batch_size=args.batch_size,
-                            max_decode_len=args.max_tokens, temperature=args.temperature)
-    from sbs_jax.teacher.http_backend import OpenAIBackend
-
-    return OpenAIBackend(
-        args.base_url, args.model or "", api_key=api_key, endpoint=args.endpoint,
-        concurrency=args.concurrency, timeout_s=args.timeout_s, max_retries=args.max_retries,
-        max_tokens=args.max_tokens, temperature=args.temperature, stop=args.stop,
-        requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
-        backoff_base_s=args.backoff_base_s, backoff_max_s=args.backoff_max_s,
-        startup_connect_s=args.startup_connect_s)
-
-
-def _api_key(args: argparse.Namespace) -> str | None:
-    if not args.api_key_env:
-        return None
-    key = os.environ.get(args.api_key_env)
-    if not key:
-        raise ValueError(f"environment variable {args.api_key_env} (from --api_key_env) is "
-                         "not set or empty")
-    return key
-
-
 def run(args: argparse.Namespace) -> int:
     from sbs_jax.teacher import job
     from sbs_jax.teacher.http_backend import TeacherUnavailable, redact
@@ -170,8 +140,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if not args.output_dir:
             raise ValueError("--output_dir is required (except with --dry_run)")
-        api_key = _api_key(args)
-        backend = _make_backend(args, api_key)
+        api_key = backends.api_key(args.api_key_env)
+        backend = backends.make_backend(args, api_key)
         options = job.JobOptions(
             dataset=args.dataset, split=args.split, output_dir=args.output_dir,
             teacher=args.model or args.backend, num_samples=args.num_samples,
@@ -204,3 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     logging.getLogger("httpcore2").setLevel(logging.WARNING)
     return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
