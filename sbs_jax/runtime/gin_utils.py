@@ -6,8 +6,9 @@ Flags: repeated `--gin_file=PATH`, repeated `--gin_bindings='name.param = value'
 `include` look), and T5X's `--seqio_additional_cache_dirs=a,b` (seqio task caches, read with
 `--gin.USE_CACHED_TASKS=True`). The folder holding the shipped `gin/` is always searched first, so
 `gin/sbs_base.gin` works from any directory, in a checkout and in an installed sbs-jax alike
-(as T5X puts its own configs on gin's search path): `sbs_jax/gin` is a link to the
-repository's `gin/` that the wheel stores as package data. Mistakes fail before any work starts,
+(as T5X puts its own configs on gin's search path): the repository's `gin/` in a checkout, the
+package data `sbs_jax/gin/` that the wheel makes of it when installed (pyproject.toml maps the
+package `sbs_jax.gin` onto `gin/`). Mistakes fail before any work starts,
 with the file, binding or macro named:
 gin's own errors for unknown configurables/parameters are re-raised with their source, and a
 `--gin.NAME` macro that no gin file defines (a typo such as `TRAIN_STEP`) is refused instead of
@@ -30,8 +31,9 @@ import gin
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ROOT = os.path.dirname(PACKAGE_DIR)
-# Holds gin/: sbs_jax/gin is the installed package data, or in a checkout a link to REPO_ROOT/gin.
-CONFIG_ROOT = PACKAGE_DIR
+# The folder holding the shipped gin/: the installed package (its data sbs_jax/gin/), else the
+# repository (a checkout, an editable install).
+CONFIG_ROOT = PACKAGE_DIR if os.path.isdir(os.path.join(PACKAGE_DIR, "gin")) else REPO_ROOT
 _MACRO = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # A macro's line in gin.config_str(): `NAME = value`.
 _MACRO_LINE = re.compile(r"^([A-Z][A-Z0-9_]*) = ", re.MULTILINE)
