@@ -1,26 +1,5 @@
-"""The teacher job as an Apache Beam pipeline, for millions of examples.
-
-Same flags, prompts, backends, parsing, voting and record schema as `python -m sbs_jax.teacher`
-(see `sbs_jax.cli.teacher`); Beam pipeline options follow a `--` separator. Locally it runs on
-the DirectRunner:
-
-    python -m sbs_jax.teacher.beam_job --dataset synthetic --input synthetic:100000 \\
-        --output_dir teacher_data/synthetic -- --runner DirectRunner --direct_num_workers 2
-
-On Google Cloud Dataflow (workers need sbs-jax installed, e.g. a custom container; the API key
-must be in the workers' environment under the name given by --api_key_env, e.g. from Secret
-Manager via the container's entry point; it is read on the worker, never put into the pipeline
-graph):
-
-    python -m sbs_jax.teacher.beam_job --dataset cqa --input gs://BUCKET/cqa_train.jsonl \\
-        --backend openai --base_url https://HOST/v1 --model MODEL --api_key_env TEACHER_KEY \\
-        --concurrency 32 --requests_per_minute 3000 --output_dir gs://BUCKET/teacher_data/cqa -- \\
-        --runner DataflowRunner --project PROJECT --region REGION \\
-        --temp_location gs://BUCKET/tmp --sdk_container_image IMAGE \\
-        --max_num_workers 20 --experiments use_runner_v2
-
-`--concurrency` and the rate limits apply per worker process: divide the server's budget by the
-number of workers. Each bundle is sent with bounded concurrency from one event loop per worker.
+"""The teacher job as an Apache Beam pipeline, for millions of examples (`sbs-teacher-beam`,
+flags in sbs_jax.cli.teacher_beam).
 
 Exactly once: records are written by Beam's file sink into `{output_dir}/.beam-{split}.tmp/`
 as `{split}-{k:05d}.staged` (the runner commits each shard once even when it retries bundles,
