@@ -168,5 +168,5 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from sbs_jax.runtime import malloc
 
-    malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/malloc.py)
+    malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/runtime/malloc.py)
     main()

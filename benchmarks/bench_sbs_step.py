@@ -1,12 +1,12 @@
 """The sbs train step and greedy decoding: ours vs the HF PyTorch reference recipe, with MFU.
 
-Train step. Ours: `sbs_jax.trainer.make_train_step` (one jitted, buffer-donating step that runs
+Train step. Ours: `sbs_jax.train.step.make_train_step` (one jitted, buffer-donating step that runs
 the label view and the rationale view of the same examples, AdamW, clip 1.0, linear decay).
 Peer (benchmarks/hf_peer.py): the reference recipe in HF PyTorch on the same device — two
 forward passes (label, rationale) of `T5ForConditionalGeneration`, `alpha * label_loss +
 (1 - alpha) * rationale_loss`, backward, clip 1.0, AdamW + linear decay. Dropout 0.1 on in both.
 Every target token is real (no padding), so tokens/s = batch x (input + label + input +
-rationale) per step. Decoding. Ours: `sbs_jax.decoding.generate(method="greedy")`; peer: HF
+rationale) per step. Decoding. Ours: `sbs_jax.infer.decoding.generate(method="greedy")`; peer: HF
 `generate` greedy; EOS disabled in both so each decodes exactly `--decode_len` tokens per row.
 
 MFU = model FLOPs per second (benchmarks/flops.py) / the device peak (benchmarks/peak.py: on a
@@ -71,8 +71,8 @@ def sbs_step(config, params, alpha: float, num_microbatches: int = 1
     tx = optim.make_optimizer(schedule)
     state = {"s": step_lib.init_state(part, config, tx, seed=0, params=params)}
     step = step_lib.make_train_step(part, models.T5(config), tx, schedule,
-                                   step_lib.StepOptions(alpha=alpha,
-                                                       num_microbatches=num_microbatches))
+                                    step_lib.StepOptions(alpha=alpha,
+                                                        num_microbatches=num_microbatches))
 
     def to_device(batches: dict) -> dict:
         return {v: step_lib.global_batch(b, part.batch_sharding, len(b["encoder_input_tokens"]))
@@ -288,5 +288,5 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from sbs_jax.runtime import malloc
 
-    malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/malloc.py)
+    malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/runtime/malloc.py)
     main()

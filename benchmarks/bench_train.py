@@ -76,7 +76,7 @@ def bench_jax(config: models.T5Config, batches: dict, num_devices: int, steps: i
     tx = optim.make_optimizer(schedule)
     holder = {"state": step_lib.init_state(part, config, tx, seed=0)}
     step_fn = step_lib.make_train_step(part, models.T5(config), tx, schedule,
-                                      step_lib.StepOptions(alpha=0.5))
+                                       step_lib.StepOptions(alpha=0.5))
     rows = batches["label"]["encoder_input_tokens"].shape[0]
     global_batches = {v: step_lib.global_batch(b, part.batch_sharding, rows)
                       for v, b in batches.items()}
@@ -164,5 +164,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     from sbs_jax.runtime import malloc
 
-    malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/malloc.py)
+    malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/runtime/malloc.py)
     main()

@@ -154,7 +154,8 @@ def cell_costs(source_dir: str, model: str, vocab: str | None, train_mfu: float,
 
 
 # The paper's T5-Base table (its Table 6 rows at 100% of the data, 4 runs each; the
-# single-task baseline with gold labels, as `sbs_jax.grid` reads it) and the whole grid per size.
+# single-task baseline with gold labels, as `sbs_jax.experiments.grid` reads it) and the whole
+# grid per size.
 TABLE_METHODS, SEEDS, FRACTIONS = ("standard_ft", "single_task_gt", "sbs_gt"), 4, 4
 
 

@@ -2,7 +2,7 @@
 
 Throughput with 1-8 virtual CPU devices is not a speed figure (they share the same cores), but
 the compiled step shows what a real mesh would communicate: this compiles the production step
-(`sbs_jax.trainer.train_step` with the trainer's shardings) and lists every all-gather,
+(`sbs_jax.train.step.train_step` with the trainer's shardings) and lists every all-gather,
 all-reduce, reduce-scatter, all-to-all, collective-permute and copy with its shape, mesh groups
 and the JAX operation it came from, grouped and counted. Prints JSON. WORKSPACE.md records what
 was found for the 2x2x2 mesh.
@@ -221,9 +221,9 @@ def compiled_step_text(config_name: str, layers: int, mesh_shape: tuple[int, int
     schedule = optim.make_schedule("linear", 1e-4, total_steps=100)
     tx = optim.make_optimizer(schedule)
     jitted = step_lib.jit_train_step(part, models.T5(config), tx, schedule,
-                                    step_lib.StepOptions(num_microbatches=num_microbatches))
+                                     step_lib.StepOptions(num_microbatches=num_microbatches))
     batches = {view: step_lib.abstract_batch(part.batch_sharding, batch, input_len, length,
-                                            packed)
+                                             packed)
                for view, length in (("label", label_len), ("rationale", rationale_len))}
     with part.context():
         return jitted.lower(part.abstract_state(tx), batches).compile().as_text()

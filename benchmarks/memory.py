@@ -98,10 +98,10 @@ def train_step_memory(cfg: Any, model_config: Any, partitioner: Any) -> dict[str
 
     tx, schedule = loop.optimizer(cfg)
     jitted = step_lib.jit_train_step(partitioner, models.T5(model_config), tx, schedule,
-                                    loop.step_options(cfg))
+                                     loop.step_options(cfg))
     lengths = feature_lengths(cfg)
     batches = {"label": step_lib.abstract_batch(partitioner.batch_sharding, cfg.batch_size,
-                                               lengths["inputs"], lengths["targets"], cfg.pack)}
+                                                lengths["inputs"], lengths["targets"], cfg.pack)}
     if "rationale_targets" in lengths:
         batches["rationale"] = step_lib.abstract_batch(
             partitioner.batch_sharding, cfg.batch_size, lengths["inputs"],
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     partitioner = partitioning.Partitioner(mesh, partitioning.logical_axis_rules(cfg.fsdp),
-                                      model_config)
+                                           model_config)
     programs = {"train_step": train_step_memory(cfg, model_config, partitioner)}
     if not args.no_generate:
         programs["generate"] = generate_memory(cfg, model_config, partitioner)

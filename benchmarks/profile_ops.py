@@ -154,5 +154,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from sbs_jax.runtime import malloc
 
-    malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/malloc.py)
+    malloc.ensure_preloaded()  # the allocator the jobs run on (sbs_jax/runtime/malloc.py)
     main()

@@ -1,7 +1,7 @@
 """sbs-jax: Distilling Step-by-Step in JAX/Flax with T5X/SeqIO conventions.
 
 Importing the package quiets TensorFlow's C++ start-up logging; modules that need TensorFlow
-import it through `sbs_jax.tf_setup` so TF never claims a GPU that JAX needs.
+import it through `sbs_jax.runtime.tf_setup` so TF never claims a GPU that JAX needs.
 """
 
 import os

@@ -3,7 +3,7 @@
 `import tasks` must not touch files, gin or the network, so nothing here is looked up at import.
 Data folder, first match wins: `set_data_dir(...)`, gin `tasks.data_config.data_dir`, env
 `SBS_DATA_DIR`, else `~/.cache/sbs_jax/data`. Vocabulary (a SentencePiece `.model`: a HF T5
-`spiece.model` or one trained by `sbs_jax.vocab.train_vocab`): `set_vocabulary_path(...)`, gin
+`spiece.model` or one trained by `sbs_jax.data.vocab.train_vocab`): `set_vocabulary_path(...)`, gin
 `tasks.data_config.vocabulary_path`, env `SBS_VOCAB`, else `{data folder}/spiece.model`. The
 synthetic tasks create their data, and that default vocabulary, the first time they are read.
 A dataset folder whose info.json pins a vocabulary (`sbs_jax.data.build` records its sha256) is

@@ -102,7 +102,7 @@ def test_train_state_restores_onto_its_abstract_shardings(tmp_path, optimizer):
 
     config = models.get_config("t5_1_1_tiny", vocab_size=128)
     part = partitioning.Partitioner(partitioning.make_mesh((2, 2, 2)),
-                               partitioning.logical_axis_rules(), config)
+                                    partitioning.logical_axis_rules(), config)
     tx = optim.make_optimizer(optim.make_schedule("constant", 1e-3, 10), name=optimizer)
     state = step_lib.init_state(part, config, tx, seed=1)
     ckpt = checkpoints.Checkpointer(str(tmp_path))
@@ -235,7 +235,7 @@ def test_a_damaged_newest_step_is_skipped_for_the_newest_good_one(tmp_path, caps
         checkpoints.load_params(str(tmp_path), step=3)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
-        f"sbs_jax.checkpoints: skipping damaged checkpoint {step_dir}: {damaged_file} "), err
+        f"sbs_jax.train.checkpoints: skipping damaged checkpoint {step_dir}: {damaged_file} "), err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # readers
     # A writer moves the step aside, resumes from step 2 and writes step 3 afresh.
     writer = checkpoints.Checkpointer(str(tmp_path), keep_last=5)
@@ -257,6 +257,6 @@ def test_a_step_saved_without_checksums_loads_with_one_line(tmp_path, capsys):
     capsys.readouterr()
     for _ in range(2):
         np.testing.assert_array_equal(checkpoints.load_params(str(tmp_path))["b"], np.ones(4))
-    note = (f"sbs_jax.checksums: {step_dir} has no {checksums.MANIFEST} (written before "
+    note = (f"sbs_jax.train.checksums: {step_dir} has no {checksums.MANIFEST} (written before "
             "checksums were recorded); reading it unverified")
     assert capsys.readouterr().err.strip().splitlines() == [note]

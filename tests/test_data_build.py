@@ -45,7 +45,8 @@ def test_every_bad_row_is_named_before_anything_is_written(tmp_path, capsys):
         ("train", 7): b'{"input": "caf\xe9 \xff", "label": "( 1.0 + 2.0 )"}',
         ("test", 2): json.dumps({"input": 5, "label": "( 1.0 )"}).encode()})
     out = tmp_path / "data"
-    code = build_data.main(["--source_dir", str(source), "--data_dir", str(out), "--dataset", "svamp"])
+    code = build_data.main(["--source_dir", str(source), "--data_dir", str(out),
+                            "--dataset", "svamp"])
     err = capsys.readouterr().err
     assert code == 2
     assert "svamp_train.json:3: 'label' is int 450, expected str" in err
@@ -60,8 +61,8 @@ def test_every_bad_row_is_named_before_anything_is_written(tmp_path, capsys):
     assert "svamp_train.json:3: 'label' is int 450" in captured.err
     assert "svamp    train  58" in captured.out and "bad rows left out" in captured.out
 
-    code = build_data.main(["--source_dir", str(source), "--data_dir", str(out), "--dataset", "svamp",
-                       "--skip_bad", "--no_vocab"])
+    code = build_data.main(["--source_dir", str(source), "--data_dir", str(out),
+                            "--dataset", "svamp", "--skip_bad", "--no_vocab"])
     assert code == 0, capsys.readouterr().err
     info = json.loads((out / "svamp" / "info.json").read_text())
     assert len(info["released"]["train"]["skipped"]) == 2
@@ -260,7 +261,7 @@ def test_the_build_makes_or_takes_the_vocabulary_and_keeps_other_splits(tmp_path
     assert "differs from --vocab" in capsys.readouterr().err
     fresh = tmp_path / "fresh"
     assert build_data.main(["--source_dir", str(source), "--data_dir", str(fresh), "--dataset",
-                       "svamp", "--vocab", other_model, "--splits", "test"]) == 0
+                            "svamp", "--vocab", other_model, "--splits", "test"]) == 0
     assert records.file_sha256(str(fresh / "spiece.model")) == records.file_sha256(other_model)
 
     before = {s: records.shard_paths(str(data / "svamp"), s) for s in ("train", "valid")}

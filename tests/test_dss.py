@@ -45,7 +45,7 @@ def test_stats_match_the_reference_figures(stats_rows):
 
 def test_stats_cli_prints_table_and_warns(dss_data_dir, capsys):
     assert data_stats.main(["--data_dir", str(dss_data_dir), "--dataset", "svamp", "--dataset",
-                       "anli1"]) == 0
+                            "anli1"]) == 0
     captured = capsys.readouterr()
     assert "svamp    test   200   200" in captured.out and "74.0" in captured.out
     assert captured.out.startswith("dataset  split")  # the table is data: no time prefix
@@ -98,7 +98,7 @@ def test_build_writes_shards_and_info_with_checksums(dss_data_dir, tmp_path):
 
 def test_build_of_a_missing_train_split_fails_before_writing(dss_data_dir, tmp_path, capsys):
     code = build_data.main(["--source_dir", str(dss_data_dir), "--data_dir", str(tmp_path),
-                       "--dataset", "esnli"])
+                            "--dataset", "esnli"])
     assert code == 2
     err = capsys.readouterr().err
     assert "esnli_train.json" in err and "--splits valid test" in err

@@ -193,7 +193,7 @@ def test_cli_help_dry_run_and_bad_flags(tmp_path, capsys):
     assert exit_info.value.code == 0
     assert "--report_only" in capsys.readouterr().out
     assert experiments_cli.main(["--output_dir", str(tmp_path), "--preset", "paper",
-                             "--from_scratch", "--dry_run"]) == 0
+                                 "--from_scratch", "--dry_run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 * 6 * 4 * 3 * 4
     assert experiments_cli.main(["--output_dir", str(tmp_path), "--methods", "sbs"]) == 2
@@ -203,14 +203,14 @@ def test_cli_help_dry_run_and_bad_flags(tmp_path, capsys):
 def test_shards_split_the_grid_disjointly(tmp_path, capsys):
     names = []
     for index in range(3):
-        assert experiments_cli.main(["--output_dir", str(tmp_path), "--preset", "paper", "--dry_run",
-                                 "--from_scratch", "--num_shards", "3",
-                                 "--shard_index", str(index)]) == 0
+        assert experiments_cli.main(["--output_dir", str(tmp_path), "--preset", "paper",
+                                     "--dry_run", "--from_scratch", "--num_shards", "3",
+                                     "--shard_index", str(index)]) == 0
         names.append([line.split(" ::")[0] for line in capsys.readouterr().out.splitlines()])
     assert sum(len(n) for n in names) == 4 * 6 * 4 * 3 * 4
     assert len(set().union(*names)) == 4 * 6 * 4 * 3 * 4
     assert experiments_cli.main(["--output_dir", str(tmp_path), "--num_shards", "2",
-                             "--shard_index", "2"]) == 2
+                                 "--shard_index", "2"]) == 2
     assert "--shard_index=2 is not in [0, --num_shards=2)" in capsys.readouterr().err
 
 
@@ -297,12 +297,12 @@ def test_paper_preset_refuses_without_checkpoints_and_names_what_is_missing(tmp_
     ckpt = _fake_checkpoints(tmp_path / "ckpt", ["t5-v1_1-small"])
     _fake_checkpoints(ckpt, ["t5-v1_1-base"], files=("config.json",))
     assert experiments_cli.main(["--output_dir", str(grid_dir), "--preset", "paper",
-                             "--checkpoint_dir", str(ckpt)]) == 2
+                                 "--checkpoint_dir", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert (f"lacks {ckpt}/t5-v1_1-base/spiece.model, {ckpt}/t5-v1_1-base/model.safetensors|"
             f"model.safetensors.index.json|pytorch_model.bin, {ckpt}/t5-v1_1-large/ ") in err
     assert experiments_cli.main(["--output_dir", str(grid_dir), "--preset", "paper",
-                             "--checkpoint_dir", str(ckpt), "--from_scratch"]) == 2
+                                 "--checkpoint_dir", str(ckpt), "--from_scratch"]) == 2
     assert "exclude each other" in capsys.readouterr().err
     assert not grid_dir.exists()  # nothing built, trained or written
 
@@ -311,8 +311,8 @@ def test_paper_preset_starts_each_size_from_its_checkpoint_and_vocabulary(tmp_pa
     ckpt = _fake_checkpoints(tmp_path / "ckpt", ["t5-v1_1-small", "t5-v1_1-base",
                                                  "t5-v1_1-large"])
     assert experiments_cli.main(["--output_dir", str(tmp_path / "grid"), "--preset", "paper",
-                             "--checkpoint_dir", str(ckpt), "--dry_run", "--methods", "sbs_llm",
-                             "--fractions", "0.5", "--seeds", "2"]) == 0
+                                 "--checkpoint_dir", str(ckpt), "--dry_run", "--methods", "sbs_llm",
+                                 "--fractions", "0.5", "--seeds", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 * 3
     for line in lines:
@@ -390,7 +390,7 @@ def test_paper_preset_from_scratch_on_real_data(dss_data_dir, tmp_path, monkeypa
 
 def test_dry_run_shows_the_train_command_under_its_launcher(tmp_path, capsys):
     assert experiments_cli.main(["--output_dir", str(tmp_path), "--preset", "ci", "--dry_run",
-                             "--train_prefix", "srun --ntasks-per-node=8"]) == 0
+                                 "--train_prefix", "srun --ntasks-per-node=8"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     name, command = lines[0].split(" :: ")

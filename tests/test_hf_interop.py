@@ -206,7 +206,7 @@ def test_convert_names_a_bad_config_or_damaged_weights(hf_checkpoint, tmp_path, 
         shutil.copytree(path, broken)
         (broken / name).write_bytes(damage((broken / name).read_bytes()))
         assert convert_cli.main(["--to=ours", f"--hf_dir={broken}",
-                             f"--model_dir={broken}_run"]) == 2
+                                 f"--model_dir={broken}_run"]) == 2
         err = capsys.readouterr().err
         assert f"sbs-convert: error: {broken / name}: " in err and "Traceback" not in err
 

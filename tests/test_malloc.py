@@ -1,4 +1,4 @@
-"""The entry points' choice of C allocator (sbs_jax/malloc.py)."""
+"""The entry points' choice of C allocator (sbs_jax/runtime/malloc.py)."""
 
 import os
 import subprocess

@@ -253,7 +253,7 @@ def test_hf_initial_checkpoint_brings_its_vocabulary(tmp_path, data_dir, tiny_vo
     monkeypatch.setenv("SBS_VOCAB", other_vocab)
     with pytest.raises(loop.SetupError) as error:
         loop.train(_config(tmp_path / "other", initial_checkpoint_path=str(hf_dir),
-                                 model_overrides={}))
+                           model_overrides={}))
     assert str(hf_dir / "spiece.model") in str(error.value) and other_vocab in str(error.value)
 
 
@@ -302,7 +302,7 @@ def test_a_checkpoint_of_another_shape_names_tensor_shapes_and_model_gin(tmp_pat
     with pytest.raises(loop.SetupError, match=r"bind RunConfig.model_overrides=\{'emb_dim"
                        r"': 16, 'num_heads': 2"):
         loop.train(_config(tmp_path / "run2", initial_checkpoint_path=str(run_dir),
-                                 model_overrides={}))
+                           model_overrides={}))
 
 
 def test_a_restart_with_another_vocabulary_is_refused(run_dir, other_vocab, data_dir, tmp_path,

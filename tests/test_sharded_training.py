@@ -105,7 +105,7 @@ def test_step_objective_is_sbs_loss_with_its_options(batches):
     config = dataclasses.replace(CONFIG, dropout_rate=0.0)
     model, params = models.T5(config), models.init_params(config, jax.random.PRNGKey(1))
     options = step_lib.StepOptions(alpha=0.3, num_microbatches=2,
-                                  label_smoothing=0.1, z_loss=1e-3)
+                                   label_smoothing=0.1, z_loss=1e-3)
     mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
     step = jax.jit(functools.partial(step_lib.loss_and_grads, model, options=options,
                                      batch_sharding=partitioning.batch_sharding(mesh)))

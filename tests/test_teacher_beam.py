@@ -40,7 +40,7 @@ def test_beam_job_reads_jsonl_and_reports_failures(tmp_path):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = str(tmp_path / "out")
     code = teacher_beam.main(["--dataset", "synthetic", "--input", str(path), "--output_dir", out,
-                          "--split", "test"])
+                              "--split", "test"])
     assert code == 0
     assert sorted(r.id for r in records.read_split(out, "test")) == [f"ok{i}" for i in range(5)]
     stats = json.loads(pathlib.Path(out, "stats.json").read_text())

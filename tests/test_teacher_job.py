@@ -267,8 +267,8 @@ def test_a_wrong_base_url_ends_the_job_fast_naming_it(tmp_path, capsys):
     stats = json.loads((out / "stats.json").read_text())
     assert not stats["finished"] and "http://127.0.0.1:9/v1" in stats["aborted"]
     assert stats["records"] == 0 and stats["not_attempted"] > 0
-    assert teacher_cli.build_parser().parse_args(["--input", "x", "--dataset", "cqa"]).startup_connect_s \
-        == 30
+    parsed = teacher_cli.build_parser().parse_args(["--input", "x", "--dataset", "cqa"])
+    assert parsed.startup_connect_s == 30
 
 
 @pytest.mark.parametrize("flag, value, message", [

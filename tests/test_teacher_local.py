@@ -44,9 +44,10 @@ def test_batched_decoding_equals_one_at_a_time(tiny_teacher_dir):
 def test_job_with_the_local_backend_accounts_for_every_example(tiny_teacher_dir, tmp_path,
                                                                capsys):
     out = tmp_path / "out"
-    code = teacher_cli.main(["--input", "synthetic:6", "--dataset", "synthetic", "--backend", "local",
-                     "--model", tiny_teacher_dir, "--max_tokens", "6", "--batch_size", "4",
-                     "--num_samples", "2", "--output_dir", str(out)])
+    code = teacher_cli.main(["--input", "synthetic:6", "--dataset", "synthetic",
+                             "--backend", "local", "--model", tiny_teacher_dir, "--max_tokens",
+                             "6", "--batch_size", "4", "--num_samples", "2",
+                             "--output_dir", str(out)])
     assert code == 0, capsys.readouterr().err[-2000:]
     stats = json.loads((out / "stats.json").read_text())
     written = [r.id for p in records.shard_paths(str(out), "train")

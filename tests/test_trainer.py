@@ -69,7 +69,7 @@ def test_a_nan_after_a_restore_names_the_restored_step_not_the_learning_rate(tmp
     cfg = _config(tmp_path, train_steps=4)
     model_config = models.config_from_json((tmp_path / "model_config.json").read_text(), "")
     part = partitioning.Partitioner(partitioning.make_mesh(cfg.mesh_shape),
-                               partitioning.logical_axis_rules(cfg.fsdp), model_config)
+                                    partitioning.logical_axis_rules(cfg.fsdp), model_config)
     reader = checkpoints.Checkpointer(str(tmp_path))
     params, opt_state, data = reader.restore(2, part.abstract_params,
                                              part.abstract_opt_state(loop.optimizer(cfg)[0]))

@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--source_dir is required for {dataset}")
     try:
         paths = build.build_all(args.source_dir, args.data_dir, list(dict.fromkeys(args.dataset)),
-                          args.splits, args.records_per_shard, args.skip_bad,
-                          args.allow_missing_teacher, args.vocab,
-                          None if args.no_vocab else args.vocab_size)
+                                args.splits, args.records_per_shard, args.skip_bad,
+                                args.allow_missing_teacher, args.vocab,
+                                None if args.no_vocab else args.vocab_size)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}\nNothing was published.", file=sys.stderr)
         return 2

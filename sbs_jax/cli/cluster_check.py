@@ -50,13 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--num_processes", type=int, help=f"processes in the job (${distributed.ENV_NUM_PROCESSES})"
     )
-    parser.add_argument("--process_id", type=int, help=f"this process, 0-based (${distributed.ENV_PROCESS_ID})")
+    parser.add_argument("--process_id", type=int,
+                        help=f"this process, 0-based (${distributed.ENV_PROCESS_ID})")
     parser.add_argument("--rounds", type=int, default=1, help="how many sums to run")
     parser.add_argument("--interval_s", type=float, default=0.0, help="pause between rounds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        spec = distributed.initialize_from_env(args.coordinator_address, args.num_processes, args.process_id)
+        spec = distributed.initialize_from_env(args.coordinator_address, args.num_processes,
+                                               args.process_id)
     except distributed.DistributedSetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,13 +18,13 @@ the cells can share it, and `--report_only` then tables everything that has fini
 
 Methods: standard_ft, standard_distill, single_task_gt, single_task (rationale and label in one
 target; gold / teacher labels), sbs_gt, sbs_llm. What each cell runs (methods, presets, gin
-flags) is defined in `sbs_jax.grid`. Every cell trains through the public trainer CLI
+flags) is defined in `sbs_jax.experiments.grid`. Every cell trains through the public trainer CLI
 (`python -m sbs_jax.train`, gin flags) and is scored by `python -m sbs_jax.eval`; this module
 runs the cells and collects their results.
 A cell is finished when `results.json` exists in its folder: re-running the same command skips
 finished cells and lets an interrupted cell resume from its last checkpoint (the trainer's exact
 resume). A finished cell whose recorded settings differ from the current ones is an error, so a
-table never silently mixes two recipes. Tables and plots come from `sbs_jax.report`.
+table never silently mixes two recipes. Tables and plots come from `sbs_jax.experiments.report`.
 """
 
 from __future__ import annotations
@@ -160,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _, todo = runner.split_finished(cells, recipe, pathlib.Path(args.output_dir))
             runner.prepare_data(sorted({c.dataset for c in todo}), data_dir, args.source_dir, env,
-                         pathlib.Path(args.output_dir) / "prepare.log", args.vocab_size,
-                         train_vocabulary=recipe.checkpoint_dir is None)
+                                pathlib.Path(args.output_dir) / "prepare.log", args.vocab_size,
+                                train_vocabulary=recipe.checkpoint_dir is None)
             _, failures = runner.run_grid(cells, recipe, args.output_dir, env, args.keep_going,
-                                   shlex.split(args.train_prefix or ""))
+                                          shlex.split(args.train_prefix or ""))
         except (ValueError, runner.CellFailed) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -1,9 +1,9 @@
 """What the experiment grid runs: methods, cells, recipes, presets and each cell's trainer flags.
 
-Pure definitions (no files, no subprocesses): `sbs_jax.experiments` runs the cells and
-`sbs_jax.report` tables them. A cell is (dataset, method, data fraction, model, seed); its
-training is fully described by the gin flags `gin_flags` returns, and `cell_settings` is what a
-finished cell records so a re-run with another recipe is caught.
+Pure definitions (no files, no subprocesses): `sbs_jax.experiments.runner` runs the cells and
+`sbs_jax.experiments.report` tables them. A cell is (dataset, method, data fraction, model,
+seed); its training is fully described by the gin flags `gin_flags` returns, and
+`cell_settings` is what a finished cell records so a re-run with another recipe is caught.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Validation by decoding: the label task's inputs -> greedy decode -> the task's metric_fns.
 
 Only the label is decoded at test time (the paper's method). Batches are padded to a fixed
-number of rows and to bucketed lengths so `sbs_jax.decoding.generate` compiles a handful of
+number of rows and to bucketed lengths so `sbs_jax.infer.decoding.generate` compiles a handful of
 shapes once per process. Inputs shown to people come from the records' text
 (`EvalSet.inputs_text`), never from decoding tokens: decoding stops at the first EOS, which
 NLI inputs use as the premise/hypothesis separator.

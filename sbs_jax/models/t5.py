@@ -7,7 +7,7 @@ relative position buckets shared by all layers of a stack, no 1/sqrt(d) attentio
 (v1.0, logits scaled by emb_dim**-0.5) or separate output projection.
 
 Every parameter and the main activations carry logical axis names (batch, length, embed, mlp,
-heads, kv, joined_kv, vocab, relpos_buckets, layers) that `sbs_jax.partitioning` maps to mesh
+heads, kv, joined_kv, vocab, relpos_buckets, layers) that `sbs_jax.train.partitioning` maps to mesh
 axes. Decoding uses T5X-style `encode` / `decode` methods with a flax "cache" collection holding
 the self-attention keys/values and the (computed once) cross-attention keys/values.
 """
@@ -250,7 +250,7 @@ def init_params(config: T5Config, rng: Array) -> dict:
 def abstract_params(config: T5Config) -> dict:
     """Shapes/dtypes of the parameters, still boxed with their logical axis names.
 
-    Feed this to `sbs_jax.partitioning.params_shardings`.
+    Feed this to `sbs_jax.train.partitioning.params_shardings`.
     """
     variables = jax.eval_shape(lambda: T5(config).init(jax.random.PRNGKey(0), *_dummy_inputs()))
     return variables["params"]

@@ -2,7 +2,7 @@
 
 The job's workers call `generate` one prompt at a time; a batcher gathers what is waiting into
 one fixed-shape batch (rows padded to `batch_size`, lengths to a power of two) so
-`sbs_jax.decoding.generate` compiles a handful of shapes once and the accelerator sees full
+`sbs_jax.infer.decoding.generate` compiles a handful of shapes once and the accelerator sees full
 batches. Decoding runs in a thread so the event loop stays free. Greedy at temperature 0, else
 sampling (one row per sample, so `--num_samples` majority votes work too). Prompts longer than
 `max_input_len` tokens keep their end: the query is there, the first exemplars are dropped.

@@ -14,7 +14,7 @@ stderr; a `Checkpointer` (the writer) removes it when it opens the folder, so th
 written again. `close()` waits for pending saves and deletions.
 
 A complete step can be damaged later (a truncated or overwritten file): every step records the
-checksums of its files (`sbs_jax.checksums`), and whatever reads a step verifies the files it
+checksums of its files (`sbs_jax.train.checksums`), and whatever reads a step verifies the files it
 reads. `first_good` is the one place that picks a step (newest or best first), reporting each
 damaged one in one line and skipping it; `latest_good_step`, `load_params`, `restore` and eval's
 step choice go through it. A writer moves damaged steps newer than the newest good one to
@@ -92,7 +92,7 @@ def _warn_incomplete(step_dir: epath.Path, missing: list[str]) -> None:
     if str(step_dir) in _warned_incomplete:
         return
     _warned_incomplete.add(str(step_dir))
-    print(f"sbs_jax.checkpoints: skipping incomplete checkpoint {step_dir} (missing "
+    print(f"sbs_jax.train.checkpoints: skipping incomplete checkpoint {step_dir} (missing "
           f"{', '.join(missing)}: an interrupted deletion or write)", file=sys.stderr, flush=True)
 
 
@@ -162,7 +162,7 @@ def first_good(model_dir: str, candidates: Iterable[int], items: tuple[str, ...]
             where = f"; moved to {_move_aside(directory, step)}" if set_aside else ""
             if set_aside or str(directory / str(step)) not in _warned_damaged:
                 _warned_damaged.add(str(directory / str(step)))
-                print(f"sbs_jax.checkpoints: skipping damaged checkpoint "
+                print(f"sbs_jax.train.checkpoints: skipping damaged checkpoint "
                       f"{directory / str(step)}: {problem}{where}", file=sys.stderr, flush=True)
     chosen = distributed.value_of_process_0(chosen)
     return None if chosen < 0 else chosen
@@ -261,7 +261,7 @@ def remove_incomplete_steps(model_dir: str) -> list[int]:
     directory = _resolve(model_dir)
     removed = []
     for step, missing in sorted(incomplete_steps(str(directory)).items()):
-        print(f"sbs_jax.checkpoints: removing incomplete checkpoint {directory / str(step)} "
+        print(f"sbs_jax.train.checkpoints: removing incomplete checkpoint {directory / str(step)} "
               f"(missing {', '.join(missing)})", file=sys.stderr, flush=True)
         (directory / str(step)).rmtree()
         removed.append(step)
@@ -311,7 +311,7 @@ class Checkpointer:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices("sbs_jax.checkpoints.prepare_steps")
+            multihost_utils.sync_global_devices("sbs_jax.train.checkpoints.prepare_steps")
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_names=_ITEMS,

@@ -96,8 +96,8 @@ def damage(step_dir: epath.Path, items: tuple[str, ...]) -> str | None:
     if text is None:
         if str(step_dir) not in _warned_unverified:
             _warned_unverified.add(str(step_dir))
-            print(f"sbs_jax.checksums: {step_dir} has no {MANIFEST} (written before checksums "
-                  "were recorded); reading it unverified", file=sys.stderr, flush=True)
+            print(f"sbs_jax.train.checksums: {step_dir} has no {MANIFEST} (written before "
+                  "checksums were recorded); reading it unverified", file=sys.stderr, flush=True)
         return None
     key = (str(step_dir), items, text)
     if key not in _verdicts:

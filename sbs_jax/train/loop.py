@@ -122,8 +122,8 @@ def optimizer(cfg: run_config.RunConfig) -> tuple[Any, Any]:
 def step_options(cfg: run_config.RunConfig) -> step_lib.StepOptions:
     """What a run's step computes besides the model."""
     return step_lib.StepOptions(alpha=cfg.alpha, num_microbatches=cfg.num_microbatches,
-                               label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-                               seed=cfg.random_seed)
+                                label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+                                seed=cfg.random_seed)
 
 
 @dataclasses.dataclass
@@ -266,7 +266,7 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
             setup.batches.restore(data_state)
     else:
         state = step_lib.init_state(part, setup.model_config, setup.tx, cfg.random_seed,
-                                   params=initial_params)
+                                    params=initial_params)
         if initial_params is not None and is_lead:
             console.say(f"initialised from {setup.initial.describe()}")
             if note := setup.initial.vocabulary_note():
@@ -281,7 +281,7 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
             run_config.write_text(epath.Path(cfg.model_dir) / GIN_FILE, operative_gin)
     options = step_options(cfg)
     step_fn = step_lib.make_train_step(part, models.T5(setup.model_config), setup.tx,
-                                      setup.schedule, options)
+                                       setup.schedule, options)
     eval_examples = None
     from clu import metric_writers  # after tf_setup: clu imports TensorFlow
 

@@ -39,7 +39,7 @@ class PreemptionNotice:
         if jax.process_count() > 1:
             self._synchronised = bool(jax.config.jax_enable_preemption_service)
             if not self._synchronised:
-                print("sbs_jax.preemption: JAX's preemption service is off "
+                print("sbs_jax.train.preemption: JAX's preemption service is off "
                       "(jax_enable_preemption_service): SIGTERM stops this process without a "
                       "checkpoint", file=sys.stderr, flush=True)
             return self

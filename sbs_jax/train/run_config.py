@@ -69,7 +69,7 @@ class RunConfig:
     fixed_batch_shapes: bool = False
     label_smoothing: float = 0.0
     z_loss: float = 0.0
-    # Optimizer (sbs_jax.optim): the reference recipe by default.
+    # Optimizer (sbs_jax.train.optim): the reference recipe by default.
     optimizer: str = "adamw"
     learning_rate: float = 5e-5
     schedule: str = "linear"

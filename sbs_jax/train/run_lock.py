@@ -57,7 +57,7 @@ class RunLock:
 
     def _take(self) -> None:
         if "://" in self.model_dir:
-            print(f"sbs_jax.run_lock: MODEL_DIR={self.model_dir} is not a local path: no "
+            print(f"sbs_jax.train.run_lock: MODEL_DIR={self.model_dir} is not a local path: no "
                   "trainer lock (make sure one trainer writes it)", file=sys.stderr, flush=True)
             return
         if os.path.exists(self.model_dir) and not os.path.isdir(self.model_dir):
