@@ -12,7 +12,13 @@ if _DEVICE_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import random
+
 import pytest  # noqa: E402
+
+# None of these imports jax.
+from sbs_jax.experiments import grid, report, runner
+from sbs_jax.experiments.grid import Recipe
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,3 +66,34 @@ def toy_dir(tmp_path, tiny_vocab_path):
     yield tmp_path
     tasks.set_data_dir(None)
     tasks.set_vocabulary_path(None)
+
+
+# The recipe of the finished grid cells tests write by hand (grid, runner and report tests).
+GRID_RECIPE = Recipe(gin_files=("gin/quickstart.gin",), train_steps=7)
+
+
+def write_finished_cells(grid_dir, cells, recipe, rng, wall_s=1.0):
+    """Writes a results.json for every cell as run_cell would (random init, test scored at
+    best valid only); returns accuracy by cell."""
+    accuracies = {}
+    for cell in cells:
+        cell_dir = grid_dir / cell.name
+        cell_dir.mkdir(parents=True)
+        accuracy = rng.uniform(0, 100)
+        accuracies[cell] = accuracy
+        record = {**vars(cell), "accuracy": accuracy, "metrics": {"accuracy": accuracy},
+                  **report.test_statistics(cell_dir / "no_history.jsonl"),
+                  "initial_checkpoint": None,
+                  "settings": grid.cell_settings(cell, recipe), "wall_s": wall_s}
+        runner.write_json_atomic(cell_dir / report.RESULTS_FILE, record)
+    return accuracies
+
+
+@pytest.fixture()
+def finished_grid(tmp_path):
+    """A grid folder of finished cells (2 datasets x 2 methods x 2 fractions x 2 models x 3
+    seeds) with seeded random accuracies: (folder, cells, accuracy by cell)."""
+    cells = grid.make_cells(["svamp", "synthetic"], ["standard_ft", "sbs_llm"],
+                            [0.25, 1.0], ["t5_1_1_tiny", "t5_1_1_small"], [0, 1, 2])
+    accuracies = write_finished_cells(tmp_path, cells, GRID_RECIPE, random.Random(0))
+    return tmp_path, cells, accuracies

@@ -24,6 +24,9 @@ def test_say_stamps_each_line_and_metrics_show_percent(capsys):
     line = capsys.readouterr().out
     assert STAMPED.match(line)
     assert line.endswith("eval step 6 (valid): accuracy 0.78%, num_examples 16, loss 1.235\n")
+
+
+def test_durations_read_in_seconds_minutes_or_hours():
     assert [console.format_duration(s) for s in (12.34, 245, 7500)] == ["12.3s", "4m05s", "2h05m"]
 
 

@@ -92,25 +92,43 @@ def test_scanned_layers_decode_the_same(model):
             np.asarray(decoding.generate(config, params, enc, MAX_LEN, method=method)))
 
 
-def test_sampling(model):
+def _sample(model, seed: int) -> np.ndarray:
+    _, config, params, enc = model
+    return np.asarray(decoding.generate(config, params, enc, MAX_LEN, method="sample",
+                                        temperature=2.0, rng=jax.random.PRNGKey(seed)))
+
+
+def test_top_1_sampling_is_greedy(model):
     _, config, params, enc = model
     greedy = np.asarray(decoding.generate(config, params, enc, MAX_LEN))
     top1 = decoding.generate(config, params, enc, MAX_LEN, method="sample", top_k=1,
                              rng=jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(top1), greedy)
-    one = np.asarray(decoding.generate(config, params, enc, MAX_LEN, method="sample",
-                                       temperature=2.0, rng=jax.random.PRNGKey(1)))
-    again = np.asarray(decoding.generate(config, params, enc, MAX_LEN, method="sample",
-                                         temperature=2.0, rng=jax.random.PRNGKey(1)))
-    other = np.asarray(decoding.generate(config, params, enc, MAX_LEN, method="sample",
-                                         temperature=2.0, rng=jax.random.PRNGKey(2)))
-    np.testing.assert_array_equal(one, again)
-    assert not np.array_equal(one, other)
-    for row in np.concatenate([one, other]):  # nothing but padding after an EOS
+
+
+def test_sampling_with_the_same_key_repeats_itself(model):
+    np.testing.assert_array_equal(_sample(model, 1), _sample(model, 1))
+
+
+def test_sampling_with_another_key_draws_other_tokens(model):
+    assert not np.array_equal(_sample(model, 1), _sample(model, 2))
+
+
+def test_sampled_rows_hold_only_padding_after_eos(model):
+    rows = np.concatenate([_sample(model, 1), _sample(model, 2)])
+    for row in rows:
         if (row == 1).any():
             assert not row[np.argmax(row == 1) + 1:].any()
+
+
+def test_sampling_without_a_key_is_refused(model):
+    _, config, params, enc = model
     with pytest.raises(ValueError, match="rng"):
         decoding.generate(config, params, enc, MAX_LEN, method="sample")
+
+
+def test_an_unknown_method_is_refused(model):
+    _, config, params, enc = model
     with pytest.raises(ValueError, match="nucleus"):
         decoding.generate(config, params, enc, MAX_LEN, method="nucleus")
 

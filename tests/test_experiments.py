@@ -1,152 +1,19 @@
-"""The experiment grid: cells, resumability, aggregation over seeds, tables and plots.
-
-Results are generated here from seeded random accuracies (no expected accuracy is hard-coded);
-the real-data cell at the end trains and evaluates through the public CLIs.
-"""
+"""Running the grid (sbs_jax.experiments.runner, `sbs-experiments`): resumability, settings
+checks, shards, presets and their checkpoints, and one real-data cell trained and evaluated
+through the public CLIs."""
 
 import csv
 import json
-import pathlib
 import random
 import re
 import shlex
-import statistics
 
-import matplotlib.image
 import pytest
+from conftest import write_finished_cells
 
 from sbs_jax.cli import experiments as experiments_cli
 from sbs_jax.experiments import grid, report, runner
 from sbs_jax.experiments.grid import Cell, Recipe
-
-RECIPE = Recipe(gin_files=("gin/quickstart.gin",), train_steps=7)
-
-
-def _write_finished(grid_dir, cells, recipe, rng, wall_s=1.0):
-    """Writes a results.json for every cell as run_cell would (random init, test scored at
-    best valid only); returns accuracy by cell."""
-    accuracies = {}
-    for cell in cells:
-        cell_dir = grid_dir / cell.name
-        cell_dir.mkdir(parents=True)
-        accuracy = rng.uniform(0, 100)
-        accuracies[cell] = accuracy
-        record = {**vars(cell), "accuracy": accuracy, "metrics": {"accuracy": accuracy},
-                  **report.test_statistics(cell_dir / "no_history.jsonl"),
-                  "initial_checkpoint": None,
-                  "settings": grid.cell_settings(cell, recipe), "wall_s": wall_s}
-        runner.write_json_atomic(cell_dir / report.RESULTS_FILE, record)
-    return accuracies
-
-
-def test_grid_is_the_cross_product_with_unique_folders():
-    cells = grid.make_cells(["svamp", "cqa"], list(grid.METHODS), grid.PAPER_FRACTIONS,
-                            ["t5_1_1_small", "t5_1_1_base"], [0, 1, 2, 3])
-    assert len(cells) == 2 * 6 * 4 * 2 * 4
-    assert len({c.name for c in cells}) == len(cells)
-    assert Cell("svamp", "sbs_llm", 0.125, "t5_1_1_base", 3).name == \
-        "svamp/t5_1_1_base/sbs_llm/12.5pct/seed3"
-
-
-@pytest.mark.parametrize("axes, message", [
-    ((["mnli"], ["sbs_llm"], [1.0], ["m"], [0]), "unknown dataset"),
-    ((["svamp"], ["distill"], [1.0], ["m"], [0]), "unknown method"),
-    ((["svamp"], ["sbs_llm"], [0.0], ["m"], [0]), "fractions must be in (0, 1]"),
-    ((["svamp"], ["sbs_llm"], [1.0], ["m"], []), "grid is empty"),
-])
-def test_bad_grid_axes_are_named(axes, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        grid.make_cells(*axes)
-
-
-def test_methods_pick_label_and_rationale_tasks():
-    flags = grid.gin_flags(Cell("cqa", "sbs_gt", 0.5, "t5_1_1_tiny", 2), RECIPE, "/m")
-    assert "--gin.MIXTURE_OR_TASK_NAME='cqa_label_gt'" in flags
-    assert "--gin.RATIONALE_MIXTURE_NAME='cqa_rationale'" in flags
-    assert "--gin.RANDOM_SEED=2" in flags and "--gin.TRAIN_STEPS=7" in flags
-    flags = grid.gin_flags(Cell("cqa", "standard_distill", 1.0, "t5_1_1_tiny", 0),
-                           RECIPE, "/m")
-    assert "--gin.MIXTURE_OR_TASK_NAME='cqa_standard_llm'" in flags
-    assert "--gin.RATIONALE_MIXTURE_NAME=None" in flags
-    assert flags[:3] == ["--gin_file=gin/quickstart.gin", "--gin_file=gin/models/t5_1_1_tiny.gin",
-                         "--gin_file=gin/standard_distill.gin"]
-    # The single-task baseline: one task (rationale then label), its own gin file, recipe
-    # bindings after it (so they may still override its target cap).
-    recipe = Recipe(gin_files=("gin/quickstart.gin",), gin_bindings=("BATCH_SIZE = 8",))
-    for method, task in (("single_task", "cqa_single_task"),
-                         ("single_task_gt", "cqa_single_task_gt")):
-        flags = grid.gin_flags(Cell("cqa", method, 1.0, "t5_1_1_tiny", 0), recipe, "/m")
-        assert f"--gin.MIXTURE_OR_TASK_NAME={task!r}" in flags
-        assert "--gin.RATIONALE_MIXTURE_NAME=None" in flags
-        assert flags.index("--gin_file=gin/single_task.gin") < flags.index(
-            "--gin_bindings=BATCH_SIZE = 8")
-
-
-def test_recipe_placeholders_follow_the_model():
-    recipe = Recipe(gin_files=("gin/sbs_{size}.gin",),
-                    gin_bindings=("INITIAL_CHECKPOINT_PATH='/ckpt/{model}'",))
-    flags = grid.gin_flags(Cell("svamp", "sbs_llm", 1.0, "t5_1_1_large", 0), recipe, "/m")
-    assert flags[:2] == ["--gin_file=gin/sbs_large.gin", "--gin_file=gin/models/t5_1_1_large.gin"]
-    assert "--gin_bindings=INITIAL_CHECKPOINT_PATH='/ckpt/t5_1_1_large'" in flags
-    assert not any(f.startswith("--gin.TRAIN_STEPS") for f in flags)
-
-
-def test_mean_and_stderr_match_statistics():
-    values = [random.Random(3).uniform(0, 100) for _ in range(4)]
-    mean, stderr = report.mean_and_stderr(values)
-    assert mean == pytest.approx(statistics.mean(values))
-    assert stderr == pytest.approx(statistics.stdev(values) / 2)
-    assert report.mean_and_stderr([42.0]) == (42.0, None)
-
-
-@pytest.fixture()
-def finished_grid(tmp_path):
-    cells = grid.make_cells(["svamp", "synthetic"], ["standard_ft", "sbs_llm"],
-                                   [0.25, 1.0], ["t5_1_1_tiny", "t5_1_1_small"], [0, 1, 2])
-    accuracies = _write_finished(tmp_path, cells, RECIPE, random.Random(0))
-    return tmp_path, cells, accuracies
-
-
-def test_report_aggregates_seeds_into_csv_markdown_and_plots(finished_grid):
-    grid_dir, cells, accuracies = finished_grid
-    paths = report.write_report(grid_dir)
-    with open(paths["csv"], newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == len(cells) // 3
-    for row in rows:
-        seeds = [a for c, a in accuracies.items()
-                 if (c.dataset, c.model, c.method, c.fraction)
-                 == (row["dataset"], row["model"], row["method"], float(row["fraction"]))]
-        assert row["num_seeds"] == "3" and row["seeds"] == "0 1 2"
-        assert row["init"] == "random init" and row["test_at_best_valid_n"] == "3"
-        assert float(row["test_at_best_valid_mean"]) == pytest.approx(statistics.mean(seeds),
-                                                                      abs=1e-4)
-        assert float(row["test_at_best_valid_stderr"]) == pytest.approx(
-            statistics.stdev(seeds) / 3 ** 0.5, abs=1e-4)
-        assert (row["test_at_last_step_mean"], row["max_test_over_evals_n"]) == ("", "0")
-    markdown = pathlib.Path(paths["markdown"]).read_text()
-    assert markdown.startswith("# Grid results: T5 from random init\n")
-    assert "### svamp, t5_1_1_small" in markdown and "### synthetic, t5_1_1_tiny" in markdown
-    assert markdown.count("Test accuracy at the best-valid checkpoint (ours, the default):") == 4
-    assert "Test accuracy at the last step:" not in markdown
-    assert markdown.count("RunConfig.test_every_eval is off") == 4
-    # Published reference rows only where the paper has the dataset, with the source named.
-    assert markdown.count("paper, T5-Base: standard fine-tuning [1] | — | 62.63 |") == 2
-    assert "arXiv:2305.02301" in markdown
-    for kind in ("fraction_plot", "model_size_plot"):
-        image = matplotlib.image.imread(paths[kind])
-        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
-
-
-def test_single_seed_has_no_stderr_and_missing_cells_show_a_dash(tmp_path):
-    cells = [Cell("cqa", "sbs_llm", 1.0, "t5_1_1_tiny", 0),
-             Cell("cqa", "standard_ft", 0.5, "t5_1_1_tiny", 0)]
-    _write_finished(tmp_path, cells, RECIPE, random.Random(1))
-    rows = report.aggregate(report.load_results(tmp_path))
-    assert [r["test_at_best_valid_stderr"] for r in rows] == [None, None]
-    markdown = report.markdown_table(rows)
-    assert "| standard fine-tuning (gold labels) | " in markdown
-    assert " — |" in markdown and "(n=1)" in markdown
 
 
 def test_finished_cells_are_not_rerun(finished_grid, capsys):
@@ -176,26 +43,21 @@ def test_finished_cell_with_other_settings_is_an_error(finished_grid, capsys):
     assert "train_steps" in err
 
 
-def test_unreadable_results_file_is_named(tmp_path):
-    cell_dir = tmp_path / "svamp" / "x"
-    cell_dir.mkdir(parents=True)
-    (cell_dir / report.RESULTS_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match="unreadable results file .*svamp/x/results.json"):
-        report.load_results(tmp_path)
-    (cell_dir / report.RESULTS_FILE).write_text(json.dumps({"dataset": "svamp"}))
-    with pytest.raises(ValueError, match="lacks"):
-        report.load_results(tmp_path)
-
-
-def test_cli_help_dry_run_and_bad_flags(tmp_path, capsys):
+def test_help_lists_the_grid_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         experiments_cli.main(["--help"])
     assert exit_info.value.code == 0
     assert "--report_only" in capsys.readouterr().out
+
+
+def test_a_dry_run_lists_every_cell_of_the_paper_grid(tmp_path, capsys):
     assert experiments_cli.main(["--output_dir", str(tmp_path), "--preset", "paper",
                                  "--from_scratch", "--dry_run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 * 6 * 4 * 3 * 4
+
+
+def test_an_unknown_method_is_refused(tmp_path, capsys):
     assert experiments_cli.main(["--output_dir", str(tmp_path), "--methods", "sbs"]) == 2
     assert "unknown method(s) ['sbs']" in capsys.readouterr().err
 
@@ -212,61 +74,6 @@ def test_shards_split_the_grid_disjointly(tmp_path, capsys):
     assert experiments_cli.main(["--output_dir", str(tmp_path), "--num_shards", "2",
                                  "--shard_index", "2"]) == 2
     assert "--shard_index=2 is not in [0, --num_shards=2)" in capsys.readouterr().err
-
-
-def _history(path, test_by_step):
-    path.write_text("".join(
-        json.dumps({"step": step, "split": split, "accuracy": accuracy}) + "\n"
-        for step, accuracy in test_by_step for split in ("valid", "test")))
-    return path
-
-
-def test_test_statistics_read_the_eval_history(tmp_path):
-    # A resume re-ran step 4: its last line counts. The maximum's earliest step is kept.
-    path = _history(tmp_path / "h.jsonl", [(2, 10.0), (4, 50.0), (6, 50.0), (4, 40.0),
-                                           (6, 50.0), (8, 30.0)])
-    assert report.test_statistics(path) == {
-        "test_at_last_step": 30.0, "last_step": 8, "max_test_over_evals": 50.0,
-        "max_test_step": 6}
-    assert report.test_statistics(tmp_path / "absent.jsonl")["test_at_last_step"] is None
-
-
-def test_report_labels_the_three_test_statistics(tmp_path):
-    cells = grid.make_cells(["cqa"], ["sbs_llm"], [0.5, 1.0], ["t5_1_1_base"], [0, 1])
-    rng = random.Random(2)
-    expected = {}
-    for cell in cells:
-        cell_dir = tmp_path / cell.name
-        cell_dir.mkdir(parents=True)
-        tests = [(step, rng.uniform(0, 100)) for step in (250, 500, 750)]
-        stats = report.test_statistics(_history(cell_dir / "eval_history.jsonl", tests))
-        record = {**vars(cell), "accuracy": tests[1][1], **stats,
-                  "initial_checkpoint": "/models/t5-v1_1-base", "wall_s": 1.0}
-        runner.write_json_atomic(cell_dir / report.RESULTS_FILE, record)
-        expected.setdefault(cell.fraction, []).append(
-            (tests[1][1], tests[-1][1], max(a for _, a in tests)))
-    paths = report.write_report(tmp_path)
-    with open(paths["csv"], newline="") as f:
-        rows = {float(r["fraction"]): r for r in csv.DictReader(f)}
-    for fraction, values in expected.items():
-        row = rows[fraction]
-        assert row["init"] == "pretrained"
-        for index, column in enumerate(("test_at_best_valid", "test_at_last_step",
-                                        "max_test_over_evals")):
-            seeds = [v[index] for v in values]
-            assert float(row[f"{column}_mean"]) == pytest.approx(statistics.mean(seeds), abs=1e-4)
-            assert row[f"{column}_n"] == "2"
-    markdown = pathlib.Path(paths["markdown"]).read_text()
-    assert markdown.startswith("# Grid results: T5 from pretrained checkpoints\n")
-    sections = markdown.split("\n\n")
-    titles = [s for s in sections if s.endswith(":")]
-    assert titles == ["Test accuracy at the best-valid checkpoint (ours, the default):",
-                      "Test accuracy at the last step:",
-                      "Maximum test accuracy over the evals (what the reference's test logs "
-                      "allow):"]
-    # The paper's numbers (from its test logs) sit under the maximum over evals.
-    last_table = sections[sections.index(titles[-1]) + 1]
-    assert "| paper, T5-Base: standard fine-tuning [1] | — | 62.19 |" in last_table
 
 
 def test_eta_comes_from_finished_cells_of_the_same_kind():
@@ -346,7 +153,7 @@ def test_paper_preset_from_scratch_on_real_data(dss_data_dir, tmp_path, monkeypa
                     + tuple(a for i, a in enumerate(argv) if argv[i - 1] == "--gin_bindings"),
                     data_subset="per_seed")
     first = Cell("svamp", "standard_ft", 0.125, "t5_1_1_tiny", 0)
-    _write_finished(grid_dir, [first], recipe, random.Random(4), wall_s=120.0)
+    write_finished_cells(grid_dir, [first], recipe, random.Random(4), wall_s=120.0)
     assert experiments_cli.main(argv) == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
     name = "svamp/t5_1_1_tiny/sbs_llm/12.5pct/seed0"

@@ -31,7 +31,7 @@ def _config(model_dir) -> run_config.RunConfig:
 def trained_run(tmp_path_factory):
     """A finished 4-step run with checkpoints 2 and 4 (both with eval metrics)."""
     with pytest.MonkeyPatch.context() as patch:
-        # The same data folder as tests/test_trainer.py: the synthetic data is made once.
+        # The same data folder as tests/test_train_loop.py: the synthetic data is made once.
         patch.setenv("SBS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "trainer_data"))
         model_dir = tmp_path_factory.mktemp("infer") / "run"
         loop.train(_config(model_dir))

@@ -30,7 +30,7 @@ from sbs_jax.data.parse import ParsedCompletion, parse_completion
                                                           "1 6")),
     ("synthetic", "I do not know.", ParsedCompletion("", None)),
 ])
-def test_parse_rules(dataset, completion, expected):
+def test_each_dataset_parses_its_completions(dataset, completion, expected):
     assert parse_completion(dataset, completion) == expected
 
 

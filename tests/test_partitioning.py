@@ -10,11 +10,14 @@ from sbs_jax.models import T5, abstract_params, get_config, init_params
 from sbs_jax.train import partitioning
 
 
-def test_make_mesh_shapes_and_errors():
+def test_make_mesh_fills_in_the_remaining_devices():
     assert len(jax.devices()) == 8
     assert partitioning.make_mesh().devices.shape == (8, 1, 1)
     mesh = partitioning.make_mesh((2, -1, 2))
     assert mesh.devices.shape == (2, 2, 2) and mesh.axis_names == partitioning.MESH_AXES
+
+
+def test_make_mesh_refuses_shapes_the_devices_do_not_fill():
     with pytest.raises(ValueError, match="MESH_SHAPE"):
         partitioning.make_mesh((3, -1, 1))
     with pytest.raises(ValueError, match="MESH_SHAPE"):

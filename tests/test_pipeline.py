@@ -69,7 +69,7 @@ def test_both_views_hold_the_same_examples_row_by_row(paired):
         assert vocab.decode(batch["rationale"]["decoder_target_tokens"][row].tolist()) == rationale
 
 
-def test_encdec_conventions(paired):
+def test_batches_follow_seqio_encdec_feature_conventions(paired):
     view = next(_paired(paired))["label"]
     targets = view["decoder_target_tokens"]
     np.testing.assert_array_equal(view["decoder_input_tokens"][:, 0], 0)

@@ -125,7 +125,7 @@ def test_other_data_settings_in_the_same_folder_are_refused(quickstart):
     assert "other data settings (sizes)" in proc.stderr and str(out) in proc.stderr
 
 
-def test_help():
+def test_help_lists_the_teacher_flags():
     proc = subprocess.run([sys.executable, "-m", "sbs_jax.quickstart", "--help"],
                           check=False, capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 0 and "--teacher_backend" in proc.stdout

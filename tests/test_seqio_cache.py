@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import seqio
-from test_model_dir import _fresh_env
+from test_run_files import _fresh_env
 
 import tasks
 from sbs_jax.data import pipeline, synthetic
@@ -30,8 +30,11 @@ def _run(*args, env=None):
                           env={**os.environ, "PYTHON": sys.executable, **(env or {})})
 
 
-def test_help_and_missing_arguments():
+def test_help_shows_the_beam_runners():
     assert "DataflowRunner" in _run("--help").stdout
+
+
+def test_a_missing_output_folder_is_refused():
     result = _run("--tasks", TASK)
     assert result.returncode == 2 and "--output_cache_dir" in result.stderr
 

@@ -112,15 +112,22 @@ def test_unreachable_teacher_exits_nonzero_and_keeps_what_is_done(tmp_path, caps
     assert not stats["finished"] and stats["failed"] == 2 and stats["not_attempted"] == 4
 
 
-def test_cli_refusals(tmp_path, capsys, monkeypatch):
+def test_an_unset_api_key_variable_is_refused_by_name(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    base = ["--input", "synthetic:4", "--dataset", "synthetic", "--output_dir", str(tmp_path)]
-    code, text = _run(base + ["--backend", "openai", "--base_url", "http://127.0.0.1:9/v1",
-                              "--api_key_env", "NO_SUCH_KEY_VAR"], capsys)
+    code, text = _run(["--input", "synthetic:4", "--dataset", "synthetic", "--output_dir",
+                       str(tmp_path), "--backend", "openai", "--base_url",
+                       "http://127.0.0.1:9/v1", "--api_key_env", "NO_SUCH_KEY_VAR"], capsys)
     assert code == 2 and "NO_SUCH_KEY_VAR" in text
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path, capsys):
+    base = ["--input", "synthetic:4", "--dataset", "synthetic", "--output_dir", str(tmp_path)]
     assert _run(base, capsys)[0] == 0  # rules backend by default
     code, text = _run(base + ["--num_samples", "3"], capsys)
     assert code == 2 and "num_samples was 1, now 3" in text
+
+
+def test_a_bad_input_line_is_refused_naming_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "input": "1 + 2"}\n{"id": "b", "inp": 1}\n')
     code, text = _run(["--input", str(bad), "--dataset", "synthetic", "--dry_run"], capsys)

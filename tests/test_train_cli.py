@@ -115,7 +115,7 @@ def test_eval_and_infer_read_the_run(quickstart_dir, cli_env, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("module", ["sbs_jax.train", "sbs_jax.eval", "sbs_jax.infer"])
-def test_help(module, cli_env):
+def test_help_lists_the_gin_flags(module, cli_env):
     proc = run_cli(module, ["--help"], cli_env, timeout=120)
     assert proc.returncode == 0 and "--gin_file" in proc.stdout
 

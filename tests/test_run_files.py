@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from test_trainer import _config as trainer_config
+from test_train_loop import _config as trainer_config
 
 from sbs_jax.cli import convert as convert_cli
 from sbs_jax.cli import eval as eval_cli
@@ -36,7 +36,7 @@ def _sha(path) -> str:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    # The same data folder as tests/test_trainer.py: the synthetic data is made once.
+    # The same data folder as tests/test_train_loop.py: the synthetic data is made once.
     return tmp_path_factory.getbasetemp() / "trainer_data"
 
 
