@@ -18,6 +18,7 @@ from sbs_jax.cli import convert as convert_cli
 from sbs_jax.cli import eval as eval_cli
 from sbs_jax.cli import infer as infer_cli
 from sbs_jax.data.vocab import train_vocab
+from sbs_jax.infer.inputs import input_set
 from sbs_jax.train import convert, loop, run_config, run_files
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -168,14 +169,14 @@ def test_convert_model_dir_in_a_fresh_shell_ships_the_runs_tokenizer(fresh_shell
         ["model.safetensors", "config.json", "generation_config.json", "spiece.model",
          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"], 0o644)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    inputs = [("a", "1 2 3 + 4 5 6"), ("b", "7 +  8\nwhat?")]
+    texts = [("a", "1 2 3 + 4 5 6"), ("b", "7 +  8\nwhat?")]
     from tasks import config as tasks_config
 
     with tasks_config.overrides_restored():
         tasks_config.set_vocabulary_path(str(run_dir / "spiece.model"))
         tasks_config.set_data_dir(str(data_dir))
-        ours = inputs.input_set("synthetic_label_gt", inputs, 64)
-    assert [tokenizer("predict: " + text).input_ids for _, text in inputs] == \
+        ours = input_set("synthetic_label_gt", texts, 64)
+    assert [tokenizer("predict: " + text).input_ids for _, text in texts] == \
         [list(x) for x in ours.inputs]
 
 
