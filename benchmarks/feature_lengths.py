@@ -4,7 +4,7 @@ Reads each dataset's label and rationale tasks through the input pipeline's own 
 (`pipeline.load_tokenized`: the SeqIO tasks with their prefixes, NLI separators and the data
 folder's vocabulary), capped at 1024 input / 256 target tokens as the recipe caps them, and
 reports per feature the longest example, the 99th percentile and the bucket
-(`pipeline.DEFAULT_BUCKETS`) that the longest pads to: a batch holding it is the largest step a
+(`sbs_jax.data.packing.DEFAULT_BUCKETS`) that the longest pads to: a batch holding it is the largest step a
 run on that data compiles. These are the lengths the shipped accelerator configs are sized for
 with benchmarks/memory.py.
 
@@ -34,11 +34,11 @@ def _lengths(task: str, split: str) -> dict[str, np.ndarray]:
 
 
 def _summary(values: np.ndarray, cap: int) -> dict[str, int]:
-    from sbs_jax.data import pipeline
+    from sbs_jax.data import packing
 
     longest = int(values.max())
     return {"max": longest, "p99": int(np.percentile(values, 99)), "at_cap": int((values >= cap)
-            .sum()), "bucket": pipeline.bucket_length(longest, pipeline.DEFAULT_BUCKETS, cap)}
+            .sum()), "bucket": packing.bucket_length(longest, packing.DEFAULT_BUCKETS, cap)}
 
 
 def measure(dataset: str, splits: list[str]) -> dict[str, dict]:

@@ -31,7 +31,7 @@ import flops  # noqa: E402  (benchmarks/ holds scripts, not a package)
 import peak  # noqa: E402
 
 from sbs_jax.data import dss  # noqa: E402
-from sbs_jax.data.pipeline import DEFAULT_BUCKETS, bucket_length  # noqa: E402
+from sbs_jax.data.packing import DEFAULT_BUCKETS, bucket_length  # noqa: E402
 from sbs_jax.experiments.grid import METHODS  # noqa: E402
 from sbs_jax.models import get_config  # noqa: E402
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import tasks
-from sbs_jax.data import pipeline
-from sbs_jax.data.pipeline import pack_rows, packed_encdec_batch
+from sbs_jax.data import packing, pipeline
+from sbs_jax.data.packing import pack_rows, packed_encdec_batch
 from sbs_jax.models import T5, get_config, init_params
 from sbs_jax.train import loop, run_config
 from sbs_jax.train import step as step_lib
@@ -83,7 +83,7 @@ def test_packed_logits_equal_each_example_alone(tiny):
     rows = pack_rows(inputs, targets, 40, 20)
     assert any(len(row) > 1 for row in rows)
     packed = np.asarray(_apply(config)(params, packed_encdec_batch(inputs, targets, rows, 40, 20)))
-    alone = np.asarray(_apply(config)(params, pipeline.encdec_batch(inputs, targets, 40, 20)))
+    alone = np.asarray(_apply(config)(params, packing.encdec_batch(inputs, targets, 40, 20)))
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -115,7 +115,7 @@ def test_packed_step_has_the_unpacked_objective_and_gradients(tiny):
                                          batch_sharding=sharding))(
             params, batches, jax.random.PRNGKey(0))
 
-    plain_grads, plain = run(lambda x, y: pipeline.encdec_batch(x, y, 24, 12))
+    plain_grads, plain = run(lambda x, y: packing.encdec_batch(x, y, 24, 12))
     packed_grads, packed = run(
         lambda x, y: packed_encdec_batch(x, y, pack_rows(x, y, 24, 12), 24, 12))
     for key in ("loss", "label_tokens", "rationale_tokens"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tasks
-from sbs_jax.data import pipeline, records, synthetic
+from sbs_jax.data import packing, pipeline, records, synthetic
 from sbs_jax.data.pipeline import PairedBatches, select_fraction
 from sbs_jax.data.records import Record
 
@@ -189,8 +189,8 @@ def test_lengths_use_the_smallest_bucket_and_caps_trim_with_eos(data_dir):
     targets = batch["label"]["decoder_target_tokens"]
     assert targets.shape == (8, 4) and (targets[:, -1] == 1).all()
     assert batch["label"]["encoder_input_tokens"].shape[1] == 32
-    assert pipeline.bucket_length(9, (8, 16), 64) == 16
-    assert pipeline.bucket_length(100, (8, 16), 64) == 64
+    assert packing.bucket_length(9, (8, 16), 64) == 16
+    assert packing.bucket_length(100, (8, 16), 64) == 64
 
 
 def test_fixed_batch_shapes_give_one_shape_per_view(paired, tmp_path):

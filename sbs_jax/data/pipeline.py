@@ -13,8 +13,8 @@ Batches follow seqio's EncDecFeatureConverter (pack=False): `encoder_input_token
 length bucket that fits the *global* batch, so every host builds the same shapes. That still
 leaves about half of the tokens padding on the paper's datasets (inputs vary 2-4x in length
 within a batch), so `pack=True` packs each view of a step into fewer rows as seqio/T5X packing
-does (plus `encoder_segment_ids`/`decoder_segment_ids`); both views still train the same
-examples each step. Every host computes the same global batch and keeps its block of rows.
+does (plus `encoder_segment_ids`/`decoder_segment_ids`; the features are built in packing.py); both
+views still train the same examples each step. Every host computes the same global batch and keeps its block of rows.
 
 Data fractions are nested: the subset for fraction f is the first round(f * n) ids of one
 seeded permutation of the sorted ids, so 12.5% lies inside 25% inside 50% (same `fraction_seed`),
@@ -41,12 +41,10 @@ from sbs_jax.runtime.tf_setup import tf  # noqa: F401
 # isort: split
 import seqio
 
-DEFAULT_BUCKETS = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+from sbs_jax.data import packing
+from sbs_jax.data.packing import DEFAULT_BUCKETS, bucket_length
+
 STATE_VERSION = 1
-# Packing plans are costed per row as tokens + tokens**2 / this: the row length at which a T5
-# layer's attention work matches its projections' (the FLOPs alone put it at ~3k tokens for
-# t5.1.1-small; attention runs several times slower than the projections on CPU, so lower).
-_ATTENTION_EVEN_LENGTH = 1024
 
 
 def check_task(name: str, setting: str) -> seqio.Task | seqio.Mixture:
@@ -129,101 +127,8 @@ def fraction_seed(data_subset: str, run_seed: int) -> int:
     raise ValueError(f"DATA_SUBSET={data_subset!r} must be 'per_seed' or 'nested'")
 
 
-def length_buckets(feature_lengths: Mapping[str, int], fixed: bool = False
-                   ) -> Sequence[int] | dict[str, tuple[int]]:
-    """The buckets `PairedBatches` pads to: DEFAULT_BUCKETS, or with `fixed` one per feature,
-    its cap (every batch of a view has the same shape, so a run compiles its step once)."""
-    if not fixed:
-        return DEFAULT_BUCKETS
-    return {key: (cap,) for key, cap in _caps(feature_lengths).items()}
-
-
-def bucket_length(length: int, buckets: Sequence[int], cap: int) -> int:
-    """The smallest bucket >= `length` (and <= `cap`; `cap` itself when none fits)."""
-    for bucket in sorted(buckets):
-        if length <= bucket <= cap:
-            return bucket
-    return cap
-
-
-def encdec_batch(inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray],
-                 input_length: int, target_length: int) -> dict[str, np.ndarray]:
-    """EncDecFeatureConverter features (no packing) of token lists, zero padded."""
-    rows = len(inputs)
-    encoder = np.zeros((rows, input_length), np.int32)
-    target = np.zeros((rows, target_length), np.int32)
-    for row, (x, y) in enumerate(zip(inputs, targets)):
-        encoder[row, : len(x)] = x
-        target[row, : len(y)] = y
-    decoder_inputs = np.zeros_like(target)
-    decoder_inputs[:, 1:] = target[:, :-1]
-    return {
-        "encoder_input_tokens": encoder,
-        "decoder_input_tokens": decoder_inputs,
-        "decoder_target_tokens": target,
-        "decoder_loss_weights": (target != 0).astype(np.int32),
-    }
-
-
-def pack_rows(inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], input_length: int,
-              target_length: int) -> list[list[int]]:
-    """Example indices per packed row, by first-fit decreasing on the input length.
-
-    Each row's inputs fit `input_length` and its targets `target_length`; examples with no
-    tokens (the fill of a short last batch) are left out. Deterministic for the same lists.
-    """
-    order = sorted((i for i in range(len(inputs)) if len(inputs[i]) or len(targets[i])),
-                   key=lambda i: (-len(inputs[i]), -len(targets[i]), i))
-    rows: list[list[int]] = []
-    free_inputs = np.zeros((0,), np.int64)
-    free_targets = np.zeros((0,), np.int64)
-    for i in order:
-        fits = np.flatnonzero((free_inputs >= len(inputs[i])) & (free_targets >= len(targets[i])))
-        if fits.size:
-            row = int(fits[0])
-            rows[row].append(i)
-            free_inputs[row] -= len(inputs[i])
-            free_targets[row] -= len(targets[i])
-        else:
-            rows.append([i])
-            free_inputs = np.append(free_inputs, input_length - len(inputs[i]))
-            free_targets = np.append(free_targets, target_length - len(targets[i]))
-    return rows
-
-
-def packed_encdec_batch(inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray],
-                        rows: Sequence[Sequence[int]], input_length: int,
-                        target_length: int) -> dict[str, np.ndarray]:
-    """EncDecFeatureConverter features with packing (seqio/T5X `pack=True`): the examples of
-    `rows` side by side in each row, `encoder_segment_ids` / `decoder_segment_ids` numbering
-    them from 1 (0 on padding), and decoder inputs shifted right within each segment."""
-    shape_inputs, shape_targets = (len(rows), input_length), (len(rows), target_length)
-    out = {key: np.zeros(shape_inputs, np.int32)
-           for key in ("encoder_input_tokens", "encoder_segment_ids")}
-    out.update({key: np.zeros(shape_targets, np.int32) for key in (
-        "decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids")})
-    for row, members in enumerate(rows):
-        at_input = at_target = 0
-        for segment, index in enumerate(members, start=1):
-            x, y = inputs[index], targets[index]
-            out["encoder_input_tokens"][row, at_input:at_input + len(x)] = x
-            out["encoder_segment_ids"][row, at_input:at_input + len(x)] = segment
-            out["decoder_target_tokens"][row, at_target:at_target + len(y)] = y
-            out["decoder_input_tokens"][row, at_target + 1:at_target + len(y)] = y[:-1]
-            out["decoder_segment_ids"][row, at_target:at_target + len(y)] = segment
-            at_input, at_target = at_input + len(x), at_target + len(y)
-    out["decoder_loss_weights"] = (out["decoder_target_tokens"] != 0).astype(np.int32)
-    return out
-
-
 def _fingerprint(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:16]
-
-
-def _caps(feature_lengths: Mapping[str, int]) -> dict[str, int]:
-    caps = {"inputs": int(feature_lengths["inputs"]), "targets": int(feature_lengths["targets"])}
-    caps["rationale_targets"] = int(feature_lengths.get("rationale_targets", caps["targets"]))
-    return caps
 
 
 @dataclass(frozen=True)
@@ -238,7 +143,7 @@ class PairedExamples:
     def load(cls, label_task: str, rationale_task: str | None, split: str,
              feature_lengths: Mapping[str, int], use_cached: bool = False) -> PairedExamples:
         """Reads the tasks (trimmed to the caps) and checks they hold the same ids."""
-        caps = _caps(feature_lengths)
+        caps = packing.caps(feature_lengths)
         label = load_tokenized(label_task, split, caps, use_cached)
         rationale = None
         if rationale_task is not None:
@@ -347,25 +252,15 @@ class PairedBatches:
         target_length = bucket_length(max(len(y) for y in targets), self._buckets[target_cap],
                                       self.caps[target_cap])
         if not self.pack:
-            return (encdec_batch(inputs[self._rows], targets[self._rows], input_length,
-                                 target_length), ids[self._rows])
-        # Rows 1, 2, 4 or 8 buckets long (the shapes stay on the bucket grid); longer rows let
-        # long examples share one, but attention grows with the square of the row length.
-        plans = []
-        for scale in (1, 2, 4, 8):
-            lengths = (bucket_length(input_length * scale, self._buckets["inputs"],
-                                     self.caps["inputs"]),
-                       bucket_length(target_length * scale, self._buckets[target_cap],
-                                     self.caps[target_cap]))
-            rows = pack_rows(inputs, targets, *lengths)
-            num_rows = max(1, -(-len(rows) // self._row_multiple)) * self._row_multiple
-            cost = num_rows * sum(n + n * n / _ATTENTION_EVEN_LENGTH for n in lengths)
-            plans.append((cost, scale, rows, num_rows, lengths))
-        _, _, rows, num_rows, (input_length, target_length) = min(plans, key=lambda p: p[:2])
-        rows += [[] for _ in range(num_rows - len(rows))]
-        per_host = num_rows // self.num_shards
+            return (packing.encdec_batch(inputs[self._rows], targets[self._rows], input_length,
+                                         target_length), ids[self._rows])
+        rows, input_length, target_length = packing.pack_plan(
+            inputs, targets, (input_length, target_length),
+            (self._buckets["inputs"], self._buckets[target_cap]),
+            (self.caps["inputs"], self.caps[target_cap]), self._row_multiple)
+        per_host = len(rows) // self.num_shards
         mine = rows[self.shard_id * per_host:(self.shard_id + 1) * per_host]
-        return (packed_encdec_batch(inputs, targets, mine, input_length, target_length),
+        return (packing.packed_encdec_batch(inputs, targets, mine, input_length, target_length),
                 [ids[i] for row in mine for i in row])
 
     def __iter__(self) -> PairedBatches:

@@ -29,7 +29,7 @@ import seqio
 from etils import epath
 
 from sbs_jax import models
-from sbs_jax.data import pipeline
+from sbs_jax.data import packing, pipeline
 from sbs_jax.infer import evaluation
 from sbs_jax.runtime import console, distributed
 from sbs_jax.train import (
@@ -171,7 +171,7 @@ def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, An
         cfg.task_feature_lengths, seed=cfg.random_seed, shard_id=shard_id,
         num_shards=num_shards, data_fraction=cfg.data_fraction,
         fraction_seed=pipeline.fraction_seed(cfg.data_subset, cfg.random_seed), pack=cfg.pack,
-        length_buckets=pipeline.length_buckets(cfg.task_feature_lengths, cfg.fixed_batch_shapes),
+        length_buckets=packing.length_buckets(cfg.task_feature_lengths, cfg.fixed_batch_shapes),
         use_cached=cfg.use_cached_tasks,
         pack_row_multiple=math.lcm(max(1, cfg.batch_size // 8),
                                    data_shards * cfg.num_microbatches))
