@@ -195,6 +195,52 @@ def test_paper_preset_from_scratch_on_real_data(dss_data_dir, tmp_path, monkeypa
     assert "2 cells: 2 finished, 0 to run" in capsys.readouterr().out
 
 
+def test_paper_preset_starts_each_cell_from_its_hf_checkpoint_and_vocabulary(
+        dss_data_dir, tmp_path, monkeypatch, capsys):
+    """--checkpoint_dir: a cell starts from the folder named for its model, reads the folder's
+    spiece.model (the grid trains no vocabulary) and records where it started."""
+    import hashlib
+
+    import jax
+
+    from sbs_jax import models
+    from sbs_jax.vocab import train_vocab
+
+    for name in ("XLA_FLAGS", "SBS_DATA_DIR", "SBS_VOCAB"):
+        monkeypatch.delenv(name, raising=False)
+    texts = [json.loads(line)["input"]
+             for line in (dss_data_dir / "svamp" / "svamp_train.json").read_text().splitlines()]
+    vocab = train_vocab(texts, str(tmp_path / "vocab"), 600)
+    checkpoint = tmp_path / "models" / grid.hf_checkpoint_name("t5_1_1_tiny")
+    config = models.get_config("t5_1_1_tiny")
+    models.save_hf(config, models.init_params(config, jax.random.PRNGKey(0)), checkpoint, vocab)
+    grid_dir = tmp_path / "grid"
+    argv = ["--preset", "paper", "--checkpoint_dir", str(checkpoint.parent), "--datasets",
+            "svamp", "--methods", "sbs_llm", "--fractions", "0.125", "--models", "t5_1_1_tiny",
+            "--seeds", "0", "--train_steps", "4", "--gin_file", "gin/quickstart.gin",
+            "--output_dir", str(grid_dir), "--source_dir", str(dss_data_dir),
+            # The checkpoint's sizes, not the quickstart's.
+            "--gin_bindings", "RunConfig.model_overrides = {}",
+            "--gin_bindings", "BATCH_SIZE = 16", "--gin_bindings", "EVAL_PERIOD = 4",
+            "--gin_bindings", "RunConfig.max_decode_len = 8",
+            "--gin_bindings", "RunConfig.warmup_steps = 0",
+            "--gin_bindings", 'TASK_FEATURE_LENGTHS = {"inputs": 48, "targets": 16}']
+    assert experiments_cli.main(argv) == 0, capsys.readouterr().err[-3000:]
+    assert not (grid_dir / "data" / "spiece.model").exists()
+    model_dir = grid_dir / "svamp/t5_1_1_tiny/sbs_llm/12.5pct/seed0" / "model"
+    record = json.loads((model_dir.parent / report.RESULTS_FILE).read_text())
+    assert record["initial_checkpoint"] == str(checkpoint)
+    summary = json.loads((model_dir / "run_summary.json").read_text())
+    assert summary["initialised_from"]["path"] == str(checkpoint)
+    assert summary["initialised_from"]["vocabulary_from"] == "checkpoint"
+    assert summary["step"] == 4
+
+    def sha(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert sha(model_dir / "spiece.model") == sha(checkpoint / "spiece.model")
+
+
 def test_dry_run_shows_the_train_command_under_its_launcher(tmp_path, capsys):
     assert experiments_cli.main(["--output_dir", str(tmp_path), "--preset", "ci", "--dry_run",
                                  "--train_prefix", "srun --ntasks-per-node=8"]) == 0
