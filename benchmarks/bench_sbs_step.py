@@ -97,9 +97,8 @@ def _median_timings(fns: dict[str, Callable[[], None]], rounds: int,
     the seconds of each one's first call (compilation, warm-up).
 
     Each timed call starts after `settle_s` of idle: the previous call's worker threads keep
-    spinning for a while after it returns (PyTorch's OpenMP pool), and on 2 cores that slowed
-    the next call by ~5% in a one-process A/B (ours after torch matmuls 3.84 s, after a 0.5 s
-    pause 3.62 s, alone 3.64 s).
+    spinning for a while after it returns (PyTorch's OpenMP pool) and would slow the next call
+    on a machine with few cores.
     """
     first = {}
     for name, fn in fns.items():  # warm-up / compile

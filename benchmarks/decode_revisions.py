@@ -7,7 +7,7 @@ exactly `--decode_len` tokens, compiled and warmed up first, best of `--calls` t
 Rounds alternate the revisions (the order reversed every other round) so load from other
 processes hits both alike; medians over rounds are reported. Prints a markdown table, then JSON.
 
-    python benchmarks/decode_revisions.py --base 9089930 --head HEAD [--dtypes bfloat16 float32]
+    python benchmarks/decode_revisions.py --base REV --head HEAD [--dtypes bfloat16 float32]
 """
 
 from __future__ import annotations

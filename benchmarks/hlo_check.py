@@ -4,8 +4,10 @@ Throughput with 1-8 virtual CPU devices is not a speed figure (they share the sa
 the compiled step shows what a real mesh would communicate: this compiles the production step
 (`sbs_jax.train.step.train_step` with the trainer's shardings) and lists every all-gather,
 all-reduce, reduce-scatter, all-to-all, collective-permute and copy with its shape, mesh groups
-and the JAX operation it came from, grouped and counted. Prints JSON. WORKSPACE.md records what
-was found for the 2x2x2 mesh.
+and the JAX operation it came from, grouped and counted. Prints JSON. On the 2x2x2 mesh the
+step should gather every kernel over fsdp, all-reduce over model after the row-parallel
+matmuls, and never gather an activation over the global batch: tests/test_hlo_check.py checks
+that.
 
 With `--microbatches M` it also reports where the fsdp all-gathers of the parameters run: all
 inside the gradient-accumulation loop's body and no gathered parameter in its carry is what

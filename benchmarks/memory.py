@@ -1,7 +1,7 @@
 """Compile-only memory accounting of a run's sbs train step and greedy decoding, per device.
 
-Compiles the real step (`step_lib.jit_train_step`: both views, the run's optimizer, micro-batches,
-mesh and shardings, from the same gin files as `sbs_jax.train`) and the eval loop's
+Compiles the real step (`sbs_jax.train.step.jit_train_step`: both views, the run's optimizer,
+micro-batches, mesh and shardings, from the same gin files as `sbs_jax.train`) and the eval loop's
 `decoding.generate`, from abstract shapes only: no data, no parameters, no accelerator. XLA's
 `compiled.memory_analysis()` gives, per device, the arguments, outputs, aliases (donated state
 reused for the new state) and temporaries; peak = arguments + outputs - aliases + temporaries.

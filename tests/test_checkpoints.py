@@ -257,6 +257,6 @@ def test_a_step_saved_without_checksums_loads_with_one_line(tmp_path, capsys):
     capsys.readouterr()
     for _ in range(2):
         np.testing.assert_array_equal(checkpoints.load_params(str(tmp_path))["b"], np.ones(4))
-    note = (f"sbs_jax.train.checksums: {step_dir} has no {checksums.MANIFEST} (written before "
-            "checksums were recorded); reading it unverified")
+    note = (f"sbs_jax.train.checksums: {step_dir} has no {checksums.MANIFEST} (saved without "
+            "checksums); reading it unverified")
     assert capsys.readouterr().err.strip().splitlines() == [note]

@@ -65,7 +65,7 @@ def test_a_non_finite_first_update_saves_nothing(tmp_path):
 def test_a_nan_after_a_restore_names_the_restored_step_not_the_learning_rate(tmp_path):
     loop.train(_config(tmp_path, train_steps=2))
     # Step 2 rewritten with finite, checksummed parameters that overflow the next forward pass:
-    # damage no checksum can see (written so, or saved before checksums were recorded).
+    # damage no checksum can see (written so, or saved without checksums).
     cfg = _config(tmp_path, train_steps=4)
     model_config = models.config_from_json((tmp_path / "model_config.json").read_text(), "")
     part = partitioning.Partitioner(partitioning.make_mesh(cfg.mesh_shape),

@@ -11,10 +11,11 @@ Batches follow seqio's EncDecFeatureConverter (pack=False): `encoder_input_token
 `decoder_target_tokens`, `decoder_input_tokens` (targets shifted right, starting with 0) and
 `decoder_loss_weights` (1 on real target tokens), int32. Each view is padded to the smallest
 length bucket that fits the *global* batch, so every host builds the same shapes. That still
-leaves about half of the tokens padding on the paper's datasets (inputs vary 2-4x in length
-within a batch), so `pack=True` packs each view of a step into fewer rows as seqio/T5X packing
-does (plus `encoder_segment_ids`/`decoder_segment_ids`; the features are built in packing.py); both
-views still train the same examples each step. Every host computes the same global batch and keeps its block of rows.
+leaves much of each batch padding on the paper's datasets (input lengths vary widely within
+a batch), so `pack=True` packs each view of a step into fewer rows as seqio/T5X packing does
+(plus `encoder_segment_ids`/`decoder_segment_ids`; the features are built in packing.py); both
+views still train the same examples each step. Every host computes the same global batch and
+keeps its block of rows.
 
 Data fractions are nested: the subset for fraction f is the first round(f * n) ids of one
 seeded permutation of the sorted ids, so 12.5% lies inside 25% inside 50% (same `fraction_seed`),
@@ -88,7 +89,7 @@ def load_tokenized(name: str, split: str, lengths: Mapping[str, int],
     for task in task_list(name):
         dataset = task.get_dataset(dict(lengths), split=split, shuffle=False,
                                    use_cached=use_cached, num_epochs=1)
-        # Batched iteration: per-example Python iteration of tf.data costs ~5x more.
+        # Batched iteration: tf.data's per-example Python iteration is far slower.
         dataset = dataset.map(lambda ex: {key: ex[key] for key in _KEPT}).ragged_batch(1024)
         for batch in dataset.as_numpy_iterator():
             tokens = {key: _unbatch_ragged(batch[key]) for key in ("inputs", "targets")}

@@ -77,7 +77,7 @@ def train_vocab(texts: Iterable[str], output_prefix: str, vocab_size: int = 512)
             max_sentence_length=1 << 16,
             # Digits are not split (as T5's spiece): split, each digit of a spaced number
             # (`3 4 7`) is two tokens (`▁`, `3`), which doubles the synthetic inputs and labels
-            # and the cost of a step; every good quickstart run (issue 9) had whole `▁3` pieces.
+            # and the cost of a step; whole `▁3` pieces keep the quickstart's inputs short.
             split_digits=False,
             num_threads=os.cpu_count() or 1,
             minloglevel=2,

@@ -104,8 +104,9 @@ PRESETS = {
                      # targets 256: room for a single-task target (rationale + label).
                      'TASK_FEATURE_LENGTHS = {"inputs": 128, "targets": 256}', "BATCH_SIZE = 16",
                      "RunConfig.warmup_steps = 0", "EVAL_PERIOD = 0"))),
-    # Small scale on CPU: the synthetic dataset shows the gap in ~2,000 steps (DESIGN.md); 48
-    # cells, several hours on 2 cores (a step-by-step step costs ~10 fine-tuning steps there).
+    # Small scale on CPU: the synthetic dataset shows the gap between the methods within
+    # gin/quickstart.gin's 2,000 steps; 48 cells, hours on a CPU (a step-by-step step also trains
+    # on the rationales, far longer than the labels).
     "cpu": Preset(("synthetic",), tuple(METHODS), PAPER_FRACTIONS, ("t5_1_1_tiny",), (0, 1),
                   Recipe(("gin/quickstart.gin",), train_steps=2000)),
     # The paper's grid (T5 v1.1 small/base/large from their HF checkpoints, 4 seeds, 10,000

@@ -24,12 +24,12 @@ DATASET = "synthetic"
 # Step-by-step on the teacher's labels and rationales, against fine-tuning on the gold labels.
 METHODS = ("sbs_llm", "standard_ft")
 SETTINGS_FILE = "quickstart_settings.json"
-MODEL = "t5_1_1_tiny"  # gin/quickstart.gin widens it (d_model 64, d_ff 256) as the prototype
+MODEL = "t5_1_1_tiny"  # gin/quickstart.gin widens it (d_model 64, d_ff 256)
 SAME_BUDGET_NOTE = (
     "Both methods saw the same training examples for the same number of steps, as the paper "
     "compares them. A step-by-step step also trains on the rationale (far longer than the "
-    "label), so it costs several fine-tuning steps (see the time column; DESIGN.md measured "
-    "2-4x): at equal wall time fine-tuning could run more steps.")
+    "label), so it costs several fine-tuning steps (see the time column): at equal wall time "
+    "fine-tuning could run more steps.")
 
 
 def check_same_data(path: pathlib.Path, settings: dict) -> None:

@@ -128,7 +128,7 @@ def place_on_mesh(config: T5Config, params: Any, mesh_shape: Sequence[int], fsdp
     mesh = partitioning.make_mesh(mesh_shape)
     rules = partitioning.logical_axis_rules(fsdp)
     shardings = partitioning.params_shardings(models.abstract_params(config), mesh, rules)
-    # As trainer.init_state places host params (every process holds the same values).
+    # As step.init_state places host params (every process holds the same values).
     return jax.device_put(params, shardings), mesh, rules
 
 

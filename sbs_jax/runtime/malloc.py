@@ -2,8 +2,8 @@
 
 XLA:CPU takes every step's temporaries (GBs for a T5 train step) from the C allocator. glibc
 returns blocks that large to the kernel after each step, so the next step page-faults them in
-again: measured here, the bf16 sbs step of t5_1_1_small took 5.3 s on glibc and 2.6 s on
-tcmalloc (benchmarks/README.md). TPU VM and GPU images preload tcmalloc for the same reason.
+again; tcmalloc keeps them for the next step (compare with SBS_MALLOC=system). TPU VM and GPU
+images preload tcmalloc for the same reason.
 An allocator has to be chosen before the process starts, so the entry points re-execute
 themselves once with it in LD_PRELOAD.
 
@@ -61,7 +61,7 @@ def ensure_preloaded() -> None:
     if "tcmalloc" in os.path.basename(library):
         # Keep freed pages: by default tcmalloc hands them back to the kernel gradually, and
         # once another allocator-heavy library (PyTorch) shares the process, every step faults
-        # its temporaries in again (2.5 -> 3.3 s a step measured).
+        # its temporaries in again.
         env.setdefault("TCMALLOC_RELEASE_RATE", "0")
     env[_DONE_VAR] = library
     sys.stdout.flush()

@@ -225,11 +225,11 @@ class OpenAIBackend:
 
     async def __aenter__(self) -> OpenAIBackend:
         # Several small connection pools: a pool's bookkeeping costs time linear in its size
-        # per request, which at 64 connections was most of the client's CPU.
+        # per request, which at tens of connections dominates the client's CPU.
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         num_pools = -(-self._concurrency // CONNECTIONS_PER_POOL)
         per_pool = -(-self._concurrency // num_pools)
-        tls = httpx2.create_ssl_context()  # one for all pools: each costs ~40 ms to build
+        tls = httpx2.create_ssl_context()  # one for all pools: each loads the CA bundle
         self._clients = [
             httpx2.AsyncClient(
                 base_url=self.base_url + "/",

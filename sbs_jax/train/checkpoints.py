@@ -19,8 +19,8 @@ reads. `first_good` is the one place that picks a step (newest or best first), r
 damaged one in one line and skipping it; `latest_good_step`, `load_params`, `restore` and eval's
 step choice go through it. A writer moves damaged steps newer than the newest good one to
 `MODEL_DIR/damaged_checkpoints/`. `latest_step` / `all_steps` read only the folder listing: safe
-while a trainer writes, and they may name a damaged step. Steps written before checksums were
-recorded load unverified, with one line saying so.
+while a trainer writes, and they may name a damaged step. A step without a checksum manifest
+loads unverified, with one line saying so.
 """
 
 from __future__ import annotations

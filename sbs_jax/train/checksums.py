@@ -7,8 +7,8 @@ numbers. So the writer records, per step, the size and SHA-256 of every file
 
 The manifest is written by the lead process from orbax's post-finalisation callback, after all
 processes' writes are complete and merged and before the step folder is committed (renamed, or
-given its commit file), so a committed step written by this code always has one. Steps written
-before manifests existed have none: they are read unverified, with one line on stderr.
+given its commit file), so a committed step written by this code always has one. A step
+without one is read unverified, with one line on stderr.
 
 Cost: the lead process reads every file of a step once when saving (in orbax's background
 thread, while training goes on) and a reader reads the files it verifies once more; on a shared
@@ -96,8 +96,8 @@ def damage(step_dir: epath.Path, items: tuple[str, ...]) -> str | None:
     if text is None:
         if str(step_dir) not in _warned_unverified:
             _warned_unverified.add(str(step_dir))
-            print(f"sbs_jax.train.checksums: {step_dir} has no {MANIFEST} (written before "
-                  "checksums were recorded); reading it unverified", file=sys.stderr, flush=True)
+            print(f"sbs_jax.train.checksums: {step_dir} has no {MANIFEST} (saved without "
+                  "checksums); reading it unverified", file=sys.stderr, flush=True)
         return None
     key = (str(step_dir), items, text)
     if key not in _verdicts:

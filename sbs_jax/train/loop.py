@@ -1,6 +1,6 @@
 """The training loop: setup from a RunConfig, steps, eval, checkpoints, logs, preemption.
 
-Side effects live here (files, signals, the console); the math is in step_lib.py. A run resumes
+Side effects live here (files, signals, the console); the math is in step.py. A run resumes
 from the newest good checkpoint in MODEL_DIR (params, optimizer state and the data iterator's
 position; damaged steps are skipped, see checkpoints.py), so a run killed at any moment and
 restarted reaches the same parameters as one that never stopped. One trainer holds MODEL_DIR at

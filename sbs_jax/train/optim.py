@@ -3,7 +3,7 @@
 The paper's reference recipe is AdamW with weight decay 0 (optax's default is 1e-4, so it is
 set explicitly), lr 5e-5 decaying linearly to 0 with no warmup, and global-norm clipping at 1.0;
 Adafactor with T5X's defaults is the T5X-style alternative. Gradient accumulation is not done
-here: the train step sums token losses over micro-batches and divides once (see trainer.py),
+here: the train step sums token losses over micro-batches and divides once (see sbs_jax.train.step),
 which optax.MultiSteps (a mean of per-micro-batch means) would not reproduce.
 """
 

@@ -1,8 +1,9 @@
 """The settings of one training run: a plain dataclass that gin fills from the macros.
 
-`gin/base.gin` binds every field of `RunConfig` to the macros of DESIGN.md (MODEL_DIR,
-TRAIN_STEPS, BATCH_SIZE, ...), so train, eval and infer read the same gin files and agree on the
-model, tasks and MODEL_DIR. Library code receives the resolved dataclass, never gin.
+`gin/base.gin` binds the fields of `RunConfig` to T5X-style macros of the same name in upper
+case (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, ...; the rest as `RunConfig.<field>`), so train,
+eval and infer read the same gin files and agree on the model, tasks and MODEL_DIR. Library
+code receives the resolved dataclass, never gin.
 Every field is type- and range-checked when the dataclass is made (`check_settings`, driven by
 the field annotations and the `_RANGES` table); a refusal names the setting and its value.
 The resolved config is saved as `MODEL_DIR/run_config.json`; a restart whose settings differ in
