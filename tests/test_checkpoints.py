@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sbs_jax.train import checkpoints, checksums
+from sbs_jax.train import checkpoint_steps, checkpoints, checksums
 
 
 def _mesh(shape):
@@ -71,13 +71,13 @@ def test_keeps_last_k_plus_best_by_metric(tmp_path):
     assert ckpt.all_steps() == [2, 5, 6]
     assert ckpt.best_step() == 2
     ckpt.close()
-    assert checkpoints.latest_step(str(tmp_path)) == 6
-    assert checkpoints.all_steps(str(tmp_path)) == [2, 5, 6]
+    assert checkpoint_steps.latest_step(str(tmp_path)) == 6
+    assert checkpoint_steps.all_steps(str(tmp_path)) == [2, 5, 6]
 
 
 def test_latest_step_is_read_only_and_ignores_unfinished_steps(tmp_path):
     missing = tmp_path / "nothing_here"
-    assert checkpoints.latest_step(str(missing)) is None
+    assert checkpoint_steps.latest_step(str(missing)) is None
     assert not missing.exists()
     params, opt_state = _state(_mesh((1, 1)))
     ckpt = checkpoints.Checkpointer(str(tmp_path), keep_last=3)
@@ -86,7 +86,7 @@ def test_latest_step_is_read_only_and_ignores_unfinished_steps(tmp_path):
     # A save killed mid-write leaves an orbax temporary directory behind.
     os.makedirs(tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234" / "params")
     before = sorted(os.listdir(tmp_path / "checkpoints"))
-    assert checkpoints.latest_step(str(tmp_path)) == 3
+    assert checkpoint_steps.latest_step(str(tmp_path)) == 3
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
     with pytest.raises(FileNotFoundError, match="step 9 not found"):
         checkpoints.load_params(str(tmp_path), step=9)
@@ -140,13 +140,13 @@ def test_readers_skip_a_half_deleted_step_and_name_it(tmp_path, capsys, keep_fol
     ckpt.close()
     step_dir = tmp_path / "checkpoints" / "3"
     _interrupted_deletion(step_dir, keep_folders)
-    assert checkpoints.all_steps(str(tmp_path)) == [1, 2]
-    assert checkpoints.latest_step(str(tmp_path)) == 2
-    assert checkpoints.best_step(str(tmp_path), "accuracy") == 2
-    assert checkpoints.incomplete_steps(str(tmp_path)) == {3: ["params", "opt_state", "data"]}
+    assert checkpoint_steps.all_steps(str(tmp_path)) == [1, 2]
+    assert checkpoint_steps.latest_step(str(tmp_path)) == 2
+    assert checkpoint_steps.best_step(str(tmp_path), "accuracy") == 2
+    assert checkpoint_steps.incomplete_steps(str(tmp_path)) == {3: ["params", "opt_state", "data"]}
     np.testing.assert_array_equal(checkpoints.load_params(str(tmp_path))["w"],
                                   2 * np.asarray(params["w"]))
-    with pytest.raises(checkpoints.IncompleteCheckpointError,
+    with pytest.raises(checkpoint_steps.IncompleteCheckpointError,
                        match=rf"step 3 in {step_dir} is incomplete: params, opt_state, data "
                              r"missing .*complete steps: \[1, 2\]"):
         checkpoints.load_params(str(tmp_path), step=3)
@@ -167,7 +167,7 @@ def test_a_writer_removes_a_half_deleted_step_and_can_save_it_again(tmp_path):
         writer.restore(2, _abstract(params), _abstract(opt_state))
     writer.save(2, jax.tree.map(lambda x: x + 1, params), opt_state, {"step": 2})
     writer.close()
-    assert checkpoints.all_steps(str(tmp_path)) == [1, 2]
+    assert checkpoint_steps.all_steps(str(tmp_path)) == [1, 2]
     np.testing.assert_array_equal(checkpoints.load_params(str(tmp_path), 2)["b"], np.full(4, 2.0))
 
 
@@ -178,7 +178,7 @@ def test_close_leaves_no_step_half_deleted(tmp_path):
         ckpt.save(step, params, opt_state, {"step": step})
     ckpt.close()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
-    assert checkpoints.incomplete_steps(str(tmp_path)) == {}
+    assert checkpoint_steps.incomplete_steps(str(tmp_path)) == {}
 
 
 def _saved_steps(tmp_path, steps=(1, 2, 3), async_save=True):
@@ -227,20 +227,21 @@ def test_a_damaged_newest_step_is_skipped_for_the_newest_good_one(tmp_path, caps
     damaged_file = _damage(step_dir, kind)
     capsys.readouterr()
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert checkpoints.latest_step(str(tmp_path)) == 3  # the listing alone: cheap
-    assert checkpoints.latest_good_step(str(tmp_path)) == 2
+    assert checkpoint_steps.latest_step(str(tmp_path)) == 3  # the listing alone: cheap
+    assert checkpoint_steps.latest_good_step(str(tmp_path)) == 2
     np.testing.assert_array_equal(checkpoints.load_params(str(tmp_path))["b"], np.full(4, 2.0))
-    with pytest.raises(checkpoints.DamagedCheckpointError,
+    with pytest.raises(checkpoint_steps.DamagedCheckpointError,
                        match=rf"step 3 in {step_dir} is damaged: {damaged_file} "):
         checkpoints.load_params(str(tmp_path), step=3)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
-        f"sbs_jax.train.checkpoints: skipping damaged checkpoint {step_dir}: {damaged_file} "), err
+        f"sbs_jax.train.checkpoint_steps: skipping damaged checkpoint {step_dir}: "
+        f"{damaged_file} "), err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # readers
     # A writer moves the step aside, resumes from step 2 and writes step 3 afresh.
     writer = checkpoints.Checkpointer(str(tmp_path), keep_last=5)
     assert writer.all_steps() == [1, 2]
-    assert (tmp_path / checkpoints.DAMAGED_SUBDIR / "3" / damaged_file).exists() != (
+    assert (tmp_path / checkpoint_steps.DAMAGED_SUBDIR / "3" / damaged_file).exists() != (
         kind == "deleted")
     restored, _, data = writer.restore(2, _abstract(params), _abstract(opt_state))
     assert data == {"step": 2}

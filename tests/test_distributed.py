@@ -419,8 +419,8 @@ def test_sigterm_to_one_process_checkpoints_every_process_at_one_step(tmp_path):
     saved = re.search(r"SIGTERM: checkpoint of step (\d+) saved; exiting", texts[0])
     assert saved, texts[0][-3000:]
     step = int(saved.group(1))
-    from sbs_jax.train import checkpoints
+    from sbs_jax.train import checkpoint_steps, checkpoints
 
-    assert checkpoints.all_steps(str(model_dir)) == [step]
-    assert checkpoints.latest_good_step(str(model_dir)) == step  # its checksums match
+    assert checkpoint_steps.all_steps(str(model_dir)) == [step]
+    assert checkpoint_steps.latest_good_step(str(model_dir)) == step  # its checksums match
     assert set(checkpoints.load_params(str(model_dir), step)) >= {"encoder", "decoder"}

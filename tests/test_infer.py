@@ -10,7 +10,7 @@ import pytest
 from sbs_jax.cli import eval as eval_cli
 from sbs_jax.cli import infer as infer_cli
 from sbs_jax.infer import evaluation, inputs
-from sbs_jax.train import checkpoints, loop, run_config
+from sbs_jax.train import checkpoint_steps, checkpoints, loop, run_config
 
 # A one-layer model keeps compiles short; batch 8 fits the default 8-device data mesh.
 TINY = {"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32, "num_encoder_layers": 1,
@@ -35,7 +35,7 @@ def trained_run(tmp_path_factory):
         patch.setenv("SBS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "trainer_data"))
         model_dir = tmp_path_factory.mktemp("infer") / "run"
         loop.train(_config(model_dir))
-        assert checkpoints.all_steps(str(model_dir)) == [2, 4]
+        assert checkpoint_steps.all_steps(str(model_dir)) == [2, 4]
         yield model_dir
 
 
@@ -182,6 +182,6 @@ def test_a_half_deleted_step_is_skipped_by_eval_infer_and_resume(trained_run, tm
     # Resuming trains steps 3 and 4 again from step 2 and saves step 4 anew (no eval: faster).
     summary = loop.train(dataclasses.replace(_config(run), eval_period=0))
     assert summary["resumed_from"] == 2 and summary["step"] == 4
-    assert checkpoints.all_steps(str(run)) == [2, 4]
-    assert checkpoints.incomplete_steps(str(run)) == {}
+    assert checkpoint_steps.all_steps(str(run)) == [2, 4]
+    assert checkpoint_steps.incomplete_steps(str(run)) == {}
     assert set(checkpoints.load_params(str(run), 4)) == set(checkpoints.load_params(str(run), 2))

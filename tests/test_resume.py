@@ -17,7 +17,7 @@ import pytest
 from sbs_jax.cli import convert as convert_cli
 from sbs_jax.cli import eval as eval_cli
 from sbs_jax.cli import infer as infer_cli
-from sbs_jax.train import checkpoints, run_lock
+from sbs_jax.train import checkpoint_steps, checkpoints, run_lock
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -51,7 +51,7 @@ def _run_until(model_dir, env, sig, need_checkpoint):
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        ready = not need_checkpoint or checkpoints.latest_step(str(model_dir)) is not None
+        ready = not need_checkpoint or checkpoint_steps.latest_step(str(model_dir)) is not None
         if " | loss " in line and ready:  # a progress line
             proc.send_signal(sig)
             break
@@ -66,7 +66,7 @@ def clean_run(tmp_path_factory, env):
     done = subprocess.run(_command(clean), cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=400, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert checkpoints.all_steps(str(clean)) == [STEPS - 8, STEPS - 4, STEPS]
+    assert checkpoint_steps.all_steps(str(clean)) == [STEPS - 8, STEPS - 4, STEPS]
     return clean
 
 
@@ -75,7 +75,7 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_equal(tmp_path, env, clean_r
     interrupted = tmp_path / "interrupted"
     rc, out = _run_until(interrupted, env, signal.SIGKILL, need_checkpoint=True)
     assert rc == -signal.SIGKILL, out[-2000:]
-    killed_at = checkpoints.latest_step(str(interrupted))
+    killed_at = checkpoint_steps.latest_step(str(interrupted))
     assert killed_at is not None and killed_at < STEPS
     assert not (interrupted / "run_summary.json").exists()
 
@@ -86,7 +86,7 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_equal(tmp_path, env, clean_r
     assert saved_line, out[-2000:]
     term_step = int(saved_line[0].split("checkpoint of step ")[1].split(" ")[0])
     assert killed_at < term_step < STEPS
-    assert checkpoints.latest_step(str(interrupted)) == term_step
+    assert checkpoint_steps.latest_step(str(interrupted)) == term_step
 
     resumed = subprocess.run(_command(interrupted), cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=400, check=False)
@@ -134,17 +134,17 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_every_command(
     # One line per process that looked at the step, naming it: readers leave the folder alone.
     assert len(_skip_lines(captured.err)) == 1
     assert str(model_dir / "checkpoints" / str(STEPS)) in captured.err
-    assert checkpoints.all_steps(str(model_dir)) == [STEPS - 8, good, STEPS]
+    assert checkpoint_steps.all_steps(str(model_dir)) == [STEPS - 8, good, STEPS]
 
     resumed = subprocess.run(_command(model_dir), cwd=REPO_ROOT, env=env, capture_output=True,
                              text=True, timeout=400, check=False)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"steps {good}->{STEPS}" in resumed.stdout
     lines = _skip_lines(resumed.stderr)
-    moved = model_dir / checkpoints.DAMAGED_SUBDIR / str(STEPS)
+    moved = model_dir / checkpoint_steps.DAMAGED_SUBDIR / str(STEPS)
     assert len(lines) == 1 and lines[0].endswith(f"; moved to {moved}"), resumed.stderr[-2000:]
     assert "Traceback" not in resumed.stderr
-    assert checkpoints.latest_good_step(str(model_dir)) == STEPS and moved.is_dir()
+    assert checkpoint_steps.latest_good_step(str(model_dir)) == STEPS and moved.is_dir()
     # The same parameters as the run that was never damaged.
     want, got = (checkpoints.load_params(str(d), STEPS) for d in (clean_run, model_dir))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):

@@ -15,7 +15,7 @@ from sbs_jax.cli import eval as eval_cli
 from sbs_jax.cli import infer as infer_cli
 from sbs_jax.cli import train as train_cli
 from sbs_jax.runtime import gin_utils
-from sbs_jax.train import checkpoints
+from sbs_jax.train import checkpoint_steps
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every console line of the CLIs starts with its local time.
@@ -59,8 +59,8 @@ def test_quickstart_trains_evaluates_checkpoints_and_logs(quickstart_dir):
     assert summary["step"] == 12 and summary["mesh"] == {"data": 8, "fsdp": 1, "model": 1}
     assert set(summary["eval_metrics"]) >= {"accuracy", "num_examples"}
     assert summary["eval_metrics"]["num_examples"] == 16
-    assert checkpoints.all_steps(str(model_dir)) == [6, 12]
-    assert checkpoints.step_metrics(str(model_dir), 12)["num_examples"] == 16
+    assert checkpoint_steps.all_steps(str(model_dir)) == [6, 12]
+    assert checkpoint_steps.step_metrics(str(model_dir), 12)["num_examples"] == 16
     saved = json.loads((model_dir / "run_config.json").read_text())
     assert saved["train_steps"] == 12 and saved["rationale_mixture_name"] == "synthetic_rationale"
     assert "RunConfig.alpha = %ALPHA" in (model_dir / "config.gin").read_text()

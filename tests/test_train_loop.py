@@ -9,6 +9,7 @@ import pytest
 
 from sbs_jax import models
 from sbs_jax.train import (
+    checkpoint_steps,
     checkpoints,
     loop,
     partitioning,
@@ -47,7 +48,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     message = str(error.value)
     assert "update_norm is inf at step 2" in message
     assert "last good checkpoint (step 1)" in message
-    assert checkpoints.all_steps(str(tmp_path)) == [1]
+    assert checkpoint_steps.all_steps(str(tmp_path)) == [1]
     params = checkpoints.load_params(str(tmp_path), 1)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
     assert not (tmp_path / loop.SUMMARY_FILE).exists()
@@ -59,7 +60,7 @@ def test_a_non_finite_first_update_saves_nothing(tmp_path):
     with pytest.raises(loop.NonFiniteLossError,
                        match="update_norm is inf at step 1; .*No checkpoint was saved"):
         loop.train(cfg)
-    assert checkpoints.all_steps(str(tmp_path)) == []
+    assert checkpoint_steps.all_steps(str(tmp_path)) == []
 
 
 def test_a_nan_after_a_restore_names_the_restored_step_not_the_learning_rate(tmp_path):
@@ -109,7 +110,7 @@ def test_standard_mode_trains_labels_only_and_evaluates(tmp_path):
     assert model_config["emb_dim"] == 16 and model_config["vocab_size"] % 128 == 0
     # Running again with the same settings finds the run finished and changes nothing.
     again = loop.train(cfg)
-    assert again["resumed_from"] == 4 and checkpoints.all_steps(str(tmp_path)) == [2, 4]
+    assert again["resumed_from"] == 4 and checkpoint_steps.all_steps(str(tmp_path)) == [2, 4]
     assert [json.loads(line) for line in history_file.read_text().splitlines()] == history
 
 

@@ -102,7 +102,8 @@ def pack_plan(inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray],
     """
     plans = []
     for scale in (1, 2, 4, 8):
-        scaled = tuple(bucket_length(n * scale, b, cap) for n, b, cap in zip(lengths, buckets, caps))
+        scaled = tuple(bucket_length(n * scale, bucket, cap)
+                       for n, bucket, cap in zip(lengths, buckets, caps))
         rows = pack_rows(inputs, targets, *scaled)
         num_rows = max(1, -(-len(rows) // row_multiple)) * row_multiple
         cost = num_rows * sum(n + n * n / _ATTENTION_EVEN_LENGTH for n in scaled)

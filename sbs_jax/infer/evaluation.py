@@ -24,7 +24,7 @@ from sbs_jax.data.pipeline import EvalSet
 from sbs_jax.infer import decoding
 from sbs_jax.models import T5Config
 from sbs_jax.runtime import console
-from sbs_jax.train import checkpoints, partitioning, run_files
+from sbs_jax.train import checkpoint_steps, checkpoints, partitioning, run_files
 from sbs_jax.train.run_config import RunConfig
 
 
@@ -105,16 +105,16 @@ def evaluate(
 def choose_step(model_dir: str, step: str | int, best_metric: str | None = "accuracy") -> int:
     """`latest`, `best` (by the eval metric saved with checkpoints; the latest when no step has
     one) or a step number, checked to exist. `latest` and `best` skip damaged steps (one line
-    each, see checkpoints.first_good); a damaged step number is refused when it is loaded."""
+    each, see checkpoint_steps.first_good); a damaged step number is refused when it is loaded."""
     params = ("params",)
     chosen = None
     if str(step) == "best" and best_metric is not None:
-        ranked = checkpoints.steps_by_metric(model_dir, best_metric)
-        chosen = checkpoints.first_good(model_dir, ranked, params) if ranked else None
+        ranked = checkpoint_steps.steps_by_metric(model_dir, best_metric)
+        chosen = checkpoint_steps.first_good(model_dir, ranked, params) if ranked else None
     elif str(step) not in ("latest", "best"):
         chosen = int(step)
     if chosen is None and str(step) in ("latest", "best"):
-        chosen = checkpoints.latest_good_step(model_dir, params)
+        chosen = checkpoint_steps.latest_good_step(model_dir, params)
     if chosen is None:
         raise FileNotFoundError(f"MODEL_DIR={model_dir} has no finalised, undamaged checkpoint")
     return chosen

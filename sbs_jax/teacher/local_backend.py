@@ -58,9 +58,9 @@ class LocalBackend:
         from sbs_jax.data.vocab import load_vocab
         from sbs_jax.infer import evaluation
         from sbs_jax.models import load_hf
-        from sbs_jax.train import checkpoints
+        from sbs_jax.train import checkpoint_steps
 
-        if checkpoints.is_our_checkpoint(self.model):
+        if checkpoint_steps.is_our_checkpoint(self.model):
             self.config, self.params = evaluation.load_trained(
                 self.model, evaluation.choose_step(self.model, "latest"))
         else:

@@ -16,7 +16,7 @@ from etils import epath
 from sbs_jax import models
 from sbs_jax.models import T5Config
 from sbs_jax.runtime import console
-from sbs_jax.train import checkpoints, optim, run_files
+from sbs_jax.train import checkpoint_steps, checkpoints, optim, run_files
 
 
 def export_vocabulary(model_dir: str, vocab: str | None) -> str | None:
@@ -52,7 +52,7 @@ def export_to_hf(model_dir: str, hf_dir: str, step: int | None = None,
 def import_from_hf(hf_dir: str, model_dir: str) -> T5Config:
     """HF directory -> step 0 of our checkpoint plus model_config.json and the folder's
     vocabulary; returns the config."""
-    if checkpoints.latest_step(model_dir) is not None:
+    if checkpoint_steps.latest_step(model_dir) is not None:
         raise FileExistsError(f"{model_dir} already holds checkpoints; choose an empty MODEL_DIR")
     config, params = models.load_hf(hf_dir)
     opt_state = optim.make_optimizer(optax.constant_schedule(0.0)).init(params)

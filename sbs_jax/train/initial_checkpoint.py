@@ -20,7 +20,7 @@ from etils import epath
 from sbs_jax import models
 from sbs_jax.data.vocab import padded_vocab_size
 from sbs_jax.models import config as model_configs
-from sbs_jax.train import checkpoints, run_config, run_files
+from sbs_jax.train import checkpoint_steps, checkpoints, run_config, run_files
 
 # T5Config fields that change how a model runs, not what it is: these model_overrides apply on
 # top of a HF checkpoint's own config; any other override must agree with the checkpoint.
@@ -106,7 +106,7 @@ def load(cfg: run_config.RunConfig, vocab_size: int
         config = hf_config(path, cfg)
         _, params = load_hf(path, scan_layers=config.scan_layers)
         origin = Initial(path, "HF")
-    elif (step := checkpoints.latest_good_step(path, ("params",))) is not None:
+    elif (step := checkpoint_steps.latest_good_step(path, ("params",))) is not None:
         config = model_config(cfg, vocab_size)
         params = checkpoints.load_params(path, step)
         scanned = "layers" in params.get("encoder", {})
@@ -131,7 +131,7 @@ def origin(cfg: run_config.RunConfig) -> Initial | None:
         return None
     if is_hf_folder(path):
         return Initial(path, "HF")
-    return Initial(path, "sbs-jax", checkpoints.latest_step(path))
+    return Initial(path, "sbs-jax", checkpoint_steps.latest_step(path))
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

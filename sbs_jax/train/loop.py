@@ -33,6 +33,7 @@ from sbs_jax.data import packing, pipeline
 from sbs_jax.infer import evaluation
 from sbs_jax.runtime import console, distributed
 from sbs_jax.train import (
+    checkpoint_steps,
     checkpoints,
     initial_checkpoint,
     optim,
@@ -73,14 +74,14 @@ def task_vocab_size(task: seqio.Task | seqio.Mixture) -> int:
 def _non_finite_advice(model_dir: str, resumed_from: int | None) -> str:
     """What a NaN/Inf says about MODEL_DIR's checkpoints. Steps this run saved passed the finite
     check; a step it restored did not: its bytes may be damaged (or saved without checksums)."""
-    kept = checkpoints.latest_step(model_dir)
-    where = checkpoints.checkpoint_dir(model_dir)
+    kept = checkpoint_steps.latest_step(model_dir)
+    where = checkpoint_steps.checkpoint_dir(model_dir)
     if kept is None:
         return (f"No checkpoint was saved in {where}; lower LEARNING_RATE or check the data "
                 "before resuming.")
     if kept == resumed_from:
         return (f"Step {kept} was restored from {where / str(kept)}, which may be damaged: move "
-                f"it aside (to {checkpoints.DAMAGED_SUBDIR}/) to resume from the step before "
+                f"it aside (to {checkpoint_steps.DAMAGED_SUBDIR}/) to resume from the step before "
                 "it, or start again with a new MODEL_DIR.")
     return (f"The last good checkpoint (step {kept}) is kept in {where}; lower LEARNING_RATE or "
             "check the data before resuming.")
@@ -242,7 +243,7 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
     start_time = time.time()
     try:
         run_config.check_against_saved(cfg)
-        resume_step = checkpoints.latest_good_step(cfg.model_dir, set_aside=True)
+        resume_step = checkpoint_steps.latest_good_step(cfg.model_dir, set_aside=True)
         setup, initial_params = _setup(cfg, from_checkpoint=resume_step is not None)
     except (ValueError, FileNotFoundError) as exc:
         raise SetupError(str(exc)) from exc
@@ -256,7 +257,7 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
         try:
             params, opt_state, data_state = checkpointer.restore(
                 resume_step, part.abstract_params, part.abstract_opt_state(setup.tx))
-        except checkpoints.DamagedCheckpointError as exc:  # a step saved without checksums
+        except checkpoint_steps.DamagedCheckpointError as exc:  # a step saved without checksums
             checkpointer.close()
             raise SetupError(str(exc)) from exc
         state = partitioning.TrainState(
