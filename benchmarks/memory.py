@@ -93,12 +93,12 @@ def feature_lengths(cfg: Any) -> dict[str, int]:
 def train_step_memory(cfg: Any, model_config: Any, partitioner: Any) -> dict[str, Any]:
     """Memory of the run's jitted train step on BATCH_SIZE rows at the feature caps."""
     from sbs_jax import models
-    from sbs_jax.train import loop
+    from sbs_jax.train import run_setup
     from sbs_jax.train import step as step_lib
 
-    tx, schedule = loop.optimizer(cfg)
+    tx, schedule = run_setup.optimizer(cfg)
     jitted = step_lib.jit_train_step(partitioner, models.T5(model_config), tx, schedule,
-                                     loop.step_options(cfg))
+                                     run_setup.step_options(cfg))
     lengths = feature_lengths(cfg)
     batches = {"label": step_lib.abstract_batch(partitioner.batch_sharding, cfg.batch_size,
                                                 lengths["inputs"], lengths["targets"], cfg.pack)}

@@ -164,7 +164,7 @@ def test_per_seed_subsets_follow_the_seed_and_nested_ones_are_shared(paired):
 
 
 def test_the_run_config_picks_the_subset(paired, tmp_path):
-    from sbs_jax.train import loop, run_config
+    from sbs_jax.train import run_config, run_setup
 
     def run_ids(data_subset):
         cfg = run_config.RunConfig(
@@ -172,7 +172,7 @@ def test_the_run_config_picks_the_subset(paired, tmp_path):
             rationale_mixture_name="synthetic_rationale_mixture", model_name="t5_1_1_tiny",
             batch_size=8, task_feature_lengths=LENGTHS, data_fraction=0.25, random_seed=3,
             data_subset=data_subset)
-        return loop._setup(cfg, from_checkpoint=False)[0].batches.ids
+        return run_setup.build(cfg, from_checkpoint=False)[0].batches.ids
 
     ids = list(paired.label)
     assert run_ids("per_seed") == select_fraction(ids, 0.25, seed=3)
@@ -194,13 +194,13 @@ def test_lengths_use_the_smallest_bucket_and_caps_trim_with_eos(data_dir):
 
 
 def test_fixed_batch_shapes_give_one_shape_per_view(paired, tmp_path):
-    from sbs_jax.train import loop, run_config
+    from sbs_jax.train import run_config, run_setup
 
     cfg = run_config.RunConfig(
         model_dir=str(tmp_path), mixture_or_task_name="synthetic_label_mixture",
         rationale_mixture_name="synthetic_rationale_mixture", model_name="t5_1_1_tiny",
         batch_size=8, task_feature_lengths=LENGTHS, fixed_batch_shapes=True)
-    batches = loop._setup(cfg, from_checkpoint=False)[0].batches
+    batches = run_setup.build(cfg, from_checkpoint=False)[0].batches
     steps = _take(batches, 40)
     for view, target_cap in (("label", "targets"), ("rationale", "rationale_targets")):
         shapes = {(b[view]["encoder_input_tokens"].shape, b[view]["decoder_target_tokens"].shape)

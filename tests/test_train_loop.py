@@ -14,6 +14,7 @@ from sbs_jax.train import (
     loop,
     partitioning,
     run_config,
+    run_setup,
 )
 
 # A one-layer model keeps compiles short; batch 8 fits the default 8-device data mesh.
@@ -73,7 +74,7 @@ def test_a_nan_after_a_restore_names_the_restored_step_not_the_learning_rate(tmp
                                     partitioning.logical_axis_rules(cfg.fsdp), model_config)
     reader = checkpoints.Checkpointer(str(tmp_path))
     params, opt_state, data = reader.restore(2, part.abstract_params,
-                                             part.abstract_opt_state(loop.optimizer(cfg)[0]))
+                                             part.abstract_opt_state(run_setup.optimizer(cfg)[0]))
     reader.close()
     shutil.rmtree(tmp_path / "checkpoints" / "2")
     writer = checkpoints.Checkpointer(str(tmp_path), async_save=False)

@@ -1,8 +1,8 @@
-"""The training loop: setup from a RunConfig, steps, eval, checkpoints, logs, preemption.
+"""The training loop: steps, eval, checkpoints, logs, preemption (what it runs on: run_setup.py).
 
 Side effects live here (files, signals, the console); the math is in step.py. A run resumes
 from the newest good checkpoint in MODEL_DIR (params, optimizer state and the data iterator's
-position; damaged steps are skipped, see checkpoints.py), so a run killed at any moment and
+position; damaged steps are skipped, see checkpoint_steps.py), so a run killed at any moment and
 restarted reaches the same parameters as one that never stopped. One trainer holds MODEL_DIR at
 a time (run_lock.py); a SIGTERM checkpoints after a step that every process agrees on
 (preemption.py). Only process 0 writes logs, configs and summaries; orbax coordinates the
@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -29,19 +28,17 @@ import seqio
 from etils import epath
 
 from sbs_jax import models
-from sbs_jax.data import packing, pipeline
 from sbs_jax.infer import evaluation
-from sbs_jax.runtime import console, distributed
+from sbs_jax.runtime import console
 from sbs_jax.train import (
     checkpoint_steps,
     checkpoints,
-    initial_checkpoint,
-    optim,
     partitioning,
     preemption,
     run_config,
     run_files,
     run_lock,
+    run_setup,
 )
 from sbs_jax.train import (
     step as step_lib,
@@ -65,10 +62,6 @@ class NonFiniteLossError(FloatingPointError):
 
 # Step metrics checked before any save: a bad value means the new parameters must not be kept.
 _MUST_BE_FINITE = ("loss", "grad_norm", "update_norm")
-
-
-def task_vocab_size(task: seqio.Task | seqio.Mixture) -> int:
-    return int(task.output_features["targets"].vocabulary.vocab_size)
 
 
 def _non_finite_advice(model_dir: str, resumed_from: int | None) -> str:
@@ -113,112 +106,6 @@ def _progress_line(step: int, total: int, metrics: dict, tokens_per_s: float | N
     return " | ".join(parts)
 
 
-def optimizer(cfg: run_config.RunConfig) -> tuple[Any, Any]:
-    """(optax transformation, learning-rate schedule) of a run."""
-    schedule = optim.make_schedule(cfg.schedule, cfg.learning_rate, cfg.train_steps,
-                                   cfg.warmup_steps)
-    return optim.make_optimizer(schedule, cfg.optimizer, cfg.weight_decay, cfg.clip_norm), schedule
-
-
-def step_options(cfg: run_config.RunConfig) -> step_lib.StepOptions:
-    """What a run's step computes besides the model."""
-    return step_lib.StepOptions(alpha=cfg.alpha, num_microbatches=cfg.num_microbatches,
-                                label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-                                seed=cfg.random_seed)
-
-
-@dataclasses.dataclass
-class _Setup:
-    model_config: models.T5Config
-    partitioner: partitioning.Partitioner
-    tx: Any
-    schedule: Any
-    batches: pipeline.PairedBatches
-    num_shards: int
-    vocabulary_path: str | None  # the task vocabulary's file, pinned into MODEL_DIR
-    initial: initial_checkpoint.Initial | None
-
-
-def _vocabulary_file(task: seqio.Task | seqio.Mixture) -> str | None:
-    return getattr(task.output_features["targets"].vocabulary, "sentencepiece_model_file", None)
-
-
-def _setup(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[_Setup, Any]:
-    run_files.choose_training_vocabulary(cfg.model_dir, cfg.initial_checkpoint_path)
-    label_task = pipeline.check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
-    if cfg.rationale_mixture_name is not None:
-        pipeline.check_task(cfg.rationale_mixture_name, "RATIONALE_MIXTURE_NAME")
-    check_splits(cfg)
-    mesh = partitioning.make_mesh(cfg.mesh_shape)
-    step_lib.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches)
-    vocab_size = task_vocab_size(label_task)
-    initial_params, initial = None, initial_checkpoint.origin(cfg)
-    if cfg.initial_checkpoint_path and not from_checkpoint:
-        model_config, initial_params, initial = initial_checkpoint.load(cfg, vocab_size)
-    else:
-        model_config = initial_checkpoint.model_config(cfg, vocab_size)
-    partitioner = partitioning.Partitioner(
-        mesh, partitioning.logical_axis_rules(cfg.fsdp), model_config)
-    if initial_params is not None:
-        initial_checkpoint.check_params_match(initial_params, partitioner.abstract_params,
-                                              model_config, cfg)
-    tx, schedule = optimizer(cfg)
-    shard_id, num_shards = distributed.process_batch_shard(mesh)
-    # Packed steps have a varying number of rows: a multiple of what the mesh and the
-    # micro-batches split (and of BATCH_SIZE / 8, to keep the compiled shapes few).
-    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batches = pipeline.PairedBatches(
-        cfg.mixture_or_task_name, cfg.rationale_mixture_name, "train", cfg.batch_size,
-        cfg.task_feature_lengths, seed=cfg.random_seed, shard_id=shard_id,
-        num_shards=num_shards, data_fraction=cfg.data_fraction,
-        fraction_seed=pipeline.fraction_seed(cfg.data_subset, cfg.random_seed), pack=cfg.pack,
-        length_buckets=packing.length_buckets(cfg.task_feature_lengths, cfg.fixed_batch_shapes),
-        use_cached=cfg.use_cached_tasks,
-        pack_row_multiple=math.lcm(max(1, cfg.batch_size // 8),
-                                   data_shards * cfg.num_microbatches))
-    vocabulary_path = _vocabulary_file(label_task)
-    if initial is not None:
-        initial = initial_checkpoint.with_vocabulary(initial, vocabulary_path)
-    return _Setup(model_config, partitioner, tx, schedule, batches, num_shards,
-                  vocabulary_path, initial), initial_params
-
-
-def _eval_splits(cfg: run_config.RunConfig) -> list[str]:
-    """The splits each eval decodes: EVAL_SPLIT (first EVAL_MAX_EXAMPLES; it picks the best
-    checkpoint) and, with `test_every_eval`, the whole test split, as the reference logs it."""
-    return [cfg.eval_split] + (["test"] if cfg.test_every_eval and cfg.eval_split != "test"
-                               else [])
-
-
-def _eval_sets(cfg: run_config.RunConfig) -> dict[str, pipeline.EvalSet]:
-    sets = {}
-    for split in _eval_splits(cfg):
-        examples = pipeline.eval_set(cfg.mixture_or_task_name, split,
-                                     cfg.task_feature_lengths["inputs"],
-                                     cfg.task_feature_lengths["targets"], cfg.use_cached_tasks)
-        sets[split] = (evaluation.subset(examples, cfg.eval_max_examples)
-                       if split == cfg.eval_split else examples)
-    return sets
-
-
-def check_splits(cfg: run_config.RunConfig) -> None:
-    """Every split the run will read has examples (a look at shard listings or the seqio
-    cache's stats, nothing read), so a missing eval split stops the run before it compiles or
-    trains, not at its first evaluation with nothing saved."""
-    reads = {(cfg.mixture_or_task_name, "train"): ("MIXTURE_OR_TASK_NAME", "trained on")}
-    if cfg.rationale_mixture_name is not None:
-        reads[(cfg.rationale_mixture_name, "train")] = ("RATIONALE_MIXTURE_NAME", "trained on")
-    if cfg.eval_period > 0:
-        for split in _eval_splits(cfg):
-            reads.setdefault((cfg.mixture_or_task_name, split), (
-                "MIXTURE_OR_TASK_NAME", f"evaluated every EVAL_PERIOD={cfg.eval_period} steps"))
-    for (name, split), (setting, purpose) in reads.items():
-        try:
-            pipeline.count_examples(name, split, cfg.use_cached_tasks)
-        except (ValueError, FileNotFoundError) as exc:
-            raise ValueError(f"{setting}={name!r}: split {split!r} ({purpose}): {exc}") from None
-
-
 def _read_eval_history(model_dir: str) -> list[dict]:
     """`{step, split, metrics...}` of every eval so far (a resumed run keeps those it reached)."""
     path = epath.Path(model_dir) / run_config.EVAL_HISTORY_FILE
@@ -244,7 +131,7 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
     try:
         run_config.check_against_saved(cfg)
         resume_step = checkpoint_steps.latest_good_step(cfg.model_dir, set_aside=True)
-        setup, initial_params = _setup(cfg, from_checkpoint=resume_step is not None)
+        setup, initial_params = run_setup.build(cfg, from_checkpoint=resume_step is not None)
     except (ValueError, FileNotFoundError) as exc:
         raise SetupError(str(exc)) from exc
     part = setup.partitioner
@@ -280,7 +167,7 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
                               models.config_to_json(setup.model_config))
         if operative_gin is not None:
             run_config.write_text(epath.Path(cfg.model_dir) / GIN_FILE, operative_gin)
-    options = step_options(cfg)
+    options = run_setup.step_options(cfg)
     step_fn = step_lib.make_train_step(part, models.T5(setup.model_config), setup.tx,
                                        setup.schedule, options)
     eval_examples = None
@@ -348,7 +235,7 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
                             timer.eta_s(step, cfg.train_steps, cfg.eval_period)))
                 if eval_due:
                     if eval_examples is None:
-                        eval_examples = _eval_sets(cfg)
+                        eval_examples = run_setup.eval_sets(cfg)
                     scores = {}
                     for split, examples in eval_examples.items():
                         with timer.evaluation(step) as took:
