@@ -84,8 +84,9 @@ def sbs_step(config, params, alpha: float, num_microbatches: int = 1
     return to_device, run
 
 
-def _ours_train(config, params, batches: dict, alpha: float,
-                num_microbatches: int = 1) -> Callable[[], None]:
+def ours_train(config, params, batches: dict, alpha: float,
+               num_microbatches: int = 1) -> Callable[[], None]:
+    """One timed sbs train step of ours on `batches` (placed once), blocking until done."""
     to_device, step = sbs_step(config, params, alpha, num_microbatches)
     placed = to_device(batches)
     return lambda: step(placed).block_until_ready()
@@ -169,7 +170,7 @@ def single_batch(args: argparse.Namespace, config) -> dict:
     if config.scan_layers:
         params = models.stack_layers(params)
 
-    train_fns = {"ours": _ours_train(config, params, batches, args.alpha, args.num_microbatches)}
+    train_fns = {"ours": ours_train(config, params, batches, args.alpha, args.num_microbatches)}
     if use_hf:
         for name, bf16 in hf_peers.items():
             train_fns[name] = hf_peer.train_fn(hf_train_model, batches, args.alpha, bf16)
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The peer's process runs (and exits) before this one's JAX takes the device.
     peer = None if args.no_hf or not args.batches else step_sweep.peer_process(args)
     run = (single_batch(args, config) if not args.batches
-           else step_sweep.sweep(args, config, peer, _ours_train))
+           else step_sweep.sweep(args, config, peer, ours_train))
     import jax
 
     device = jax.devices()[0]

@@ -116,7 +116,6 @@ def generate_memory(cfg: Any, model_config: Any, partitioner: Any) -> dict[str, 
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from sbs_jax.data.vocab import EOS_ID
     from sbs_jax.infer import decoding
 
     shards = partitioner.num_data_shards
@@ -127,8 +126,8 @@ def generate_memory(cfg: Any, model_config: Any, partitioner: Any) -> dict[str, 
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
     # The jitted decoder `generate` runs (greedy, on the run's mesh and rules).
-    jitted = decoding._compiled(model_config, "greedy", int(cfg.max_decode_len), 0, 0.0, False, 0,
-                                EOS_ID, partitioner.mesh, tuple(partitioner.rules))
+    jitted = decoding.jitted_decoder(model_config, int(cfg.max_decode_len), "greedy",
+                                     mesh=partitioner.mesh, axis_rules=partitioner.rules)
     return _compile(jitted, (partitioner.abstract_params, tokens, scalar, key),
                     partitioner.context())
 

@@ -86,7 +86,7 @@ def _program(what: str, config, batch: int, input_len: int, target_lens: tuple[i
     batches = {view: hf_peer.random_view(rng, config.vocab_size, batch, input_len, length)
                for view, length in zip(("label", "rationale"), target_lens)}
     if what == "train":
-        return bench_sbs_step._ours_train(config, params, batches, 0.5), "train_step"
+        return bench_sbs_step.ours_train(config, params, batches, 0.5), "train_step"
     enc = batches["rationale"]["encoder_input_tokens"]
     return (lambda: np.asarray(decoding.generate(config, params, enc, decode_len, eos_id=-1)),
             "run")

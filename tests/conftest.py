@@ -68,6 +68,35 @@ def toy_dir(tmp_path, tiny_vocab_path):
     tasks.set_vocabulary_path(None)
 
 
+# The tiny synthetic run the loop, run-files and infer tests train: one layer each way keeps
+# compiles short; batch 8 fits the default 8-device data mesh.
+TINY_MODEL = {"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32,
+              "num_encoder_layers": 1, "num_decoder_layers": 1, "dropout_rate": 0.0}
+
+
+def tiny_run_config(model_dir, **overrides):
+    """A RunConfig of 4 sbs steps of the tiny model on the synthetic tasks, a checkpoint every
+    2 steps (saved synchronously), no evals; `overrides` replace any field."""
+    from sbs_jax.train import run_config
+
+    fields = {
+        "model_dir": str(model_dir), "mixture_or_task_name": "synthetic_label_gt",
+        "rationale_mixture_name": "synthetic_rationale", "model_name": "t5_1_1_tiny",
+        "model_overrides": TINY_MODEL, "train_steps": 4, "batch_size": 8,
+        "task_feature_lengths": {"inputs": 32, "targets": 64}, "learning_rate": 1e-3,
+        "schedule": "constant", "checkpoint_period": 2, "eval_period": 0, "log_period": 1,
+        "async_checkpointing": False}
+    return run_config.RunConfig(**{**fields, **overrides})
+
+
+def fresh_env(tmp_path) -> dict:
+    """A new login shell: PATH, PYTHONPATH and an empty HOME; no SBS_* variables, no XLA
+    device flags."""
+    (tmp_path / "home").mkdir()
+    return {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home"),
+            "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO_ROOT))}
+
+
 # The recipe of the finished grid cells tests write by hand (grid, runner and report tests).
 GRID_RECIPE = Recipe(gin_files=("gin/quickstart.gin",), train_steps=7)
 

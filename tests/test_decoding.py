@@ -136,7 +136,8 @@ def test_an_unknown_method_is_refused(model):
 def test_compiled_once_per_shape(model):
     _, config, params, enc = model
     decoding.generate(config, params, enc, MAX_LEN)
-    fn = decoding._compiled(config, "greedy", MAX_LEN, 0, 0.0, False, 0, 1, None, None)
+    fn = decoding.jitted_decoder(config, MAX_LEN)
+    assert decoding.jitted_decoder(config, MAX_LEN, num_beams=7, top_k=3) is fn  # ignored
     compiled = fn._cache_size()
     decoding.generate(config, params, enc[::-1].copy(), MAX_LEN)
     assert fn._cache_size() == compiled
@@ -162,7 +163,7 @@ def test_decoding_on_the_training_mesh(model):
         np.testing.assert_array_equal(
             np.asarray(got), np.asarray(decoding.generate(config, params, enc, MAX_LEN,
                                                           method=method)))
-    fn = decoding._compiled(config, "greedy", MAX_LEN, 0, 0.0, False, 0, 1, mesh, rules)
+    fn = decoding.jitted_decoder(config, MAX_LEN, mesh=mesh, axis_rules=rules)
     with partitioning.mesh_context(mesh, rules):
         compiled = fn.lower(placed, enc, np.float32(1.0), jax.random.PRNGKey(0)).compile()
     params_in, tokens_in = compiled.input_shardings[0][:2]

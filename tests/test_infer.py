@@ -6,25 +6,19 @@ import json
 import shutil
 
 import pytest
+from conftest import tiny_run_config
 
 from sbs_jax.cli import eval as eval_cli
 from sbs_jax.cli import infer as infer_cli
 from sbs_jax.infer import evaluation, inputs
 from sbs_jax.train import checkpoint_steps, checkpoints, loop, run_config
 
+
 # A one-layer model keeps compiles short; batch 8 fits the default 8-device data mesh.
-TINY = {"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32, "num_encoder_layers": 1,
-        "num_decoder_layers": 1, "dropout_rate": 0.0}
-
-
 def _config(model_dir) -> run_config.RunConfig:
-    return run_config.RunConfig(
-        model_dir=str(model_dir), mixture_or_task_name="synthetic_label_gt",
-        rationale_mixture_name="synthetic_rationale", model_name="t5_1_1_tiny",
-        model_overrides=TINY, train_steps=4, batch_size=8,
-        task_feature_lengths={"inputs": 32, "targets": 64}, learning_rate=1e-3,
-        schedule="constant", checkpoint_period=2, eval_period=2, eval_max_examples=8,
-        eval_batch_size=8, max_decode_len=8, log_period=2)
+    """The tiny run, evaluated every 2 steps (8 examples, 8 tokens), saving asynchronously."""
+    return tiny_run_config(model_dir, eval_period=2, eval_max_examples=8, eval_batch_size=8,
+                           max_decode_len=8, log_period=2, async_checkpointing=True)
 
 
 @pytest.fixture(scope="module")

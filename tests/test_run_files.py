@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train_loop import _config as trainer_config
+from conftest import fresh_env, tiny_run_config
 
 from sbs_jax.cli import convert as convert_cli
 from sbs_jax.cli import eval as eval_cli
@@ -26,8 +26,8 @@ LONG_INPUT = " ".join(["9"] * 60) + " + 1"  # over the 32-token input cap
 
 
 def _config(model_dir, **overrides) -> run_config.RunConfig:
-    """test_trainer's tiny synthetic run: 2 steps, decodes of 8 tokens."""
-    return trainer_config(model_dir, **{"train_steps": 2, "eval_batch_size": 8,
+    """The tiny synthetic run: 2 steps, decodes of 8 tokens."""
+    return tiny_run_config(model_dir, **{"train_steps": 2, "eval_batch_size": 8,
                                         "max_decode_len": 8, **overrides})
 
 
@@ -59,14 +59,6 @@ def run_dir(tmp_path_factory, data_dir):
     return model_dir
 
 
-def _fresh_env(tmp_path) -> dict:
-    """A new login shell: PATH, PYTHONPATH and an empty HOME; no SBS_* variables, no XLA
-    device flags."""
-    (tmp_path / "home").mkdir()
-    return {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home"),
-            "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO_ROOT))}
-
-
 def _stale_copy(run_dir, data_dir, other_vocab, work) -> pathlib.Path:
     """The run as if trained on a data folder whose default spiece.model was replaced since:
     a copy of the run pointing at a copy of the data holding another vocabulary."""
@@ -84,7 +76,7 @@ def fresh_shell(run_dir, data_dir, tmp_path_factory, other_vocab):
     """eval, infer and convert --model_dir of the stale copy run at once, each in a fresh
     environment; returns (work folder, the copy, {command: (exit code, stdout, stderr)})."""
     work = tmp_path_factory.mktemp("fresh_shell")
-    env = _fresh_env(work)
+    env = fresh_env(work)
     run_dir = _stale_copy(run_dir, data_dir, other_vocab, work)
     inputs = work / "questions.jsonl"
     # U+2028 inside a JSON string is text, not a line break.

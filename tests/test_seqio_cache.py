@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import seqio
-from test_run_files import _fresh_env
+from conftest import fresh_env
 
 import tasks
 from sbs_jax.data import pipeline, synthetic
@@ -115,7 +115,7 @@ def test_training_reads_the_cache_with_use_cached_tasks(cached, tmp_path):
     evaluated = subprocess.run(
         [sys.executable, "-m", "sbs_jax.eval", "--model_dir", str(model_dir), "--split", "test",
          "--max_examples", "8", "--output", str(tmp_path / "test.json")],
-        cwd=tmp_path, env=_fresh_env(tmp_path), capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=fresh_env(tmp_path), capture_output=True, text=True, timeout=600,
         check=False)
     assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-3000:]
     assert f"seqio cache: the run's {cache_dir}" in evaluated.stderr

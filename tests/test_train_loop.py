@@ -6,6 +6,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_run_config
 
 from sbs_jax import models
 from sbs_jax.train import (
@@ -17,32 +18,16 @@ from sbs_jax.train import (
     run_setup,
 )
 
-# A one-layer model keeps compiles short; batch 8 fits the default 8-device data mesh.
-TINY = {"emb_dim": 16, "num_heads": 2, "head_dim": 8, "mlp_dim": 32, "num_encoder_layers": 1,
-        "num_decoder_layers": 1, "dropout_rate": 0.0}
-
 
 @pytest.fixture(autouse=True)
 def data_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SBS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "trainer_data"))
 
 
-def _config(model_dir, **overrides):
-    fields = {
-        "model_dir": str(model_dir), "mixture_or_task_name": "synthetic_label_gt",
-        "rationale_mixture_name": "synthetic_rationale", "model_name": "t5_1_1_tiny",
-        "model_overrides": TINY, "train_steps": 4, "batch_size": 8,
-        "task_feature_lengths": {"inputs": 32, "targets": 64}, "learning_rate": 1e-3,
-        "schedule": "constant", "checkpoint_period": 2, "eval_period": 0, "log_period": 1,
-        "async_checkpointing": False}
-    fields.update(overrides)
-    return run_config.RunConfig(**fields)
-
-
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
     # Warmup from 0 makes update 1 zero; update 2 (lr 5e29) overflows the update norm in fp32 on
     # any backend. The loop must stop at step 2 before saving it, and keep step 1.
-    cfg = _config(tmp_path, learning_rate=1e30, warmup_steps=2, checkpoint_period=1,
+    cfg = tiny_run_config(tmp_path, learning_rate=1e30, warmup_steps=2, checkpoint_period=1,
                   clip_norm=None)
     with pytest.raises(loop.NonFiniteLossError) as error:
         loop.train(cfg)
@@ -57,7 +42,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 
 def test_a_non_finite_first_update_saves_nothing(tmp_path):
     # Without warmup or clipping, update 1 at lr 1e30 overflows the update norm in fp32.
-    cfg = _config(tmp_path, learning_rate=1e30, checkpoint_period=1, clip_norm=None)
+    cfg = tiny_run_config(tmp_path, learning_rate=1e30, checkpoint_period=1, clip_norm=None)
     with pytest.raises(loop.NonFiniteLossError,
                        match="update_norm is inf at step 1; .*No checkpoint was saved"):
         loop.train(cfg)
@@ -65,10 +50,10 @@ def test_a_non_finite_first_update_saves_nothing(tmp_path):
 
 
 def test_a_nan_after_a_restore_names_the_restored_step_not_the_learning_rate(tmp_path):
-    loop.train(_config(tmp_path, train_steps=2))
+    loop.train(tiny_run_config(tmp_path, train_steps=2))
     # Step 2 rewritten with finite, checksummed parameters that overflow the next forward pass:
     # damage no checksum can see (written so, or saved without checksums).
-    cfg = _config(tmp_path, train_steps=4)
+    cfg = tiny_run_config(tmp_path, train_steps=4)
     model_config = models.config_from_json((tmp_path / "model_config.json").read_text(), "")
     part = partitioning.Partitioner(partitioning.make_mesh(cfg.mesh_shape),
                                     partitioning.logical_axis_rules(cfg.fsdp), model_config)
@@ -89,7 +74,7 @@ def test_a_nan_after_a_restore_names_the_restored_step_not_the_learning_rate(tmp
 
 
 def test_standard_mode_trains_labels_only_and_evaluates(tmp_path):
-    cfg = _config(tmp_path, mixture_or_task_name="synthetic_standard_gt",
+    cfg = tiny_run_config(tmp_path, mixture_or_task_name="synthetic_standard_gt",
                   rationale_mixture_name=None, alpha=1.0, eval_period=2, eval_max_examples=8,
                   eval_batch_size=8, max_decode_len=12, test_every_eval=True)
     summary = loop.train(cfg)
@@ -124,7 +109,7 @@ def test_initial_checkpoint_from_a_hf_folder_is_one_setting(tmp_path, scan_layer
     torch_fixtures.make_hf_dir("v1_1", hf_dir, vocab_size=1024)
     # Warmup from 0: update 1 is zero, so the saved step-1 parameters are the imported ones
     # (stacked per layer when the run scans its layers, as the shipped accelerator configs do).
-    cfg = _config(tmp_path / "run", initial_checkpoint_path=str(hf_dir), train_steps=1,
+    cfg = tiny_run_config(tmp_path / "run", initial_checkpoint_path=str(hf_dir), train_steps=1,
                   warmup_steps=1,
                   model_overrides={"dropout_rate": 0.0, "scan_layers": scan_layers})
     loop.train(cfg)
@@ -134,7 +119,7 @@ def test_initial_checkpoint_from_a_hf_folder_is_one_setting(tmp_path, scan_layer
         np.testing.assert_array_equal(np.asarray(a), b)
     saved = json.loads((tmp_path / "run" / "model_config.json").read_text())
     assert saved["emb_dim"] == 32 and saved["vocab_size"] == 1024
-    clash = _config(tmp_path / "clash", initial_checkpoint_path=str(hf_dir), train_steps=1,
+    clash = tiny_run_config(tmp_path / "clash", initial_checkpoint_path=str(hf_dir), train_steps=1,
                     model_overrides={"emb_dim": 64})
     with pytest.raises(ValueError, match=r"model_overrides \['emb_dim'\] disagree"):
         loop.train(clash)

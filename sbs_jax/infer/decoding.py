@@ -198,8 +198,7 @@ def _compiled(config: T5Config, method: str, max_len: int, num_beams: int,
               length_penalty: float, early_stopping: bool | str, top_k: int,
               eos_id: int, mesh: Mesh | None = None, axis_rules: tuple | None = None
               ) -> Callable:
-    """The jitted decoder; with a mesh, with the params' and the batch's shardings as the
-    training run lays them out (call it inside `partitioning.mesh_context`)."""
+    """`jitted_decoder` for normalised options (each a hashable cache key)."""
     if method == "beam":
         fn = _beam_search(config, max_len, num_beams, length_penalty, early_stopping, eos_id)
     else:
@@ -210,6 +209,35 @@ def _compiled(config: T5Config, method: str, max_len: int, num_beams: int,
     batch = partitioning.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(params, batch, replicated, replicated), out_shardings=batch)
+
+
+def jitted_decoder(config: T5Config, max_decode_len: int, method: str = "greedy",
+                   num_beams: int = 4, length_penalty: float = 1.0,
+                   early_stopping: bool | str = True, top_k: int = 0, eos_id: int = EOS_ID,
+                   mesh: Mesh | None = None,
+                   axis_rules: Sequence[tuple[str, Any]] | None = None) -> Callable:
+    """The jitted decoder `generate` runs for these options (the same object, cached):
+    `fn(params, encoder_input_tokens int32 [batch, length], temperature f32 [], rng key)` ->
+    tokens int32 [batch, max_decode_len].
+
+    For compile-only analysis (`fn.lower(...).compile()`) and compile-cache checks. It compiles
+    once per input shape. With a mesh, its in/out shardings are the training run's; call it
+    inside `partitioning.mesh_context(mesh, axis_rules)`. Options another method ignores do
+    not make another decoder.
+    """
+    if method not in METHODS:
+        raise ValueError(f"decoding: unknown method {method!r}; use one of {METHODS}")
+    if max_decode_len < 1:
+        raise ValueError(f"decoding: max_decode_len must be >= 1, got {max_decode_len}")
+    if (mesh is None) != (axis_rules is None):
+        raise ValueError("decoding: pass both mesh and axis_rules, or neither")
+    beam, sample = method == "beam", method == "sample"
+    if beam and num_beams < 1:
+        raise ValueError(f"decoding: num_beams must be >= 1, got {num_beams}")
+    rules = None if axis_rules is None else tuple(tuple(rule) for rule in axis_rules)
+    return _compiled(config, method, int(max_decode_len), int(num_beams) if beam else 0,
+                     float(length_penalty) if beam else 0.0, early_stopping if beam else False,
+                     int(top_k) if sample else 0, int(eos_id), mesh, rules)
 
 
 def generate(config: T5Config, params: Any, encoder_input_tokens: Any, max_decode_len: int,
@@ -225,18 +253,12 @@ def generate(config: T5Config, params: Any, encoder_input_tokens: Any, max_decod
     params sharded by their logical axes and the batch (divisible by the data shards) over
     (data, fsdp); the tokens come back with the batch sharding.
     """
-    if method not in METHODS:
-        raise ValueError(f"generate: unknown method {method!r}; use one of {METHODS}")
-    if max_decode_len < 1:
-        raise ValueError(f"generate: max_decode_len must be >= 1, got {max_decode_len}")
-    if (mesh is None) != (axis_rules is None):
-        raise ValueError("generate: pass both mesh and axis_rules, or neither")
+    fn = jitted_decoder(config, max_decode_len, method, num_beams, length_penalty,
+                        early_stopping, top_k, eos_id, mesh, axis_rules)
     tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"generate: encoder_input_tokens must be [batch, length], got shape "
                          f"{tuple(tokens.shape)}")
-    if method == "beam" and num_beams < 1:
-        raise ValueError(f"generate: num_beams must be >= 1, got {num_beams}")
     if method == "sample":
         if rng is None:
             raise ValueError("generate: method='sample' needs an rng key")
@@ -244,11 +266,7 @@ def generate(config: T5Config, params: Any, encoder_input_tokens: Any, max_decod
             raise ValueError(f"generate: temperature must be > 0, got {temperature}")
     else:
         rng = jax.random.PRNGKey(0)
-    rules = None if axis_rules is None else tuple(tuple(rule) for rule in axis_rules)
-    fn = _compiled(config, method, int(max_decode_len), int(num_beams) if method == "beam" else 0,
-                   float(length_penalty) if method == "beam" else 0.0,
-                   early_stopping if method == "beam" else False,
-                   int(top_k) if method == "sample" else 0, int(eos_id), mesh, rules)
-    context = contextlib.nullcontext() if mesh is None else partitioning.mesh_context(mesh, rules)
+    context = contextlib.nullcontext() if mesh is None else partitioning.mesh_context(mesh,
+                                                                                    axis_rules)
     with context:
         return fn(params, tokens, jnp.float32(temperature), rng)
