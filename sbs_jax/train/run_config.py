@@ -5,7 +5,7 @@ case (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, ...; the rest as `RunConfig.<field>`),
 eval and infer read the same gin files and agree on the model, tasks and MODEL_DIR. Library
 code receives the resolved dataclass, never gin.
 Every field is type- and range-checked when the dataclass is made (`check_settings`, driven by
-the field annotations and the `_RANGES` table); a refusal names the setting and its value.
+the field annotations and the `_ALLOWED` table); a refusal names the setting and its value.
 The resolved config is saved as `MODEL_DIR/run_config.json`; a restart whose settings differ in
 anything that would change the result (model, data, objective, optimizer, mesh) is refused.
 """
@@ -135,6 +135,55 @@ def setting_name(field: str) -> str:
 _EXAMPLE_DIR = "\"'/path/to/run'\""
 
 
+@dataclasses.dataclass(frozen=True)
+class _Allowed:
+    """What a field's value must be beyond its type: `holds(value)`, and the refusal's words
+    (a callable where they are known only when a config is checked)."""
+
+    holds: Callable[[Any], bool]
+    requirement: str | Callable[[], str]
+
+    def says(self) -> str:
+        return self.requirement() if callable(self.requirement) else self.requirement
+
+
+def _interval(low: float, high: float = math.inf, *, open_low: bool = False,
+              open_high: bool = False, note: str = "") -> _Allowed:
+    """A number between `low` and `high`; the words follow from the bounds ("must be
+    positive", "must be >= 0", "must be in (0, 1]"), plus `note` in parentheses."""
+    def holds(v) -> bool:
+        return ((v > low if open_low else v >= low)
+                and (v < high if open_high else v <= high))
+    if high == math.inf:
+        words = "must be positive" if (low == 0 and open_low) else (
+            f"must be {'>' if open_low else '>='} {low:g}")
+    else:
+        words = (f"must be in {'(' if open_low else '['}{low:g}, {high:g}"
+                 f"{')' if open_high else ']'}")
+    return _Allowed(holds, f"{words} ({note})" if note else words)
+
+
+def _one_of(choices: tuple | Callable[[], tuple]) -> _Allowed:
+    """One of `choices` (a callable: looked up when a config is checked)."""
+    def current() -> tuple:
+        return choices() if callable(choices) else choices
+    return _Allowed(lambda v: v in current(), lambda: f"must be one of {current()}")
+
+
+def _named(what: str) -> _Allowed:
+    """A non-empty string."""
+    return _Allowed(bool, f"must name {what}")
+
+
+def _optim_names(kind: str) -> Callable[[], tuple[str, ...]]:
+    """optim.OPTIMIZERS / SCHEDULES, imported when a config is checked (optim imports optax)."""
+    def names() -> tuple[str, ...]:
+        from sbs_jax.train import optim
+
+        return getattr(optim, kind)
+    return names
+
+
 def _mesh_shape(value) -> bool:
     return (len(value) == 3 and all(_is_int(x) and (x > 0 or x == -1) for x in value)
             and list(value).count(-1) <= 1)
@@ -145,54 +194,42 @@ def _feature_lengths(value) -> bool:
             and all(isinstance(k, str) and _is_int(v) and v > 0 for k, v in value.items()))
 
 
-_POSITIVE = (lambda v: v > 0, "must be positive")
-_NOT_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+_POSITIVE = _interval(0, open_low=True)
+_NOT_NEGATIVE = _interval(0)
 
-
-def _named_in_optim(kind: str) -> tuple[str, ...]:
-    """optim.OPTIMIZERS / SCHEDULES, imported when a config is checked (optim imports optax)."""
-    from sbs_jax.train import optim
-
-    return getattr(optim, kind)
-
-
-def _one_of_optim(kind: str) -> tuple[Callable[[Any], bool], Callable[[], str]]:
-    return (lambda v: v in _named_in_optim(kind),
-            lambda: f"must be one of {_named_in_optim(kind)}")
-
-
-# Range rules, by field: (holds, what the value must be). Every field is also type-checked
-# against its annotation, so a new field needs an entry here only when it has a range.
-_RANGES: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
-    "model_dir": (bool, "must name a folder"),
-    "mixture_or_task_name": (bool, "must name a task or mixture"),
-    "model_name": (bool, "must name a model config"),
+# What each field allows beyond its type. Every field is also type-checked against its
+# annotation, so a new field needs an entry here only when it has a range.
+_ALLOWED: dict[str, _Allowed] = {
+    "model_dir": _named("a folder"),
+    "mixture_or_task_name": _named("a task or mixture"),
+    "model_name": _named("a model config"),
     "train_steps": _POSITIVE,
     "batch_size": _POSITIVE,
-    "task_feature_lengths": (_feature_lengths, ("must map 'inputs' and 'targets' (and "
-                                                "optionally 'rationale_targets') to positive "
-                                                "integers")),
-    "alpha": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
-    "data_fraction": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
-    "data_subset": (lambda v: v in DATA_SUBSETS, f"must be one of {DATA_SUBSETS}"),
+    "task_feature_lengths": _Allowed(_feature_lengths, (
+        "must map 'inputs' and 'targets' (and optionally 'rationale_targets') to positive "
+        "integers")),
+    "alpha": _interval(0, 1),
+    "data_fraction": _interval(0, 1, open_low=True),
+    "data_subset": _one_of(DATA_SUBSETS),
     "random_seed": _NOT_NEGATIVE,
-    "mesh_shape": (_mesh_shape, ("must be 3 integers (data, fsdp, model), each positive or -1 "
-                                 "(all remaining devices, at most once)")),
+    "mesh_shape": _Allowed(_mesh_shape, (
+        "must be 3 integers (data, fsdp, model), each positive or -1 (all remaining devices, "
+        "at most once)")),
     "num_microbatches": _POSITIVE,
-    "label_smoothing": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "label_smoothing": _interval(0, 1, open_high=True),
     "z_loss": _NOT_NEGATIVE,
-    "optimizer": _one_of_optim("OPTIMIZERS"),
+    "optimizer": _one_of(_optim_names("OPTIMIZERS")),
     "learning_rate": _POSITIVE,
-    "schedule": _one_of_optim("SCHEDULES"),
+    "schedule": _one_of(_optim_names("SCHEDULES")),
     "warmup_steps": _NOT_NEGATIVE,
     "weight_decay": _NOT_NEGATIVE,
-    "clip_norm": (_POSITIVE[0], "must be positive (or None: no clipping)"),
+    "clip_norm": _interval(0, open_low=True, note="or None: no clipping"),
     "checkpoint_period": _POSITIVE,
     "keep_checkpoints": _POSITIVE,
-    "eval_period": (_NOT_NEGATIVE[0], "must be >= 0 (0: no periodic evaluation)"),
-    "eval_split": (bool, "must name a split"),
+    "eval_period": _interval(0, note="0: no periodic evaluation"),
+    "eval_split": _named("a split"),
     "eval_batch_size": _POSITIVE,
-    "eval_max_examples": (_POSITIVE[0], "must be positive (or None: the whole split)"),
+    "eval_max_examples": _interval(0, open_low=True, note="or None: the whole split"),
     "max_decode_len": _POSITIVE,
     "log_period": _POSITIVE,
 }
@@ -238,13 +275,12 @@ def check_settings(config: RunConfig) -> None:
             value = int(value)
             object.__setattr__(config, field, value)
         problem = _type_error(value, annotation)
-        if field in _RANGES:
-            holds, requirement = _RANGES[field]
-            requirement = requirement() if callable(requirement) else requirement
-            if problem is None and not holds(value):
-                problem = requirement
+        allowed = _ALLOWED.get(field)
+        if allowed is not None:
+            if problem is None and not allowed.holds(value):
+                problem = allowed.says()
             elif problem is not None and annotation in (dict, tuple):
-                problem = requirement  # says what the container must hold
+                problem = allowed.says()  # says what the container must hold
         if problem is not None and field == "model_dir" and not value:
             raise SettingError(f"MODEL_DIR is not set; pass --gin.MODEL_DIR={_EXAMPLE_DIR}")
         if problem is not None:
