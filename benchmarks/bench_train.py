@@ -18,16 +18,16 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import argparse
+import dataclasses
+import json
+import time
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 from sbs_jax import models
-from sbs_jax.train import optim, partitioning  # noqa: E402
+from sbs_jax.train import optim, partitioning
 from sbs_jax.train import step as step_lib
 
 

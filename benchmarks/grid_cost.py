@@ -26,14 +26,15 @@ import sys
 
 import numpy as np
 
+# benchmarks/ holds scripts, not a package: its modules import each other by path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import flops  # noqa: E402  (benchmarks/ holds scripts, not a package)
-import peak  # noqa: E402
+import flops
+import peak
 
-from sbs_jax.data import dss  # noqa: E402
-from sbs_jax.data.packing import DEFAULT_BUCKETS, bucket_length  # noqa: E402
-from sbs_jax.experiments.grid import METHODS  # noqa: E402
-from sbs_jax.models import get_config  # noqa: E402
+from sbs_jax.data import dss
+from sbs_jax.data.packing import DEFAULT_BUCKETS, bucket_length
+from sbs_jax.experiments.grid import METHODS
+from sbs_jax.models import get_config
 
 CHARS_PER_TOKEN = 4.0
 T5_VOCAB_ROWS = 32128  # T5's 32,100 pieces padded to a multiple of 128

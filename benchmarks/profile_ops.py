@@ -30,7 +30,8 @@ import bench_sbs_step
 import hf_peer
 
 _INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\(.*?op_name=\"([^\"]*)\"", re.M)
+    r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\(.*?op_name=\"([^\"]*)\"",
+    re.MULTILINE)
 _SKIP = ("ThunkExecutor", "SlinkyThreadPool", "end: ")
 
 
@@ -54,7 +55,7 @@ def thunk_times_ms(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
     """Summed duration and count of each executed XLA thunk (by HLO instruction name)."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+    path = max(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
     space = xplane_pb2.XSpace()
     with open(path, "rb") as f:
         space.ParseFromString(f.read())

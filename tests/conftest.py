@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import random
 
-import pytest  # noqa: E402
+import pytest
 
 # None of these imports jax.
 from sbs_jax.experiments import grid, report, runner

@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 ACTIONS = ("ok", "429", "429-date", "500", "503", "hang", "malformed", "noanswer", "401",
            "message-string", "no-choices", "empty-choices", "wrong-types", "json-list",
@@ -84,7 +85,7 @@ class FakeTeacher:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
-    def __enter__(self) -> FakeTeacher:
+    def __enter__(self) -> Self:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self

@@ -12,6 +12,17 @@ from sbs_jax.data import build, dss, records, stats
 from sbs_jax.data.dss import DataError
 
 
+def _first_record(path) -> dict:
+    """The first line of a JSON-lines file, parsed."""
+    with open(path, encoding="utf-8") as f:
+        return json.loads(f.readline())
+
+
+def _json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope="session")
 def stats_rows(dss_data_dir):
     return {(r["dataset"], r["split"]): r for r in stats.collect(str(dss_data_dir))}
@@ -56,22 +67,22 @@ def test_stats_cli_prints_table_and_warns(dss_data_dir, capsys):
 
 def test_formatted_examples_match_their_source_records(dss_data_dir, cqa_train):
     root = str(dss_data_dir)
-    gold = json.loads(open(dss.gold_path(root, "cqa", "train")).readline())
+    gold = _first_record(dss.gold_path(root, "cqa", "train"))
     first = cqa_train.records[0]
     assert first.id == f"cqa-{gold['id']}" and first.label == gold["answer"]
     assert first.input == (gold["question"] + "\nAnswer Choices:\n" + "\n".join(
         f"({letter}) {choice}" for letter, choice in zip("abcde", gold["choices"])))
-    completion = json.load(open(dss.completion_paths(root, "cqa", "train")[0]))[0]
+    completion = _json(dss.completion_paths(root, "cqa", "train")[0])[0]
     assert first.raw_completion == completion
     assert first.rationale in completion and first.llm_label in completion
 
     nli = dss.read_split(root, "anli1", "test").records
-    row = json.loads(open(dss.gold_path(root, "anli1", "test")).readline())
+    row = _first_record(dss.gold_path(root, "anli1", "test"))
     assert dss.split_nli_input(nli[0].input) == (row["premise"], row["hypothesis"])
     assert nli[0].label == dss.NLI_LABELS[row["label"]] and nli[0].id == f"anli1-{row['uid']}"
 
     svamp = dss.read_split(root, "svamp", "test").records
-    row = json.loads(open(dss.gold_path(root, "svamp", "test")).readline())
+    row = _first_record(dss.gold_path(root, "svamp", "test"))
     assert (svamp[0].input, svamp[0].label) == (row["input"], row["label"])
 
 
@@ -85,7 +96,7 @@ def test_valid_carve_is_fixed_and_disjoint(cqa_train):
 
 def test_build_writes_shards_and_info_with_checksums(dss_data_dir, tmp_path):
     info_path = build.build(str(dss_data_dir), str(tmp_path), "svamp", records_per_shard=300)
-    info = json.load(open(info_path))
+    info = _json(info_path)
     assert {s: info["splits"][s]["num_records"] for s in records.SPLITS} == {
         "train": 720, "valid": 80, "test": 200}
     assert [s["name"] for s in info["splits"]["train"]["shards"]] == [
@@ -158,7 +169,7 @@ def test_completion_count_mismatch_is_an_error(tmp_path):
 def test_esnli_inputs_and_labels_follow_the_source(dss_data_dir):
     root = str(dss_data_dir)
     data = dss.read_split(root, "esnli", "test")
-    row = json.loads(open(dss.gold_path(root, "esnli", "test")).readline())
+    row = _first_record(dss.gold_path(root, "esnli", "test"))
     assert data.records[0].input == f"{row['premise']}</s>{row['hypothesis']}"
     assert data.records[0].label == dss.NLI_LABELS[row["label"]]
     assert data.records[0].id == "esnli-test-000000"
@@ -201,7 +212,7 @@ def test_build_requires_teacher_completions_unless_allowed(tmp_path):
     _toy_release(source, "cqa", [GOOD_CQA])
     with pytest.raises(FileNotFoundError, match=r"no teacher completions.*--allow_missing_teacher"):
         build.build(str(source), str(tmp_path / "out"), "cqa", ["test"])
-    info = json.load(open(build.build(str(source), str(tmp_path / "out"), "cqa", ["test"],
-                                      allow_missing_teacher=True)))
+    info = _json(build.build(str(source), str(tmp_path / "out"), "cqa", ["test"],
+                             allow_missing_teacher=True))
     assert info["splits"]["test"]["num_records"] == 1
     assert records.read_split(str(tmp_path / "out" / "cqa"), "test")[0].rationale == ""

@@ -53,8 +53,9 @@ def wheel(tmp_path_factory) -> pathlib.Path:
             shutil.copytree(source, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, src / name)
-    subprocess.run([sys.executable, "-c", "from setuptools import build_meta; "
-                    "build_meta.build_wheel('dist')"], cwd=src, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c",
+                    "from setuptools import build_meta; build_meta.build_wheel('dist')"],
+                   cwd=src, check=True, capture_output=True)
     return next((src / "dist").glob("*.whl"))
 
 

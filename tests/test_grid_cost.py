@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
+# benchmarks/ holds scripts, not a package: its modules import each other by path.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import grid_cost  # noqa: E402  (benchmarks/ holds scripts, not a package)
+import grid_cost
 
 
 def test_costs_follow_the_methods_views(dss_data_dir, tiny_vocab_path):

@@ -8,13 +8,13 @@ import pytest
 
 from sbs_jax.runtime import malloc
 
-_PROBE = ("import sys; from sbs_jax import malloc; malloc.ensure_preloaded(); "
+_PROBE = ("import sys; from sbs_jax.runtime import malloc; malloc.ensure_preloaded(); "
           "print(malloc.active_allocator(), sys.argv[1:])")
 
 
 def _probe(**env: str) -> str:
     result = subprocess.run([sys.executable, "-c", _PROBE, "--x", "y z"], capture_output=True,
-                            text=True, timeout=60, env={**os.environ, **env})
+                            text=True, timeout=60, env={**os.environ, **env}, check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 

@@ -37,7 +37,7 @@ def paired(data_dir):
 
 
 def _paired(examples, **kwargs):
-    options = dict(seed=0, shuffle=True, repeat=True)
+    options = {"seed": 0, "shuffle": True, "repeat": True}
     options.update(kwargs)
     batch_size = options.pop("batch_size", 16)
     return PairedBatches("synthetic_label_mixture", "synthetic_rationale_mixture", "train",

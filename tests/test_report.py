@@ -125,8 +125,8 @@ def test_report_labels_the_three_test_statistics(tmp_path):
     titles = [s for s in sections if s.endswith(":")]
     assert titles == ["Test accuracy at the best-valid checkpoint (ours, the default):",
                       "Test accuracy at the last step:",
-                      "Maximum test accuracy over the evals (what the reference's test logs "
-                      "allow):"]
+                      ("Maximum test accuracy over the evals (what the reference's test logs "
+                       "allow):")]
     # The paper's numbers (from its test logs) sit under the maximum over evals.
     last_table = sections[sections.index(titles[-1]) + 1]
     assert "| paper, T5-Base: standard fine-tuning [1] | — | 62.19 |" in last_table

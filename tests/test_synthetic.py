@@ -13,8 +13,8 @@ def test_solve_matches_integer_addition_and_explains_every_column():
         assert label == " ".join(str(a + b))
         assert rationale.count("carry") == 3
     assert synthetic.solve("3 4 7 + 2 5 9") == (
-        "7 + 9 + 0 = 16 , write 6 carry 1 . 4 + 5 + 1 = 10 , write 0 carry 1 . "
-        "3 + 2 + 1 = 6 , write 6 carry 0 .", "6 0 6")
+        ("7 + 9 + 0 = 16 , write 6 carry 1 . 4 + 5 + 1 = 10 , write 0 carry 1 . "
+         "3 + 2 + 1 = 6 , write 6 carry 0 ."), "6 0 6")
     assert synthetic.solve("9 9 9 + 9 9 9")[0].endswith("write 9 carry 1 . write 1 .")
 
 

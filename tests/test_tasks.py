@@ -1,10 +1,10 @@
 """SeqIO task registrations: names, lazy data/vocabulary resolution, formats, metrics."""
 
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import seqio
@@ -49,7 +49,8 @@ def test_synthetic_tasks_create_their_data_and_vocabulary_on_first_read(syntheti
     label = _read("synthetic_label_gt", "test")
     rationale = _read("synthetic_rationale", "test")
     assert os.path.exists(os.path.join(synthetic_dir, "spiece.model"))
-    info = json.load(open(os.path.join(synthetic_dir, "synthetic", "info.json")))
+    with open(os.path.join(synthetic_dir, "synthetic", "info.json")) as f:
+        info = json.load(f)
     assert info["splits"]["test"]["num_records"] == len(label) == synthetic.DEFAULT_SIZES["test"]
     assert [e["id"] for e in label] == [e["id"] for e in rationale]
     vocab = tasks.get_vocabulary(for_synthetic=True)
@@ -65,20 +66,10 @@ def test_synthetic_tasks_create_their_data_and_vocabulary_on_first_read(syntheti
 
 
 def test_concurrent_first_use_creates_one_complete_dataset(tmp_path):
-    errors = []
-
-    def create():
-        try:
-            synthetic.ensure_dataset(str(tmp_path))
-        except Exception as error:  # surfaced by the assertion below
-            errors.append(error)
-
-    threads = [threading.Thread(target=create) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        calls = [pool.submit(synthetic.ensure_dataset, str(tmp_path)) for _ in range(2)]
+    for call in calls:
+        call.result()  # raises what the call raised
     directory = tmp_path / "synthetic"
     assert sorted(os.listdir(directory)) == [
         "info.json", "test-00000.tfrecord", "train-00000.tfrecord", "valid-00000.tfrecord"]

@@ -221,7 +221,7 @@ def gin_flags(cell: Cell, recipe: Recipe, model_dir: str) -> list[str]:
     checkpoint = settings["initial_checkpoint"]
     if checkpoint is not None:
         flags += [f"--gin.INITIAL_CHECKPOINT_PATH={checkpoint!r}",
-                  "--gin_bindings=tasks.data_config.vocabulary_path="
-                  f"{os.path.join(checkpoint, 'spiece.model')!r}"]
+                  ("--gin_bindings=tasks.data_config.vocabulary_path="
+                   f"{os.path.join(checkpoint, 'spiece.model')!r}")]
     flags += [f"--gin_bindings={b}" for b in settings["gin_bindings"]]
     return flags

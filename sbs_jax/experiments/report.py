@@ -231,8 +231,8 @@ def markdown_table(rows: Sequence[dict], with_published: bool = True) -> str:
                 cited = True
                 lines += _published_rows(dataset, fractions)
         if len(recorded) < len(STATISTICS):
-            lines += ["", "Test at the last step and its maximum over evals were not recorded "
-                      "(RunConfig.test_every_eval is off)."]
+            lines += ["", ("Test at the last step and its maximum over evals were not recorded "
+                           "(RunConfig.test_every_eval is off).")]
     if cited:
         lines += ["", f"[1] {PUBLISHED_SOURCE}."]
     return "\n".join(lines) + "\n"

@@ -161,18 +161,22 @@ def split_finished(cells: Sequence[Cell], recipe: Recipe, grid_dir: pathlib.Path
     return [r for r in done.values() if r is not None], [c for c in cells if done[c] is None]
 
 
+def _alike(dataset: str, model: str, method: str) -> tuple[tuple, ...]:
+    """What alike cells share, the closest first: (dataset, model, method), the model, nothing."""
+    return (dataset, model, method), (model,), ()
+
+
 def estimate_seconds(finished: Sequence[dict], todo: Sequence[Cell]) -> float | None:
     """Seconds the `todo` cells should take, from the wall time of finished ones: per cell, the
     mean over finished cells of its (dataset, model, method), else of its model, else of all."""
-    walls = [r for r in finished if r.get("wall_s")]
+    walls = [(_alike(r["dataset"], r["model"], r["method"]), r["wall_s"])
+             for r in finished if r.get("wall_s")]
     if not walls:
         return None
     total = 0.0
     for cell in todo:
-        for same in (lambda r: (r["dataset"], r["model"], r["method"])
-                     == (cell.dataset, cell.model, cell.method),
-                     lambda r: r["model"] == cell.model, lambda r: True):
-            like = [r["wall_s"] for r in walls if same(r)]
+        for level, key in enumerate(_alike(cell.dataset, cell.model, cell.method)):
+            like = [wall for keys, wall in walls if keys[level] == key]
             if like:
                 total += sum(like) / len(like)
                 break

@@ -35,9 +35,9 @@ class _NoValue(Exception):
 
 
 def _power(base: Number, exponent: Number) -> Number:
-    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1:
-        if exponent * math.log2(abs(base)) > MAX_POWER_BITS:
-            raise _NoValue("power too large")
+    if (isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1
+            and exponent * math.log2(abs(base)) > MAX_POWER_BITS):
+        raise _NoValue("power too large")
     value = operator.pow(base, exponent)
     if isinstance(value, complex):  # a negative base to a fractional power
         raise _NoValue("complex power")

@@ -26,6 +26,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from typing import Self
 
 import httpx2
 
@@ -223,7 +224,7 @@ class OpenAIBackend:
         self._clients: list[httpx2.AsyncClient] = []
         self._in_flight: list[int] = []
 
-    async def __aenter__(self) -> OpenAIBackend:
+    async def __aenter__(self) -> Self:
         # Several small connection pools: a pool's bookkeeping costs time linear in its size
         # per request, which at tens of connections dominates the client's CPU.
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}

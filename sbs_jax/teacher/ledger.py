@@ -23,6 +23,7 @@ its ledgers and `stats.json` (finished) before training reads it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -77,18 +78,22 @@ class Ledger:
         self.split = split
         refuse_published(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-        self._lock_file = open(os.path.join(output_dir, LOCK_FILE), "w")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise RuntimeError(f"another teacher job is writing to {output_dir}") from None
-        self._check_settings(settings)
-        self.record_ids: set[str] = set()
-        self.failures: dict[str, dict] = {}
-        self.totals = dict.fromkeys(COUNTERS, 0)
-        self.next_index = 0
-        self._recover()
+        # The lock lasts while its file is open: for the ledger's life (`close`), or until a
+        # refusal below.
+        with contextlib.ExitStack() as until_ready:
+            self._lock_file = until_ready.enter_context(
+                open(os.path.join(output_dir, LOCK_FILE), "w"))
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeError(f"another teacher job is writing to {output_dir}") from None
+            self._check_settings(settings)
+            self.record_ids: set[str] = set()
+            self.failures: dict[str, dict] = {}
+            self.totals = dict.fromkeys(COUNTERS, 0)
+            self.next_index = 0
+            self._recover()
+            until_ready.pop_all()
 
     def close(self) -> None:
         self._lock_file.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class LocalBackend:
             self.config, self.params = load_hf(self.model)
         self.vocab = load_vocab(self._vocab_path)
 
-    async def __aenter__(self) -> LocalBackend:
+    async def __aenter__(self) -> Self:
         await asyncio.to_thread(self._load)
         self._wakeup = asyncio.Event()
         self._batcher = asyncio.create_task(self._run_batches())

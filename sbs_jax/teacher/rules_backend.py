@@ -7,6 +7,8 @@ writing as a real teacher's: the quickstart exercises the whole teacher job offl
 
 from __future__ import annotations
 
+from typing import Self
+
 from sbs_jax.data import synthetic
 from sbs_jax.data.parse import ANSWER_MARKER
 from sbs_jax.teacher.http_backend import Generation, TeacherError
@@ -22,7 +24,7 @@ class RulesBackend:
         if dataset != "synthetic":
             raise ValueError(f"the rules backend only knows the synthetic dataset, not {dataset!r}")
 
-    async def __aenter__(self) -> RulesBackend:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:
