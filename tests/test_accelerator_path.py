@@ -30,7 +30,9 @@ for name in ABSENT:
     sys.modules[name] = None
 sys.path[:0] = [{str(REPO_ROOT)!r}, {str(REPO_ROOT / "benchmarks")!r}]
 import bench_sbs_step, flops, hf_peer, peak, step_sweep
-from sbs_jax import decoding, malloc, models, optim, partitioning, trainer
+from sbs_jax import decoding, models
+from sbs_jax.runtime import malloc
+from sbs_jax.train import optim, partitioning, step
 from sbs_jax.models import hf
 config = models.get_config("t5_1_1_tiny", vocab_size=128)
 views = hf_peer.random_views(128, 2, 8, 2, 4)
