@@ -35,12 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ".json)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the metrics file if it exists (refused otherwise)")
-    args, cfg = run_flags.parse_run_flags(parser, argv)
-    from tasks import config as tasks_config
-
-    with tasks_config.overrides_restored():
-        run_flags.use_run_data(parser, cfg)
-        return _evaluate(parser, args, cfg)
+    return run_flags.run_command(parser, argv, _evaluate)
 
 
 def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace,

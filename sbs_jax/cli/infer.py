@@ -47,12 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="predict these inputs instead of --split: JSONL (.jsonl/.json/"
                              ".ndjson; 'input' or 'premise'+'hypothesis', optional 'id') or "
                              "plain text, one input a line")
-    args, cfg = run_flags.parse_run_flags(parser, argv)
-    from tasks import config as tasks_config
-
-    with tasks_config.overrides_restored():
-        run_flags.use_run_data(parser, cfg)
-        return _infer(parser, args, cfg)
+    return run_flags.run_command(parser, argv, _infer)
 
 
 def _infer(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -68,7 +63,7 @@ def _infer(parser: argparse.ArgumentParser, args: argparse.Namespace,
         examples, explain, truncated, explain_truncated = inputs.read_examples(
             cfg, args.input_file, args.split, args.max_examples, args.output_rationale)
     except (ValueError, FileNotFoundError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        run_flags.fail(parser, exc)
     cap = cfg.task_feature_lengths["inputs"]
     cuts = [cut for cut in (("inputs", truncated, "truncated"),
                             ("rationale inputs", explain_truncated, "rationale_truncated"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sbs_jax.runtime import gin_utils
 from sbs_jax.train import run_config, run_files
@@ -88,6 +88,19 @@ def parse_run_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                             f"{from_flags.to_json()[key]!r}; a command-line binding chooses)",
                             file=sys.stderr)
     return args, cfg
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                command: Callable[[argparse.ArgumentParser, argparse.Namespace,
+                                   run_config.RunConfig], int]) -> int:
+    """Parses the flags, then returns `command(parser, args, cfg)`, run with the tasks reading
+    the run's data folder and vocabulary (the task settings are restored afterwards)."""
+    args, cfg = parse_run_flags(parser, argv)
+    from tasks import config as tasks_config
+
+    with tasks_config.overrides_restored():
+        use_run_data(parser, cfg)
+        return command(parser, args, cfg)
 
 
 def use_run_data(parser: argparse.ArgumentParser, cfg: run_config.RunConfig) -> None:
