@@ -86,7 +86,7 @@ def test_step_timer_reports_each_new_shape_as_a_compile():
 def test_progress_on_a_terminal_draws_a_bar_on_stderr():
     """A pseudo-terminal that reports no size (as some containers do) still gets the bar."""
     primary, secondary = pty.openpty()
-    code = ("from sbs_jax import console\n"
+    code = ("from sbs_jax.runtime import console\n"
             "list(console.Progress(4, 'decoding t').track([[0], [1], [2], [3]], len))\n"
             "print('done')\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=secondary,
