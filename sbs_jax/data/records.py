@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from etils import epath
+
 SPLITS = ("train", "valid", "test")
 REQUIRED_FIELDS = ("id", "input", "label", "llm_label", "rationale", "source")
 OPTIONAL_FIELDS = ("teacher", "raw_completion")
@@ -217,10 +219,10 @@ def read_split(directory: str, split: str) -> list[Record]:
     return found
 
 
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file, for info.json checksums."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (local or gs://), for info.json checksums and vocabulary pins."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

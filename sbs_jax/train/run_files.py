@@ -17,7 +17,6 @@ bindings, so `--model_dir DIR` alone configures eval and infer as the run was co
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from etils import epath
 
+from sbs_jax.data.records import file_sha256
 from sbs_jax.train import run_config
 
 if TYPE_CHECKING:
@@ -41,14 +41,6 @@ RUN_IDENTITY = ("mixture_or_task_name", "rationale_mixture_name", "model_name",
 
 class VocabularyError(ValueError):
     """Two vocabularies that must be one file differ; the message names both and their hashes."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with epath.Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _short(sha: str) -> str:
