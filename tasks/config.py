@@ -71,12 +71,16 @@ def named_vocabulary_path() -> str | None:
             or os.environ.get("SBS_VOCAB"))
 
 
+def _vocabulary_file() -> str:
+    """The vocabulary named, else the data folder's spiece.model; it may not exist yet."""
+    return named_vocabulary_path() or os.path.join(data_dir(), "spiece.model")
+
+
 def vocabulary_path(for_synthetic: bool = False) -> str:
     """The SentencePiece model path; for the synthetic tasks, created when it is the default."""
-    explicit = named_vocabulary_path()
-    path = explicit or os.path.join(data_dir(), "spiece.model")
+    path = _vocabulary_file()
     if not os.path.exists(path):
-        if for_synthetic and explicit is None:
+        if for_synthetic and named_vocabulary_path() is None:
             synthetic.ensure_dataset(data_dir(), vocabulary_path=path)
         else:
             raise FileNotFoundError(
@@ -104,7 +108,7 @@ def check_pinned_vocabulary(dataset_dir: str) -> None:
     without a pin, or before the vocabulary exists passes (the tokenizer names a missing one)."""
     info = verify.read_info(dataset_dir)
     pinned = (info or {}).get("vocabulary")
-    path = named_vocabulary_path() or os.path.join(data_dir(), "spiece.model")
+    path = _vocabulary_file()
     if not pinned or not os.path.exists(path):
         return
     sha = _sha256(path)
