@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = run_config.from_gin()
         mesh_shape = resolve_mesh(args.mesh_shape or cfg.mesh_shape, args.num_devices)
     except ValueError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        gin_utils.fail(parser, exc)
     num_devices = mesh_shape[0] * mesh_shape[1] * mesh_shape[2]
     # Before any JAX backend starts (parsing gin imported jax but started none).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         step_lib.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches)
     except ValueError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        gin_utils.fail(parser, exc)
     partitioner = partitioning.Partitioner(mesh, partitioning.logical_axis_rules(cfg.fsdp),
                                            model_config)
     programs = {"train_step": train_step_memory(cfg, model_config, partitioner)}

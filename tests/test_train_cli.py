@@ -151,6 +151,15 @@ def test_gin_mistakes_are_named(capsys, tmp_path):
     assert "--gin.MESH_SHAPE = (1, 2" in err and "quote" not in err
 
 
+def test_a_gin_shorthand_without_a_value_is_one_line(capsys, tmp_path):
+    """The last flag `--gin.TRAIN_STEPS` with no value: exit 2 naming it, as eval and infer do."""
+    err = _main_error(capsys, ["--gin_file=gin/quickstart.gin", f"--gin.MODEL_DIR='{tmp_path}'",
+                               "--gin.TRAIN_STEPS"])
+    assert err == ("sbs-train: error: --gin.TRAIN_STEPS has no value; write "
+                   "--gin.TRAIN_STEPS=VALUE\n")
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("binding, message", [
     ("BATCH_SIZE='thirty-two'", "BATCH_SIZE='thirty-two' must be an integer"),
     ("TRAIN_STEPS=40.5", "TRAIN_STEPS=40.5 must be an integer"),

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from sbs_jax.cli import run_flags
-from sbs_jax.runtime import malloc
+from sbs_jax.runtime import gin_utils, malloc
 from sbs_jax.train import run_config
 
 
@@ -51,8 +51,8 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace,
     output = epath.Path(args.output or f"{cfg.model_dir}/eval_{cfg.mixture_or_task_name}_"
                                        f"{args.split}_step{step}.json")
     if output.exists() and not args.overwrite:
-        run_flags.fail(parser, f"{output} exists (an earlier eval); pass --overwrite to replace "
-                               "it, or --output=PATH")
+        gin_utils.fail(parser, f"{output} exists (an earlier eval); pass --overwrite to "
+                               "replace it, or --output=PATH")
     try:
         examples = evaluation.subset(
             pipeline.eval_set(cfg.mixture_or_task_name, args.split,
@@ -60,7 +60,7 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace,
                               cfg.task_feature_lengths["targets"], cfg.use_cached_tasks),
             args.max_examples)
     except (ValueError, FileNotFoundError) as exc:
-        run_flags.fail(parser, exc)
+        gin_utils.fail(parser, exc)
     metrics, _ = evaluation.evaluate(config, params, examples,
                                      args.batch_size or cfg.eval_batch_size, cfg.max_decode_len,
                                      mesh=mesh, axis_rules=rules)

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Sequence
 
 from sbs_jax.cli import run_flags
-from sbs_jax.runtime import malloc
+from sbs_jax.runtime import gin_utils, malloc
 from sbs_jax.train import run_config
 
 
@@ -63,7 +63,7 @@ def _infer(parser: argparse.ArgumentParser, args: argparse.Namespace,
         examples, explain, truncated, explain_truncated = inputs.read_examples(
             cfg, args.input_file, args.split, args.max_examples, args.output_rationale)
     except (ValueError, FileNotFoundError) as exc:
-        run_flags.fail(parser, exc)
+        gin_utils.fail(parser, exc)
     cap = cfg.task_feature_lengths["inputs"]
     cuts = [cut for cut in (("inputs", truncated, "truncated"),
                             ("rationale inputs", explain_truncated, "rationale_truncated"))

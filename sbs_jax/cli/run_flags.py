@@ -36,22 +36,11 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def fail(parser: argparse.ArgumentParser, exc: Exception | str) -> None:
-    """Exits 2 with the error after the program name, as argparse does."""
-    parser.exit(2, f"{parser.prog}: error: {exc}\n")
-
-
 def parse_run_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                     ) -> tuple[argparse.Namespace, run_config.RunConfig]:
     """Flags -> (args, the run's RunConfig). Gin files (or gin/base.gin under --model_dir), then
     MODEL_DIR/run_config.json, then the command line's bindings; setup errors exit 2."""
-    raw = list(sys.argv[1:] if argv is None else argv)
-    try:
-        rest, shorthand = gin_utils.split_gin_shorthand(raw)
-    except gin_utils.GinConfigError as exc:
-        fail(parser, exc)
-    args = parser.parse_args(rest)
-    gin_utils.add_seqio_cache_dirs(args.seqio_additional_cache_dirs)
+    args, shorthand = gin_utils.parse_flags(parser, argv)
     if not args.model_dir and not args.gin_file:
         parser.error("pass --model_dir=DIR (a training run's folder), or the run's --gin_file "
                      "flags and --gin.MODEL_DIR")
@@ -66,17 +55,18 @@ def parse_run_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                                 args.gin_search_paths, shorthand)
             return run_config.from_gin()
         except (ValueError, TypeError) as exc:
-            fail(parser, exc)
+            gin_utils.fail(parser, exc)
 
     from_flags = resolve([])
     try:
         run_bindings = run_files.run_bindings(from_flags.model_dir,
                                               identity_only=bool(args.gin_file))
     except (ValueError, OSError) as exc:
-        fail(parser, exc)
+        gin_utils.fail(parser, exc)
     if args.model_dir and not run_bindings:
-        fail(parser, f"--model_dir={args.model_dir}: no {run_config.CONFIG_FILE} there; not a "
-                      "training run's MODEL_DIR (or pass the run's --gin_file flags)")
+        gin_utils.fail(parser, f"--model_dir={args.model_dir}: no {run_config.CONFIG_FILE} "
+                               "there; not a training run's MODEL_DIR (or pass the run's "
+                               "--gin_file flags)")
     cfg = resolve(run_bindings)
     from sbs_jax.runtime import console
 
@@ -112,7 +102,7 @@ def use_run_data(parser: argparse.ArgumentParser, cfg: run_config.RunConfig) -> 
         for note in run_files.use_run_data(cfg.model_dir):
             console.say(f"{parser.prog}: {note}", file=sys.stderr)
     except ValueError as exc:
-        fail(parser, exc)
+        gin_utils.fail(parser, exc)
 
 
 def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -126,4 +116,4 @@ def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace,
     try:
         return evaluation.load_for_decoding(cfg, args.step)
     except (ValueError, FileNotFoundError) as exc:
-        fail(parser, exc)
+        gin_utils.fail(parser, exc)

@@ -31,7 +31,7 @@ def resolve_config(parser: argparse.ArgumentParser) -> run_config.RunConfig:
     try:
         return run_config.from_gin()
     except (ValueError, TypeError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        gin_utils.fail(parser, exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = loop.train(cfg, operative_gin=gin.config_str())
     except loop.SetupError as exc:  # each names its setting
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        gin_utils.fail(parser, exc)
     except loop.NonFiniteLossError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1

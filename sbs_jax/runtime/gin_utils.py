@@ -24,8 +24,10 @@ import ast
 import logging
 import os
 import re
+import sys
 import tokenize
 from collections.abc import Sequence
+from typing import NoReturn
 
 import gin
 
@@ -175,22 +177,37 @@ def parse_gin(
             raise GinConfigError(f"--gin.{hint}" if hint else f"--gin.{binding}: {exc}") from exc
 
 
+def fail(parser: argparse.ArgumentParser, error: Exception | str) -> NoReturn:
+    """Exits 2 with the error after the program name, as argparse's own errors do."""
+    parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+def parse_flags(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> tuple[argparse.Namespace, list[str]]:
+    """Parses the command line -> (args, the --gin.NAME bindings) and puts the
+    --seqio_additional_cache_dirs folders on seqio's path; a malformed --gin.NAME exits 2."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, shorthand = split_gin_shorthand(raw)
+    except GinConfigError as exc:
+        fail(parser, exc)
+    args = parser.parse_args(rest)
+    add_seqio_cache_dirs(args.seqio_additional_cache_dirs)
+    return args, shorthand
+
+
 def parse_gin_flags(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
 ) -> argparse.Namespace:
     """Parses the command line (gin flags included) and the gin configuration it names."""
-    import sys
-
-    raw = list(sys.argv[1:] if argv is None else argv)
-    rest, shorthand = split_gin_shorthand(raw)
-    args = parser.parse_args(rest)
+    args, shorthand = parse_flags(parser, argv)
     if not args.gin_file:
         parser.error("at least one --gin_file is required (e.g. --gin_file=gin/quickstart.gin)")
     try:
         parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths, shorthand)
     except GinConfigError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    add_seqio_cache_dirs(args.seqio_additional_cache_dirs)
+        fail(parser, exc)
     return args
 
 
