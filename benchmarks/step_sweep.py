@@ -131,7 +131,8 @@ def _sweep_rows(args, config, ours: dict, peer: dict | None, peak_flops: float |
 
 
 def _goals(rows: list[dict]) -> dict[str, Any]:
-    """The issue's GPU goals, where this run has the figures (None where it has not)."""
+    """The GPU goals, each figure beside its target under "targets" (None where this run has
+    no figure for it)."""
     def get(what, side, batch, key):
         for r in rows:
             if (r["what"], r["side"], r["batch"]) == (what, side, batch) and key in r:
