@@ -37,6 +37,7 @@ Prints a markdown table, then JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -164,9 +165,9 @@ def single_batch(args: argparse.Namespace, config) -> dict:
                                    args.label_len, args.rationale_len)
     # Unscanned float32 params (the HF export's layout); the compute dtype is config.dtype.
     params = models.init_params(models.get_config(args.config), jax.random.PRNGKey(0))
-    if use_hf:
-        hf_model, hf_train_model = (hf_peer.hf_model(models.get_config(args.config), params)
-                                    for _ in range(2))
+    if use_hf:  # one export; the trained copy's updates never reach the decoded one
+        hf_model = hf_peer.hf_model(models.get_config(args.config), params)
+        hf_train_model = copy.deepcopy(hf_model)
     if config.scan_layers:
         params = models.stack_layers(params)
 
