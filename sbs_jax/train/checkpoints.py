@@ -71,7 +71,8 @@ class Checkpointer:
     writes across hosts. On opening, the lead removes incomplete steps (see
     `checkpoint_steps.remove_incomplete_steps`) and moves damaged ones newer than the newest
     good one aside (`latest_good_step(set_aside=True)`) before orbax lists the folder, so they
-    are neither restored nor mistaken for already-saved steps.
+    are neither restored nor mistaken for already-saved steps; `swept=True` says the caller
+    has just done that itself (on every process), so the steps are not verified twice.
     Saves always run through orbax's async path (its post-finalisation callback writes the
     manifest); `async_save=False` waits for each save to finish.
     """
@@ -83,6 +84,7 @@ class Checkpointer:
         best_metric: str | None = None,
         best_mode: str = "max",
         async_save: bool = True,
+        swept: bool = False,
     ):
         if best_mode not in ("max", "min"):
             raise ValueError(f"Checkpointer.best_mode={best_mode!r} must be 'max' or 'min'")
@@ -103,7 +105,8 @@ class Checkpointer:
         self._saving: int | None = None
         if jax.process_index() == 0:
             checkpoint_steps.remove_incomplete_steps(str(self.directory))
-        checkpoint_steps.latest_good_step(str(self.directory), set_aside=True)
+        if not swept:
+            checkpoint_steps.latest_good_step(str(self.directory), set_aside=True)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

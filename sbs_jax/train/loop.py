@@ -139,7 +139,7 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
     checkpointer = checkpoints.Checkpointer(
         cfg.model_dir, keep_last=cfg.keep_checkpoints,
         best_metric=cfg.best_metric if evaluate_now else None,
-        async_save=cfg.async_checkpointing)
+        async_save=cfg.async_checkpointing, swept=True)  # the look for resume_step set damaged steps aside
     if resume_step is not None:
         try:
             params, opt_state, data_state = checkpointer.restore(
