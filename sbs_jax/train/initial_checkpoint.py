@@ -54,11 +54,13 @@ class Initial:
                 f"{self.vocabulary}; it must be the one the checkpoint was trained with")
 
 
-def with_vocabulary(initial: Initial, vocabulary_path: str | None) -> Initial:
-    """`initial` recording the run's vocabulary file and whether the checkpoint brought it."""
-    own = run_files.checkpoint_vocabulary(initial.path) is not None
+def with_vocabulary(initial: Initial, vocabulary_path: str | None,
+                    checkpoint_vocabulary: str | None) -> Initial:
+    """`initial` recording the run's vocabulary file and whether the checkpoint brought it
+    (`checkpoint_vocabulary`: `run_files.checkpoint_vocabulary(initial.path)`)."""
     return dataclasses.replace(initial, vocabulary=vocabulary_path,
-                               vocabulary_from="checkpoint" if own else "task")
+                               vocabulary_from="task" if checkpoint_vocabulary is None
+                               else "checkpoint")
 
 
 def is_hf_folder(path: str) -> bool:

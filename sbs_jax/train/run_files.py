@@ -115,9 +115,10 @@ def _agree(sources: list[tuple[str, str]]) -> str | None:
 
 
 def choose_training_vocabulary(model_dir: str, initial_checkpoint_path: str | None
-                               ) -> str | None:
-    """Points the tasks at the vocabulary a training run must use and returns it (None: the
-    tasks' usual resolution applies). Call inside `tasks.config.overrides_restored()`.
+                               ) -> tuple[str | None, str | None]:
+    """Points the tasks at the vocabulary a training run must use; returns it (None: the tasks'
+    usual resolution applies) and INITIAL_CHECKPOINT_PATH's own vocabulary (None: it has none,
+    or there is no such path). Call inside `tasks.config.overrides_restored()`.
 
     First the run's own pinned copy (a restart), then INITIAL_CHECKPOINT_PATH's vocabulary (so a
     HF t5-v1_1 folder brings its spiece.model). A vocabulary named by SBS_VOCAB or gin must have
@@ -135,7 +136,7 @@ def choose_training_vocabulary(model_dir: str, initial_checkpoint_path: str | No
     chosen = _agree(sources)
     if chosen:
         tasks_config.set_vocabulary_path(chosen)
-    return chosen
+    return chosen, initial
 
 
 def _absolute(path: str) -> str:

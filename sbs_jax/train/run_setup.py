@@ -65,7 +65,8 @@ def build(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[RunSetup, A
     """The run's setup and, when it starts from INITIAL_CHECKPOINT_PATH (not from one of its
     own checkpoints), the initial parameters (else None). Raises ValueError or
     FileNotFoundError naming the setting that cannot run."""
-    run_files.choose_training_vocabulary(cfg.model_dir, cfg.initial_checkpoint_path)
+    _, initial_vocabulary = run_files.choose_training_vocabulary(cfg.model_dir,
+                                                                 cfg.initial_checkpoint_path)
     label_task = pipeline.check_task(cfg.mixture_or_task_name, "MIXTURE_OR_TASK_NAME")
     if cfg.rationale_mixture_name is not None:
         pipeline.check_task(cfg.rationale_mixture_name, "RATIONALE_MIXTURE_NAME")
@@ -73,10 +74,11 @@ def build(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[RunSetup, A
     mesh = partitioning.make_mesh(cfg.mesh_shape)
     step_lib.check_batch_size(cfg.batch_size, mesh, cfg.num_microbatches)
     vocab_size = task_vocab_size(label_task)
-    initial_params, initial = None, initial_checkpoint.origin(cfg)
+    initial_params = None
     if cfg.initial_checkpoint_path and not from_checkpoint:
         model_config, initial_params, initial = initial_checkpoint.load(cfg, vocab_size)
     else:
+        initial = initial_checkpoint.origin(cfg)
         model_config = initial_checkpoint.model_config(cfg, vocab_size)
     partitioner = partitioning.Partitioner(
         mesh, partitioning.logical_axis_rules(cfg.fsdp), model_config)
@@ -99,7 +101,8 @@ def build(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[RunSetup, A
                                    data_shards * cfg.num_microbatches))
     vocabulary_path = _vocabulary_file(label_task)
     if initial is not None:
-        initial = initial_checkpoint.with_vocabulary(initial, vocabulary_path)
+        initial = initial_checkpoint.with_vocabulary(initial, vocabulary_path,
+                                                     initial_vocabulary)
     return RunSetup(model_config, partitioner, tx, schedule, batches, num_shards,
                     vocabulary_path, initial), initial_params
 
