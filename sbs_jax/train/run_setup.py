@@ -89,7 +89,6 @@ def build(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[RunSetup, A
     shard_id, num_shards = distributed.process_batch_shard(mesh)
     # Packed steps have a varying number of rows: a multiple of what the mesh and the
     # micro-batches split (and of BATCH_SIZE / 8, to keep the compiled shapes few).
-    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batches = pipeline.PairedBatches(
         cfg.mixture_or_task_name, cfg.rationale_mixture_name, "train", cfg.batch_size,
         cfg.task_feature_lengths, seed=cfg.random_seed, shard_id=shard_id,
@@ -98,7 +97,7 @@ def build(cfg: run_config.RunConfig, from_checkpoint: bool) -> tuple[RunSetup, A
         length_buckets=packing.length_buckets(cfg.task_feature_lengths, cfg.fixed_batch_shapes),
         use_cached=cfg.use_cached_tasks,
         pack_row_multiple=math.lcm(max(1, cfg.batch_size // 8),
-                                   data_shards * cfg.num_microbatches))
+                                   partitioner.num_data_shards * cfg.num_microbatches))
     vocabulary_path = _vocabulary_file(label_task)
     if initial is not None:
         initial = initial_checkpoint.with_vocabulary(initial, vocabulary_path,
