@@ -82,11 +82,12 @@ def _compile(jitted: Any, args: tuple, context: Any) -> dict[str, Any]:
 
 
 def feature_lengths(cfg: Any) -> dict[str, int]:
-    lengths = {"inputs": int(cfg.task_feature_lengths["inputs"]),
-               "targets": int(cfg.task_feature_lengths["targets"])}
-    if cfg.rationale_mixture_name is not None:
-        lengths["rationale_targets"] = int(cfg.task_feature_lengths.get("rationale_targets",
-                                                                        lengths["targets"]))
+    """The run's caps; `rationale_targets` only for a run that trains on rationales."""
+    from sbs_jax.data import packing
+
+    lengths = packing.caps(cfg.task_feature_lengths)
+    if cfg.rationale_mixture_name is None:
+        del lengths["rationale_targets"]
     return lengths
 
 

@@ -55,6 +55,7 @@ def _infer(parser: argparse.ArgumentParser, args: argparse.Namespace,
     import jax
     from etils import epath
 
+    from sbs_jax.data import packing
     from sbs_jax.infer import evaluation, inputs
     from sbs_jax.runtime import console
 
@@ -76,11 +77,10 @@ def _infer(parser: argparse.ArgumentParser, args: argparse.Namespace,
                                           cfg.max_decode_len, mesh=mesh, axis_rules=rules)
     rationales = None
     if explain is not None:
-        lengths = cfg.task_feature_lengths
         rationales = evaluation.decode_texts(
-            config, params, explain, batch_size, lengths.get("rationale_targets",
-                                                             lengths["targets"]),
-            mesh=mesh, axis_rules=rules)
+            config, params, explain, batch_size,
+            packing.caps(cfg.task_feature_lengths)["rationale_targets"], mesh=mesh,
+            axis_rules=rules)
     answers = examples.answers(predictions)
     marked = [(key, set(rows)) for _, rows, key in cuts]
     lines = []
