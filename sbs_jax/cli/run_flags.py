@@ -71,11 +71,12 @@ def parse_run_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     from sbs_jax.runtime import console
 
     if args.gin_file:
+        gin_says = from_flags.to_json()
         for key, value in sorted(cfg.to_json().items()):
-            if value != from_flags.to_json()[key]:
+            if value != gin_says[key]:
                 console.say(f"{parser.prog}: {run_config.setting_name(key)}={value!r} from "
                             f"{cfg.model_dir}/{run_config.CONFIG_FILE} (the gin files say "
-                            f"{from_flags.to_json()[key]!r}; a command-line binding chooses)",
+                            f"{gin_says[key]!r}; a command-line binding chooses)",
                             file=sys.stderr)
     return args, cfg
 
