@@ -169,7 +169,7 @@ def test_a_half_deleted_step_is_skipped_by_eval_infer_and_resume(trained_run, tm
     assert "1 predictions (step 2)" in captured.out
     assert captured.err.count(f"skipping incomplete checkpoint {run}/checkpoints/4") == 1
     with pytest.raises(SystemExit) as exit_info:
-        eval_cli.main([*_flags(run), "--step=4", f"--output={metrics_path}"])
+        eval_cli.main([*_flags(run), "--step=4", f"--output={tmp_path / 'step4.json'}"])
     assert exit_info.value.code == 2
     assert (f"checkpoint step 4 in {run}/checkpoints/4 is incomplete: params, opt_state, data "
             "missing") in capsys.readouterr().err

@@ -193,6 +193,20 @@ def test_eval_refuses_another_vocabulary_and_an_existing_output(fresh_shell, oth
                           "--overwrite", "--gin.MESH_SHAPE=(2, 2, 2)"]) == 0
 
 
+def test_eval_refuses_an_existing_output_before_loading(run_dir, tmp_path, monkeypatch, capsys):
+    """An existing --output is refused from the flags and the run's files alone: with the
+    run's checkpoints gone, the refusal still names the file, which is left as it was."""
+    monkeypatch.delenv("SBS_DATA_DIR", raising=False)
+    shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    output = tmp_path / "metrics.json"
+    output.write_text("{}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main([f"--model_dir={tmp_path / 'run'}", "--split=test", f"--output={output}"])
+    assert exit_info.value.code == 2
+    assert f"{output} exists (an earlier eval); pass --overwrite" in capsys.readouterr().err
+    assert output.read_text() == "{}\n"
+
+
 def test_gin_file_form_evaluates_the_runs_task(run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("SBS_DATA_DIR", raising=False)
     output = tmp_path / "metrics.json"

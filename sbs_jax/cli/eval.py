@@ -47,12 +47,15 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace,
     from sbs_jax.infer import evaluation
     from sbs_jax.runtime import console
 
-    step, config, params, mesh, rules = run_flags.load_model(parser, args, cfg)
+    # The output is refused before the checkpoint is loaded onto the mesh; the default path
+    # names the step, so that step is chosen first (from the run's files alone).
+    step = None if args.output else run_flags.choose_step(parser, args, cfg)
     output = epath.Path(args.output or f"{cfg.model_dir}/eval_{cfg.mixture_or_task_name}_"
                                        f"{args.split}_step{step}.json")
     if output.exists() and not args.overwrite:
         gin_utils.fail(parser, f"{output} exists (an earlier eval); pass --overwrite to "
                                "replace it, or --output=PATH")
+    step, config, params, mesh, rules = run_flags.load_model(parser, args, cfg, step)
     try:
         examples = evaluation.subset(
             pipeline.eval_set(cfg.mixture_or_task_name, args.split,

@@ -106,15 +106,30 @@ def use_run_data(parser: argparse.ArgumentParser, cfg: run_config.RunConfig) -> 
         gin_utils.fail(parser, exc)
 
 
-def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace,
-               cfg: run_config.RunConfig):
-    """(step, T5Config, params on the run's mesh, the mesh, its axis rules) for the flags; setup
-    errors exit 2 naming them."""
+def choose_step(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                cfg: run_config.RunConfig) -> int:
+    """The checkpoint step --step names, from the run's files alone (nothing loaded); none there
+    exits 2 naming MODEL_DIR. Joins the multi-process job first (reading steps asks JAX which
+    process this is)."""
     from sbs_jax.infer import evaluation
     from sbs_jax.runtime import distributed
 
     distributed.initialize_from_env()
     try:
-        return evaluation.load_for_decoding(cfg, args.step)
+        return evaluation.choose_step(cfg.model_dir, args.step, cfg.best_metric)
+    except (ValueError, FileNotFoundError) as exc:
+        gin_utils.fail(parser, exc)
+
+
+def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace,
+               cfg: run_config.RunConfig, step: int | None = None):
+    """(step, T5Config, params on the run's mesh, the mesh, its axis rules) for the flags (or
+    for `step`, already chosen); setup errors exit 2 naming them."""
+    from sbs_jax.infer import evaluation
+    from sbs_jax.runtime import distributed
+
+    distributed.initialize_from_env()
+    try:
+        return evaluation.load_for_decoding(cfg, args.step if step is None else step)
     except (ValueError, FileNotFoundError) as exc:
         gin_utils.fail(parser, exc)
