@@ -136,10 +136,11 @@ def _train(cfg: run_config.RunConfig, operative_gin: str | None) -> dict:
         raise SetupError(str(exc)) from exc
     part = setup.partitioner
     evaluate_now = cfg.eval_period > 0
+    # The look for resume_step above has set damaged steps aside (swept).
     checkpointer = checkpoints.Checkpointer(
         cfg.model_dir, keep_last=cfg.keep_checkpoints,
         best_metric=cfg.best_metric if evaluate_now else None,
-        async_save=cfg.async_checkpointing, swept=True)  # the look for resume_step set damaged steps aside
+        async_save=cfg.async_checkpointing, swept=True)
     if resume_step is not None:
         try:
             params, opt_state, data_state = checkpointer.restore(
